@@ -1,0 +1,222 @@
+"""Load the images and videos of a sample for the NVILA processor, refusing unsafe or broken media.
+
+Sampling and colour conversion follow the official NVILA release: images are `.convert("RGB")`-ed,
+videos are sampled at `round(linspace(0, count - 1, num_frames))`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pathlib
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:  # PyAV is imported lazily so that importing this module stays cheap.
+    import av
+
+logger = logging.getLogger(__name__)
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+VideoSource = str | os.PathLike | Sequence[ImageSource]
+
+# What Pillow's plugins raise on bad data, at open or at decode time.
+_IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+# Only plain files: no network, and no `concat:`/`subfile:` style protocols smuggled in through playlists.
+_FFMPEG_OPTIONS = {"protocol_whitelist": "file"}
+
+
+class MediaError(ValueError):
+    """A media item could not be used; the message names the source and the reason."""
+
+
+def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | None) -> pathlib.Path:
+    """Resolve `path` under `media_root` and refuse anything whose real path lies outside it.
+
+    Relative paths are taken relative to `media_root`; absolute ones must lie inside it too. With
+    `media_root=None` the path is used as given (the caller vouches for it).
+    """
+    resolved = pathlib.Path(path)
+    if media_root is not None:
+        root = pathlib.Path(media_root).resolve()
+        # resolve() follows symlinks and collapses `..`, so the containment check sees the real target.
+        resolved = (root / resolved).resolve()
+        if not resolved.is_relative_to(root):
+            raise MediaError(f"{path}: escapes the media root {root}")
+    if not resolved.exists():
+        raise MediaError(f"{path}: not found")
+    return resolved
+
+
+def load_image(source: ImageSource, media_root: str | os.PathLike | None = None) -> Image.Image:
+    """Return `source` (a path, encoded bytes or a PIL image) as a fully decoded RGB image."""
+    if isinstance(source, Image.Image):
+        name, fp = "<PIL image>", None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        name, fp = "<image bytes>", io.BytesIO(source)
+    else:
+        fp = resolve_media_path(source, media_root)
+        name = str(fp)
+    try:
+        with contextlib.nullcontext(source) if fp is None else Image.open(fp) as opened:
+            # Decode now, so a truncated file fails here rather than somewhere in the processor.
+            opened.load()
+            image = opened.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{name}: refused as a decompression bomb ({e})") from e
+    except _IMAGE_DECODE_ERRORS as e:
+        raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    if image.width == 0 or image.height == 0:
+        raise MediaError(f"{name}: image has zero size {image.size}")
+    return image
+
+
+def sample_frame_indices(frame_count: int, num_frames: int) -> list[int]:
+    """Uniformly spaced frame indices, as in official NVILA; repeats indices when frames are scarce."""
+    if frame_count < 1:
+        raise ValueError(f"frame_count must be >= 1, got {frame_count}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return np.round(np.linspace(0, frame_count - 1, num_frames)).astype(int).tolist()
+
+
+def load_video(
+    source: VideoSource, num_frames: int, media_root: str | os.PathLike | None = None
+) -> list[Image.Image]:
+    """Return `num_frames` uniformly sampled RGB frames of a video file, a frame directory or a frame list.
+
+    Frames come in temporal order, with repeats when the video has fewer frames than asked for. A
+    directory's frames are its non-hidden files in plain `sorted()` name order, as in official NVILA
+    (so `frame_10.png` comes before `frame_2.png`). A video file's frames are counted by decoding them,
+    since containers often misreport their count; frames that fail to decode are skipped with a warning
+    and not counted. A video file may still return fewer frames if a sampled frame cannot be converted to
+    RGB, so callers check the length.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise MediaError("<frames list>: no frames")
+        frames = []
+        for index in sample_frame_indices(len(source), num_frames):
+            try:
+                frames.append(load_image(source[index], media_root))
+            except MediaError as e:
+                raise MediaError(f"<frames list> item {index}: {e}") from e
+        return frames
+
+    path = resolve_media_path(source, media_root)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+        if not files:
+            raise MediaError(f"{source}: frame directory is empty")
+        # Each frame goes through the media-root check again: a frame may be a symlink pointing out.
+        return [load_image(files[i], media_root) for i in sample_frame_indices(len(files), num_frames)]
+    return _load_video_file(path, num_frames)
+
+
+def _load_video_file(path: pathlib.Path, num_frames: int) -> list[Image.Image]:
+    import av
+
+    # Containers often misreport their frame count, so count what actually decodes first, then decode
+    # again converting only the sampled frames: memory stays at num_frames images, whatever the length.
+    with _open_video(path) as container:
+        frame_count = sum(1 for _ in _decode_frames(container, path))
+    if frame_count == 0:
+        raise MediaError(f"{path}: no decodable video frames")
+    indices = sample_frame_indices(frame_count, num_frames)
+
+    wanted = set(indices)
+    images: dict[int, Image.Image] = {}
+    with _open_video(path) as container:
+        # The counting pass already warned about any damage.
+        for position, frame in enumerate(_decode_frames(container, path, warn=False)):
+            if position in wanted:
+                try:
+                    images[position] = frame.to_image().convert("RGB")
+                except (av.FFmpegError, ValueError) as e:
+                    logger.warning("%s: skipped frame %d that failed to convert (%s)", path, position, e)
+            if position >= indices[-1]:
+                break
+    if len(images) < len(wanted):
+        logger.warning("%s: got %d of %d sampled frames", path, len(images), len(wanted))
+    return [images[i] for i in indices if i in images]
+
+
+def _open_video(path: pathlib.Path) -> av.container.InputContainer:
+    import av
+
+    try:
+        # An absolute path cannot be mistaken for an FFmpeg protocol prefix such as `concat:`.
+        container = av.open(str(path.absolute()), options=_FFMPEG_OPTIONS)
+    except (av.FFmpegError, OSError) as e:
+        raise MediaError(f"{path}: cannot open as a video ({e})") from e
+    if not container.streams.video or container.streams.video[0].codec_context is None:
+        container.close()
+        raise MediaError(f"{path}: has no decodable video stream")
+    return container
+
+
+def _decode_frames(
+    container: av.container.InputContainer, path: pathlib.Path, warn: bool = True
+) -> Iterator[av.VideoFrame]:
+    """Decode the first video stream, skipping packets that fail (as official NVILA skips bad frames)."""
+    import av
+
+    log = logger.warning if warn else logger.debug
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                log("%s: skipped a packet that failed to decode (%s)", path, e)
+                continue
+            yield from frames
+    except av.FFmpegError as e:
+        # The demuxer cannot go on (e.g. a truncated file): keep what decoded so far.
+        log("%s: stopped reading at damaged data (%s)", path, e)
+
+
+def write_video(
+    frames: Sequence[Image.Image | np.ndarray], path: str | os.PathLike, fps: int = 8
+) -> pathlib.Path:
+    """Encode RGB frames as an H.264 mp4 at `path`, atomically; odd sizes are edge-padded to even."""
+    import av
+
+    if not frames:
+        raise ValueError("write_video needs at least one frame")
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(f) for f in frames]
+    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    height, width = arrays[0].shape[:2]
+    if any(a.shape[:2] != (height, width) for a in arrays):
+        raise ValueError("write_video needs all frames to have the same size")
+    # yuv420p subsamples chroma 2x2, so libx264 refuses odd dimensions; padding keeps every pixel.
+    pad = ((0, height % 2), (0, width % 2), (0, 0))
+
+    path = pathlib.Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with av.open(tmp_name, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = width + width % 2, height + height % 2
+            stream.pix_fmt = "yuv420p"
+            for array in arrays:
+                frame = av.VideoFrame.from_ndarray(np.pad(array, pad, mode="edge"), format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        os.replace(tmp_name, path)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+    return path

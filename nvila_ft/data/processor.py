@@ -1,0 +1,292 @@
+"""NVILAProcessor: chat messages with images/videos -> the model's batch tensors.
+
+Per sample: media are loaded and tiled by the checkpoint's `image_aspect_ratio`, the conversation is
+rendered with the checkpoint tokenizer's chat template (one `<image>` / `<vila/video>` token per media
+item), tokenised, and labelled (assistant replies and their closing token supervised). Batches are padded
+on the requested side; the media of the batch are concatenated in reading order.
+
+Which images are tiled (Dynamic-S2 / NVILA-Lite) follows the official code unless told otherwise:
+training samples tile every image; a generation prompt tiles its image only when it holds exactly one
+image (`generate_content`), otherwise each image is one resized tile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from nvila_ft.data.conversation import Part, Turn, normalize_messages
+from nvila_ft.data.media import MediaError, load_image, load_video
+from nvila_ft.data.pixels import PixelNormalizer
+from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
+from nvila_ft.model.config import NVILAConfig
+from nvila_ft.model.media_encoders import video_length
+from nvila_ft.model.multiscale import output_grid
+from nvila_ft.model.tokenizer import (
+    IGNORE_INDEX,
+    MEDIA_TOKENS,
+    add_runtime_tokens,
+    encode,
+    load_tokenizer,
+    render,
+    supervised_labels,
+)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be turned into model inputs; the message names the sample and the reason."""
+
+
+@dataclass
+class ImageItem:
+    """One `<image>` token's worth of pixels: tiles [n, 3, S, S] and the Dynamic-S2 grid (rows, cols) or None."""
+
+    tiles: torch.Tensor
+    grid: tuple[int, int] | None = None
+
+
+@dataclass
+class ProcessedSample:
+    input_ids: list[int]
+    labels: list[int] | None
+    images: list[ImageItem] = field(default_factory=list)
+    videos: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # LLM positions after media expansion
+
+
+class NVILAProcessor:
+    """Turns conversations into `NVILAForConditionalGeneration` inputs for one checkpoint."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: NVILAConfig,
+        model_max_length: int | None = None,
+        num_video_frames: int | None = None,
+        media_root: str | os.PathLike | None = None,
+        multi_image_tiling: bool | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.token_ids = add_runtime_tokens(tokenizer)
+        self.model_max_length = model_max_length or _default_max_length(tokenizer, config)
+        self.num_video_frames = num_video_frames or config.num_video_frames
+        self.media_root = Path(media_root) if media_root is not None else None
+        self.multi_image_tiling = multi_image_tiling
+        self.normalize = PixelNormalizer.from_preprocessor_config(config.preprocessor, config.tile_size)
+        self.boundary_lengths = {
+            kind: {part: len(encode(tokenizer, text)) if text else 0 for part, text in (
+                ("start", spec.start_tokens), ("end", spec.end_tokens), ("sep", spec.sep_tokens))}
+            for kind, spec in (("image", config.image_encoder), ("video", config.video_encoder))
+        }
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "NVILAProcessor":
+        from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
+
+        root = resolve_checkpoint(path)
+        config = read_config(root)
+        return cls(load_tokenizer(root / "llm", config.chat_template), config, **kwargs)
+
+    # ------------------------------------------------------------------ media
+    def _single_tile(self, image: Image.Image) -> torch.Tensor:
+        mode, size = self.config.image_aspect_ratio, self.config.tile_size
+        if mode == "resize":
+            image = image.resize((size, size))
+        elif mode == "pad":
+            image = pad_to_square(image, self.normalize.pad_fill)
+        return self.normalize(image).unsqueeze(0)
+
+    def image_items(self, image: Image.Image, tile: bool) -> list[ImageItem]:
+        """The media items one image becomes (several for NVILA-Lite tiles, one otherwise)."""
+        config = self.config
+        mode = config.image_aspect_ratio
+        if tile and mode == "dynamic_s2":
+            tiled = dynamic_s2_tiles(image, config.s2_scales, config.max_tiles)
+            return [ImageItem(torch.stack([self.normalize(t) for t in tiled.tiles]), tiled.grid)]
+        if tile and mode == "dynamic":
+            tiled = dynamic_tiles(image, config.tile_size, config.min_tiles, config.max_tiles)
+            return [ImageItem(self.normalize(t).unsqueeze(0)) for t in tiled.tiles]
+        return [ImageItem(self._single_tile(image))]
+
+    def video_frames(self, source: Any) -> torch.Tensor:
+        """[T, 3, S, S] for a video file, a folder of frames or a list of frames."""
+        frames = load_video(source, self.num_video_frames, media_root=self.media_root)
+        return torch.cat([self._single_tile(frame) for frame in frames])
+
+    def image_item_length(self, item: ImageItem) -> int:
+        """LLM positions one image item takes (tokens plus its boundary tokens)."""
+        config = self.config
+        grid = (1, 1)
+        if item.grid is not None:
+            grid = output_grid(config.s2_scales, item.grid, config.s2_resize_output_to_scale_idx)
+        ends = self.boundary_lengths["image"]
+        return grid[0] * grid[1] * config.tokens_per_tile + ends["start"] + ends["end"]
+
+    def video_item_length(self, frames: int) -> int:
+        return video_length(self.config.video_encoder, frames, self.config.tokens_per_tile, self.boundary_lengths["video"])
+
+    # ------------------------------------------------------------------ one sample
+    def process(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = False,
+        with_labels: bool | None = None,
+        truncate: bool = True,
+        sample_id: str = "sample",
+    ) -> ProcessedSample:
+        """Load media, render, tokenise and label one conversation.
+
+        with_labels defaults to `not add_generation_prompt`. A training sample longer than `model_max_length`
+        is cut at the end unless the cut would go through a media item (then SampleError); a prompt never is.
+        """
+        with_labels = (not add_generation_prompt) if with_labels is None else with_labels
+        try:
+            turns = normalize_messages(messages)
+        except ValueError as err:
+            raise SampleError(f"{sample_id}: {err}") from err
+        image_count = sum(p.kind == "image" for t in turns for p in t.parts)
+        tile = self.multi_image_tiling
+        if tile is None:
+            tile = (not add_generation_prompt) or image_count == 1
+
+        sample = ProcessedSample(input_ids=[], labels=None)
+        chat = []
+        for index, turn in enumerate(turns):
+            text = "".join(self._part_text(part, sample, tile, f"{sample_id}, message {index}") for part in turn.parts)
+            chat.append({"role": turn.role, "content": text.strip()})
+        if with_labels and not any(m["role"] == "assistant" for m in chat):
+            raise SampleError(f"{sample_id}: the conversation has no assistant answer to learn from")
+        if add_generation_prompt and chat[-1]["role"] == "assistant":
+            raise SampleError(f"{sample_id}: a generation prompt must end with a user message")
+
+        input_ids = encode(self.tokenizer, render(self.tokenizer, chat, add_generation_prompt))
+        labels = supervised_labels(self.tokenizer, chat, input_ids) if with_labels else None
+        if labels is not None and all(label == IGNORE_INDEX for label in labels):
+            raise SampleError(f"{sample_id}: no token is supervised (the chat template did not match the answers)")
+        sample.input_ids, sample.labels = input_ids, labels
+        self._fit(sample, truncate and with_labels, sample_id)
+        return sample
+
+    def _part_text(self, part: Part, sample: ProcessedSample, tile: bool, where: str) -> str:
+        if part.kind == "text":
+            return part.value
+        try:
+            if part.kind == "image":
+                items = self.image_items(load_image(part.value, media_root=self.media_root), tile)
+                sample.images += items
+                if self.config.image_aspect_ratio == "dynamic" and tile:
+                    return (MEDIA_TOKENS["image"] + "\n") * len(items)
+                return MEDIA_TOKENS["image"]
+            frames = self.video_frames(part.value)
+            self._check_video(frames.shape[0], part.value)
+            sample.videos.append(frames)
+            return MEDIA_TOKENS["video"]
+        except MediaError as err:
+            raise SampleError(f"{where}: {err}") from err
+
+    def _check_video(self, frames: int, source: Any) -> None:
+        try:
+            self.video_item_length(frames)
+        except ValueError as err:
+            name = source if isinstance(source, (str, os.PathLike)) else "<frames list>"
+            raise MediaError(f"{name}: {frames} frames decoded; {err}") from err
+
+    def _fit(self, sample: ProcessedSample, truncate: bool, sample_id: str) -> None:
+        """Check (and for training samples, cut) the expanded length against `model_max_length`."""
+        ids = self.token_ids
+        image_runs = iter([self.image_item_length(i) for i in sample.images])
+        video_runs = iter([self.video_item_length(v.shape[0]) for v in sample.videos])
+        sizes = [
+            next(image_runs) if t == ids.image else next(video_runs) if t == ids.video else 1 for t in sample.input_ids
+        ]
+        sample.length = sum(sizes)
+        if sample.length <= self.model_max_length:
+            return
+        need = f"{sample_id}: needs {sample.length} positions after media expansion, model_max_length is {self.model_max_length}"
+        if not truncate:
+            raise SampleError(need)
+        kept, total = 0, 0
+        while total + sizes[kept] <= self.model_max_length:
+            total += sizes[kept]
+            kept += 1
+        if any(t in (ids.image, ids.video) for t in sample.input_ids[kept:]):
+            raise SampleError(f"{need}; cutting it would go through a media item")
+        sample.input_ids = sample.input_ids[:kept]
+        sample.labels = sample.labels[:kept] if sample.labels is not None else None
+        sample.length = total
+        if sample.labels is not None and all(label == IGNORE_INDEX for label in sample.labels):
+            raise SampleError(f"{need}; after cutting, no answer token is left")
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, samples: list[ProcessedSample], padding_side: str = "right") -> BatchFeature:
+        """Pad token ids (and labels) and concatenate the batch's media in reading order."""
+        longest = max(len(s.input_ids) for s in samples)
+        pad = self.token_ids.pad
+        input_ids = torch.full((len(samples), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        with_labels = all(s.labels is not None for s in samples)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long) if with_labels else None
+        for b, sample in enumerate(samples):
+            n = len(sample.input_ids)
+            span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+            input_ids[b, span] = torch.tensor(sample.input_ids)
+            attention_mask[b, span] = 1
+            if labels is not None:
+                labels[b, span] = torch.tensor(sample.labels)
+        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if labels is not None:
+            data["labels"] = labels
+        images = [item for s in samples for item in s.images]
+        if images:
+            data["pixel_values"] = torch.cat([item.tiles for item in images])
+            data["image_grids"] = torch.tensor([item.grid or (0, 0) for item in images], dtype=torch.long)
+        videos = [video for s in samples for video in s.videos]
+        if videos:
+            data["video_pixel_values"] = torch.cat(videos)
+            data["video_frame_counts"] = torch.tensor([v.shape[0] for v in videos], dtype=torch.long)
+        return BatchFeature(data)
+
+    def __call__(
+        self,
+        conversations: Any,
+        add_generation_prompt: bool = False,
+        padding_side: str | None = None,
+        return_labels: bool | None = None,
+        truncate: bool = True,
+    ) -> BatchFeature:
+        """One conversation (a list of messages) or a batch of them -> model inputs.
+
+        Prompts for generation (`add_generation_prompt=True`) are left-padded by default, training batches
+        right-padded.
+        """
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        samples = [
+            self.process(c, add_generation_prompt, return_labels, truncate, sample_id=f"sample {i}")
+            for i, c in enumerate(conversations)
+        ]
+        return self.collate(samples, padding_side or ("left" if add_generation_prompt else "right"))
+
+    def batch_decode(self, token_ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=skip_special_tokens)]
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip()
+
+
+def _default_max_length(tokenizer: Any, config: NVILAConfig) -> int:
+    """The tokenizer's `model_max_length` when it is a real limit, else the LLM config's."""
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**8:
+        return value
+    for key in ("model_max_length", "tokenizer_model_max_length", "max_position_embeddings"):
+        if config.llm.get(key):
+            return int(config.llm[key])
+    return 4096

@@ -1,0 +1,233 @@
+"""Named NVILA architectures, built locally from a seed (no download).
+
+Tiny presets (test fixtures and the demo) keep every architectural piece of a released family at toy
+width; full-size presets have the released dimensions, for benchmarks and shape checks with random weights.
+
+| preset            | mirrors          | images                          | projector               | video / lm_head      |
+|-------------------|------------------|---------------------------------|-------------------------|----------------------|
+| nvila-8b-tiny     | NVILA-8B         | Dynamic-S2, scales 32/64/96     | 2x2 STC mlp_downsample  | per frame            |
+| nvila-lite-tiny   | NVILA-Lite-2B    | dynamic tiles + thumbnail       | 3x3 STC (4x4 padded 6x6)| per frame, tied head |
+| nvila-video-tiny  | NVILA-8B-Video   | resize                          | 2x2 STC _fix            | TSP pooling [[8,1,1]]|
+| nvila-8b, nvila-lite-2b, nvila-lite-8b, nvila-8b-video: the released dimensions (SigLIP-so400m/14@448, Qwen2) |
+
+Configs use the key layout of the released checkpoints (transformers 4.46 style), so a saved preset goes
+through exactly the loader a real checkpoint does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvila_ft.model.config import NVILAConfig
+from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
+from nvila_ft.model.projector import MultimodalProjector
+from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR, TOKENIZER_FILES
+from nvila_ft.model.tokenizer import load_tokenizer
+
+TINY_VOCAB = 2048  # the tiny tokenizer's on-disk size (NVILA's is 151648)
+QWEN2_VOCAB = 151648
+
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+SIGLIP_SO400M_448 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 448, "patch_size": 14}
+TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096, "vocab_size": TINY_VOCAB}
+QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB}
+QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB}
+
+
+def _s2(tile: int) -> dict[str, Any]:
+    return {
+        "image_aspect_ratio": "dynamic_s2",
+        "dynamic_s2": True,
+        "s2_scales": f"{tile},{2 * tile},{3 * tile}",
+        "s2_max_split_size": tile,
+        "s2_resize_output_to_scale_idx": -1,
+    }
+
+
+LITE = {"image_aspect_ratio": "dynamic", "min_tiles": 1, "max_tiles": 12}
+TSP_VIDEO = {
+    "image_aspect_ratio": "resize",
+    "video_encoder": {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]},
+}
+
+# name -> (vision dims, llm dims, tied lm_head, projector type, top-level keys, model_max_length)
+PRESETS: dict[str, tuple[dict, dict, bool, str, dict, int]] = {
+    "nvila-8b-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample", {**_s2(32), "num_video_frames": 8}, 4096),
+    "nvila-lite-tiny": (TINY_VISION, TINY_LLM, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
+    "nvila-video-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 16}, 4096),
+    "nvila-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample", {**_s2(448), "num_video_frames": 8}, 8192),
+    "nvila-lite-2b": (SIGLIP_SO400M_448, QWEN2_1_5B, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
+    "nvila-lite-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
+    "nvila-8b-video": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 256}, 16384),
+}
+TINY_PRESETS = tuple(name for name in PRESETS if name.endswith("-tiny"))
+
+
+def _llm_config(dims: dict, tied: bool, max_length: int, dtype: str) -> dict[str, Any]:
+    vocab = dims["vocab_size"]
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": vocab - 5,  # <|endoftext|>
+        "eos_token_id": vocab - 3,  # <|im_end|>
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": dims["num_hidden_layers"],
+        "model_max_length": max_length,
+        "model_type": "qwen2",
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": tied,
+        "tokenizer_model_max_length": max_length,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": dtype,
+        "transformers_version": "4.46.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        **dims,
+    }
+
+
+def _vision_config(dims: dict, dtype: str) -> dict[str, Any]:
+    return {
+        "architectures": ["SiglipVisionModel"],
+        "attention_dropout": 0.0,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-06,
+        "model_type": "siglip_vision_model",
+        "num_channels": 3,
+        "num_image_tokens": (dims["image_size"] // dims["patch_size"]) ** 2,
+        "projection_dim": 2048,
+        "projector_hidden_act": "gelu_fast",
+        "torch_dtype": dtype,
+        "transformers_version": "4.46.0",
+        "vision_use_head": False,
+        **dims,
+    }
+
+
+def _preprocessor_config(tile: int) -> dict[str, Any]:
+    return {
+        "do_convert_rgb": None,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor",
+        "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "SiglipProcessor",
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"height": tile, "width": tile},
+    }
+
+
+def preset_config(name: str, dtype: torch.dtype = torch.float32) -> NVILAConfig:
+    """The four configs of a preset, as they appear on disk."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    vision_dims, llm_dims, tied, projector_type, top_keys, max_length = PRESETS[name]
+    dtype_name = str(dtype).removeprefix("torch.")
+    llm = _llm_config(llm_dims, tied, max_length, dtype_name)
+    vision = _vision_config(vision_dims, dtype_name)
+    projector = {
+        "architectures": ["MultimodalProjector"],
+        "mm_projector_type": projector_type,
+        "model_type": "v2l_projector",
+        "torch_dtype": dtype_name,
+        "transformers_version": "4.46.0",
+    }
+    scales = 3 if top_keys.get("dynamic_s2") else 1
+    top = {
+        "_name_or_path": f"presets/{name}",
+        "architectures": ["LlavaLlamaModel"],
+        "chat_template": None,
+        "drop_path_rate": 0.0,
+        "dynamic_s2": False,
+        "fps": 0.0,
+        "hidden_size": llm["hidden_size"],
+        "image_encoder": {"_target_": "llava.model.encoders.BasicImageEncoder"},
+        "interpolate_mode": "linear",
+        "llm_cfg": copy.deepcopy(llm),
+        "max_tiles": 12,
+        "min_tiles": 1,
+        "mm_hidden_size": vision["hidden_size"] * scales,
+        "mm_projector_cfg": copy.deepcopy(projector),
+        "mm_projector_lr": None,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "cls_patch",
+        "mm_vision_select_layer": -2,
+        "model_dtype": str(dtype),
+        "model_type": "llava_llama",
+        "num_time_tokens": 0,
+        "resume_path": None,
+        "s2": False,
+        "soft_ce_std": 1.0,
+        "time_token_format": "<t{t}>",
+        "time_token_ids": [],
+        "transformers_version": "4.46.0",
+        "tune_language_model": True,
+        "tune_mm_projector": True,
+        "tune_vision_tower": True,
+        "video_encoder": {"_target_": "llava.model.encoders.BasicVideoEncoder"},
+        "vision_resolution": -1,
+        "vision_tower_cfg": copy.deepcopy(vision),
+        **copy.deepcopy(top_keys),
+    }
+    preprocessor = _preprocessor_config(vision["image_size"])
+    return NVILAConfig(raw=top, llm=llm, vision_tower=vision, mm_projector=projector, preprocessor=preprocessor)
+
+
+def build_model(
+    name: str = "nvila-8b-tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> NVILAForConditionalGeneration:
+    """A randomly initialised NVILA of a preset; the same seed gives the same weights.
+
+    device="meta" builds shapes only (no memory), e.g. to check key names of a full-size preset.
+    Every preset uses the project's tiny tokenizer; full-size presets keep the real vocabulary size.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    config = preset_config(name, dtype)
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    tokenizer.model_max_length = int(config.llm["model_max_length"])
+    placement = torch.device(device) if device is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), placement:
+        torch.manual_seed(seed)
+        llm = Qwen2ForCausalLM(Qwen2Config(**config.llm, attn_implementation="sdpa"))
+        vision = SiglipVisionModel(SiglipVisionConfig(**config.vision_tower, attn_implementation="sdpa"))
+        projector = MultimodalProjector(config.projector_type, config.mm_hidden_size, config.llm_hidden_size)
+    model = NVILAForConditionalGeneration(
+        config, llm.to(dtype), vision.to(dtype), projector.to(dtype), tokenizer, _extra_files(config)
+    )
+    model.name_or_path = f"presets/{name}"
+    return model.eval()
+
+
+def _extra_files(config: NVILAConfig) -> dict[str, bytes]:
+    """Tokenizer, generation and image-processor files of a preset checkpoint."""
+    files = {f"llm/{name}": (TINY_TOKENIZER_DIR / name).read_bytes() for name in TOKENIZER_FILES}
+    generation = {"bos_token_id": config.llm["bos_token_id"], "eos_token_id": config.llm["eos_token_id"], "transformers_version": "4.46.0"}
+    files["llm/generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode()
+    files["vision_tower/preprocessor_config.json"] = (json.dumps(config.preprocessor, indent=2) + "\n").encode()
+    return files
+
+
+def save_preset_checkpoint(
+    path: str | os.PathLike, name: str = "nvila-8b-tiny", seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Build a preset and write it in the official checkpoint layout."""
+    return build_model(name, seed).save_pretrained(path, overwrite=overwrite)
