@@ -89,7 +89,7 @@ def normalize_messages(messages: Any) -> list[Turn]:
 
 
 def _strip_media_tags(text: str, where: str) -> str:
-    tags = set(TEXT_MEDIA_TAGS.findall(text)) | {t for t in MEDIA_TOKENS.values() if t in text}
+    tags = {t for t in MEDIA_TOKENS.values() if t in text}  # as the official code: <image>, <vila/video>
     if not tags:
         return text
     logger.warning("%s: media tag(s) %s in text removed; media are given as separate parts", where, sorted(tags))

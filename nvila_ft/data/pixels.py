@@ -41,8 +41,9 @@ class PixelNormalizer:
         return tuple(int(m * 255) for m in self.mean)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), resample=self.resample, reducing_gap=None)
-        array = (np.asarray(image.convert("RGB"), dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        array = (np.asarray(image, dtype=np.float64) * self.rescale_factor).astype(np.float32)
         array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

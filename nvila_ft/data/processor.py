@@ -71,8 +71,10 @@ class NVILAProcessor:
         num_video_frames: int | None = None,
         media_root: str | os.PathLike | None = None,
         multi_image_tiling: bool | None = None,
+        official_label_matching: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.official_label_matching = official_label_matching
         self.config = config
         self.token_ids = add_runtime_tokens(tokenizer)
         self.model_max_length = model_max_length or _default_max_length(tokenizer, config)
@@ -167,7 +169,9 @@ class NVILAProcessor:
             raise SampleError(f"{sample_id}: a generation prompt must end with a user message")
 
         input_ids = encode(self.tokenizer, render(self.tokenizer, chat, add_generation_prompt))
-        labels = supervised_labels(self.tokenizer, chat, input_ids) if with_labels else None
+        labels = (
+            supervised_labels(self.tokenizer, chat, input_ids, self.official_label_matching) if with_labels else None
+        )
         if labels is not None and all(label == IGNORE_INDEX for label in labels):
             raise SampleError(f"{sample_id}: no token is supervised (the chat template did not match the answers)")
         sample.input_ids, sample.labels = input_ids, labels

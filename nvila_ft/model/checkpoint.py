@@ -130,7 +130,8 @@ def load_llm(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", 
     return llm
 
 
-def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
+    """SigLIP from `vision_tower/`; extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
     from transformers import SiglipVisionModel
 
     folder = root / "vision_tower"
@@ -142,6 +143,7 @@ def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str =
         local_files_only=True,
         use_safetensors=True,
         output_loading_info=True,
+        **kwargs,
     )
     _check_loading_info(folder, info)
     return model
@@ -208,6 +210,20 @@ def write_safetensors(folder: Path, state: dict[str, torch.Tensor], max_shard_si
         write_json(folder / "model.safetensors.index.json", index)
 
 
+def official_keys(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module state-dict keys -> the keys of the released checkpoint (SigLIP's sit under `vision_model.`)."""
+    if component != "vision_tower":
+        return dict(state)
+    return {k if k.startswith(VISION_PREFIX) else VISION_PREFIX + k: v for k, v in state.items()}
+
+
+def module_keys(component: str, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Released-checkpoint keys -> this module's keys (inverse of `official_keys`)."""
+    if component != "vision_tower" or hasattr(module, "vision_model"):
+        return dict(state)
+    return {k.removeprefix(VISION_PREFIX): v for k, v in state.items()}
+
+
 def plain_state_dict(module: torch.nn.Module, component: str) -> dict[str, torch.Tensor]:
     """State dict of an un-wrapped, un-quantized component; anything else is an error naming the fix."""
     if hasattr(module, "peft_config") or any("lora_" in n for n, _ in module.named_parameters()):
@@ -236,8 +252,7 @@ def save_checkpoint(
     llm_state = plain_state_dict(model.llm, "llm")
     if config.llm.get("tie_word_embeddings", False):
         llm_state.pop("lm_head.weight", None)
-    vision_state = plain_state_dict(model.vision_tower.model, "vision_tower")
-    vision_state = {k if k.startswith(VISION_PREFIX) else VISION_PREFIX + k: v for k, v in vision_state.items()}
+    vision_state = official_keys("vision_tower", plain_state_dict(model.vision_tower.model, "vision_tower"))
     projector_state = plain_state_dict(model.mm_projector, "mm_projector")
     cast = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
 

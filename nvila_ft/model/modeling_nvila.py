@@ -84,25 +84,27 @@ class NVILAForConditionalGeneration(nn.Module):
         attn_implementation: str = "sdpa",
         device: str | torch.device | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        vision_kwargs: dict[str, Any] | None = None,
     ) -> "NVILAForConditionalGeneration":
         """Load an official-layout checkpoint (strict). dtype defaults to the checkpoint's `model_dtype`.
 
-        `llm_kwargs` go to the LLM's `from_pretrained` (e.g. `quantization_config`, `device_map` for QLoRA).
+        `llm_kwargs` / `vision_kwargs` go to the LLM's / SigLIP's `from_pretrained` (e.g. `quantization_config`
+        and `device_map` for a quantized base); quantized components are placed by their device_map.
         """
         root = resolve_checkpoint(path)
         config = read_config(root)
         dtype = _as_dtype(dtype or torch_dtype) or config.model_dtype
         llm = load_llm(root, dtype, attn_implementation, **(llm_kwargs or {}))
-        vision = load_vision_tower(root, dtype, attn_implementation)
+        vision = load_vision_tower(root, dtype, attn_implementation, **(vision_kwargs or {}))
         projector = load_projector(root, config, dtype)
         tokenizer = load_tokenizer(root / "llm", config.chat_template)
         model = cls(config, llm, vision, projector, tokenizer, read_extra_files(root))
         model.name_or_path = str(root)
         if device is not None:
-            model.vision_tower.to(device)
             model.mm_projector.to(device)
-            if not (llm_kwargs or {}).get("device_map") and not (llm_kwargs or {}).get("quantization_config"):
-                model.llm.to(device)
+            for module, kwargs in ((model.llm, llm_kwargs), (model.vision_tower, vision_kwargs)):
+                if not (kwargs or {}).get("device_map"):
+                    module.to(device)
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
@@ -125,21 +127,36 @@ class NVILAForConditionalGeneration(nn.Module):
         return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------ gradient checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
         """Checkpoint every SigLIP and Qwen2 layer. Non-reentrant by default, so frozen inputs still pass gradients."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.vision_tower.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        for module in (self.llm, self.vision_tower.model):
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.18
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if kwargs["use_reentrant"]:
+                # reentrant checkpoints pass no gradient unless their inputs require it (frozen embeddings + LoRA)
+                module.enable_input_require_grads()
         if hasattr(self.llm, "config"):
             self.llm.config.use_cache = False
 
+    def activation_checkpointing_disable(self) -> None:
+        for module in (self.llm, self.vision_tower.model):
+            if hasattr(module, "activation_checkpointing_disable"):
+                module.activation_checkpointing_disable()
+            else:
+                module.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
     def gradient_checkpointing_disable(self) -> None:
-        self.llm.gradient_checkpointing_disable()
-        self.vision_tower.model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.llm, "is_gradient_checkpointing", False))
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.llm.modules())
 
     # ------------------------------------------------------------------ media
     def _embed_ids(self, ids: list[int] | None) -> torch.Tensor | None:

@@ -92,24 +92,74 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """eos plus every token the chat template puts right after an assistant reply."""
     sentinel = tokenizer.convert_tokens_to_ids(SENTINEL_TOKEN)
-    template = [{**m, "content": SENTINEL_TOKEN} if m["role"] == "assistant" else m for m in _DUMMY_CONVERSATION]
-    ids = encode(tokenizer, render(tokenizer, template))
+    ids = _sentinel_template(tokenizer, _DUMMY_CONVERSATION)
     stops = {tokenizer.eos_token_id}
     stops.update(ids[k + 1] for k in range(len(ids) - 1) if ids[k] == sentinel)
     return sorted(stops)
 
 
-def supervised_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict], input_ids: list[int]) -> list[int]:
-    """Labels for a rendered conversation: assistant replies and the token closing each reply are supervised.
+def _sentinel_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The conversation tokenised with every assistant reply replaced by the sentinel token."""
+    template = [{**m, "content": SENTINEL_TOKEN} if m["role"] == "assistant" else m for m in messages]
+    return encode(tokenizer, render(tokenizer, template))
 
-    The official rule: render the same conversation with every reply replaced by the sentinel, drop each
-    sentinel and the token after it, then walk `input_ids` greedily; tokens that do not match the template
-    are the replies. If the template is not consumed, retry also dropping the token before each sentinel;
-    if that fails too, nothing is supervised.
+
+def supervised_labels(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], input_ids: list[int], official_matching: bool = False
+) -> list[int]:
+    """Labels for a rendered conversation: every assistant reply and the token closing it are supervised.
+
+    The template (replies replaced by the sentinel) splits into fixed segments around each reply; the reply is
+    what lies between one segment and the next in `input_ids` (the token that closes the reply, `<|im_end|>`,
+    is dropped from the template, so it falls inside the reply span).
+
+    official_matching=True reproduces the official greedy matcher token for token. It walks `input_ids` and
+    skips every token equal to the next template token, so a standalone "\n" token inside a multi-line reply
+    is left unsupervised and the "\n" after that reply's `<|im_end|>` is supervised instead; the default
+    supervises exactly the replies and their closing tokens.
     """
-    template_messages = [{**m, "content": SENTINEL_TOKEN} if m["role"] == "assistant" else m for m in messages]
-    template = encode(tokenizer, render(tokenizer, template_messages))
+    template = _sentinel_template(tokenizer, messages)
     sentinel = tokenizer.convert_tokens_to_ids(SENTINEL_TOKEN)
+    if official_matching:
+        return _official_greedy_labels(template, sentinel, input_ids)
+    segments, current, k = [], [], 0
+    while k < len(template):
+        if template[k] == sentinel:
+            segments.append(current)
+            current, k = [], k + 2  # the sentinel and the closing token it stands before
+        else:
+            current.append(template[k])
+            k += 1
+    segments.append(current)
+    labels, position = [IGNORE_INDEX] * len(input_ids), 0
+    for index, segment in enumerate(segments):
+        if input_ids[position : position + len(segment)] != segment:
+            return _official_greedy_labels(template, sentinel, input_ids)  # unusual template: fall back
+        position += len(segment)
+        if index == len(segments) - 1:
+            break
+        following = segments[index + 1]
+        end = _find(input_ids, following, position, last=index + 1 == len(segments) - 1)
+        if end is None:
+            return _official_greedy_labels(template, sentinel, input_ids)
+        labels[position:end] = input_ids[position:end]
+        position = end
+    return labels if position == len(input_ids) else _official_greedy_labels(template, sentinel, input_ids)
+
+
+def _find(tokens: list[int], segment: list[int], start: int, last: bool) -> int | None:
+    """Start of `segment` in tokens[start:]; the last segment must end the sequence."""
+    if last:
+        begin = len(tokens) - len(segment)
+        return begin if begin >= start and tokens[begin:] == segment else None
+    for begin in range(start, len(tokens) - len(segment) + 1):
+        if tokens[begin : begin + len(segment)] == segment:
+            return begin
+    return None
+
+
+def _official_greedy_labels(template: list[int], sentinel: int, input_ids: list[int]) -> list[int]:
+    """The official `preprocess_conversation` matcher (with its retry dropping the token before each sentinel)."""
     for drop_previous in (False, True):
         keep = [True] * len(template)
         for k in range(len(template) - 1):

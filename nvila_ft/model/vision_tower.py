@@ -23,22 +23,20 @@ class VisionTower(nn.Module):
 
     @property
     def transformer(self) -> nn.Module:
-        """The module holding `embeddings` and `encoder` (transformers < 5.18 nests it as `vision_model`)."""
-        return getattr(self.model, "vision_model", self.model)
+        """The module holding `embeddings` and `encoder`, under any PEFT wrapper and whatever the nesting
+        (transformers < 5.18 nests it as `vision_model`)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(model, "vision_model", model)
+
+    def used_layers(self) -> list[nn.Module]:
+        return list(self.transformer.encoder.layers[: self.num_layers_used])
 
     def unused_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of the parameters that cannot affect the selected features."""
-        used_layers = {f"encoder.layers.{i}." for i in range(self.num_layers_used)}
-        prefix = "model.vision_model." if hasattr(self.model, "vision_model") else "model."
-        names = []
-        for name, _ in self.named_parameters():
-            local = name.removeprefix(prefix)
-            if local.startswith("embeddings."):
-                continue
-            if local.startswith("encoder.layers.") and any(local.startswith(p) for p in used_layers):
-                continue
-            names.append(name)
-        return names
+        """Names (relative to this module) of the parameters that cannot affect the selected features:
+        the encoder layers after the selected one and `post_layernorm`."""
+        used = {id(p) for p in self.transformer.embeddings.parameters()}
+        used |= {id(p) for layer in self.used_layers() for p in layer.parameters()}
+        return [name for name, p in self.named_parameters() if id(p) not in used]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, S, S] -> [tiles, (S/patch)^2, hidden], in the dtype of `pixel_values`."""

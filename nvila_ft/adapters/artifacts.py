@@ -1,0 +1,112 @@
+"""Adapter-only artifacts: what a policy trained, saved apart from the base checkpoint.
+
+```
+<dir>/adapter_policy.json                           the policy, the base checkpoint, what each folder holds
+<dir>/<component>/adapter_config.json               PEFT adapter (lora / dora / qlora / fp8_lora components);
+<dir>/<component>/adapter_model.safetensors           the llm one loads with PeftModel onto a plain Qwen2ForCausalLM
+<dir>/<component>/trained_weights.safetensors       full / layernorm components: the trained tensors under the
+                                                      released checkpoint's key names
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nvila_ft.adapters.apply import base_module, get_component, has_quantized_base, quantize_float8, set_component
+from nvila_ft.adapters.policy import AdapterPolicy, PolicyError
+from nvila_ft.atomic import atomic_directory, write_json
+from nvila_ft.model.checkpoint import module_keys, official_keys
+
+POLICY_FILE = "adapter_policy.json"
+TRAINED_WEIGHTS = "trained_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def trained_state(model: Any, name: str) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a full / layernorm component, under released-checkpoint key names."""
+    module = base_module(get_component(model, name))
+    state = {k: p.detach().to("cpu").contiguous() for k, p in module.named_parameters() if p.requires_grad}
+    return official_keys(name, state)
+
+
+def save_adapters(model: Any, path: str | os.PathLike, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the adapter artifacts of `model` (which went through `apply_policy`) atomically."""
+    policy: AdapterPolicy = getattr(model, "adapter_policy", None)
+    if policy is None:
+        raise PolicyError("the model has no adapter policy applied; nothing to save")
+    contents = {}
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        for name, component in policy.items():
+            if component.uses_lora:
+                get_component(model, name).save_pretrained(str(staging / name))
+                contents[name] = "peft_adapter"
+            elif component.trains:
+                (staging / name).mkdir()
+                save_file(trained_state(model, name), str(staging / name / TRAINED_WEIGHTS), metadata={"format": "pt"})
+                contents[name] = "trained_weights"
+        write_json(
+            staging / POLICY_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "policy": policy.to_dict(),
+                "base_checkpoint": getattr(model, "name_or_path", None),
+                "contents": contents,
+                **(extra or {}),
+            },
+        )
+    return Path(path)
+
+
+def read_policy(path: str | os.PathLike) -> tuple[AdapterPolicy, dict[str, Any]]:
+    file = Path(path) / POLICY_FILE
+    if not file.is_file():
+        raise PolicyError(f"{path}: not an nvila-ft adapter directory (no {POLICY_FILE})")
+    meta = json.loads(file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PolicyError(f"{file}: format_version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    return AdapterPolicy.from_dict(meta["policy"]), meta
+
+
+def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = False) -> Any:
+    """Apply saved adapters to a freshly loaded base model (quantized bases via `load_for_policy`)."""
+    from peft import PeftConfig, PeftModel
+
+    path = Path(path)
+    policy, meta = read_policy(path)
+    policy.check(model.config)
+    model.requires_grad_(False)
+    for name, component in policy.items():
+        module = get_component(model, name)
+        kind = meta["contents"].get(name)
+        if component.uses_lora:
+            if kind != "peft_adapter":
+                raise PolicyError(f"{path}: the policy adapts {name} with {component.method} but no adapter was saved")
+            if component.method == "qlora" and not has_quantized_base(module):
+                raise PolicyError(f"{path}: {name} was trained with a quantized base; load the base with load_for_policy")
+            if component.method == "fp8_lora":
+                config = PeftConfig.from_pretrained(str(path / name))
+                quantize_float8(module, {"target_modules": config.target_modules})
+            adapted = PeftModel.from_pretrained(module, str(path / name), is_trainable=is_trainable)
+            set_component(model, name, adapted.train(model.training))
+        elif component.trains:
+            state = module_keys(name, module, load_file(str(path / name / TRAINED_WEIGHTS)))
+            params = dict(module.named_parameters())
+            unknown = sorted(set(state) - set(params))
+            if unknown:
+                raise PolicyError(f"{path / name / TRAINED_WEIGHTS}: tensors not in the {name}: {unknown[:5]}")
+            for key, value in state.items():
+                if params[key].shape != value.shape:
+                    raise PolicyError(f"{path / name / TRAINED_WEIGHTS}: {key} has shape {tuple(value.shape)}, "
+                                      f"the model's is {tuple(params[key].shape)}")
+                with torch.no_grad():
+                    params[key].copy_(value)
+                params[key].requires_grad_(is_trainable)
+    model.adapter_policy = policy
+    return model

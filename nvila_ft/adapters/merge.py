@@ -1,0 +1,182 @@
+"""Merging adapters into plain weights and exporting a verified NVILA checkpoint.
+
+LoRA/DoRA deltas are merged by PEFT. A quantized base (qlora / fp8_lora) is first rebuilt in 16 bits,
+either from its dequantized weights (the model that was trained) or from the original checkpoint weights
+(`qlora_merge="original"`), then wrapped with the same adapter and merged. Export compares the merged
+model's logits on a probe batch with the adapted model's and writes nothing if they disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvila_ft.adapters.apply import base_module, get_component, set_component
+from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
+
+MERGE_MODES = ("dequantized", "original")
+
+
+class ExportError(RuntimeError):
+    """The merged model does not reproduce the adapted one; nothing was written."""
+
+
+def dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A plain copy of a bitsandbytes 4/8-bit or torchao float8 weight (plain tensors are just cast)."""
+    if getattr(tensor, "quant_state", None) is not None:  # bitsandbytes 4-bit, packed
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(tensor.data, tensor.quant_state).to(dtype)
+    if getattr(tensor, "SCB", None) is not None:  # bitsandbytes 8-bit: int8 rows with absmax scales
+        return (tensor.data.float() * tensor.SCB.float()[:, None] / 127.0).to(dtype)
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):  # torchao subclass
+        return tensor.dequantize().to(dtype)
+    return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether any weight of the module is stored quantized (bitsandbytes or torchao)."""
+    return any(
+        getattr(p, "quant_state", None) is not None
+        or getattr(p, "SCB", None) is not None
+        or type(p) not in (torch.Tensor, nn.Parameter)
+        for p in module.parameters()
+    )
+
+
+def plain_base_state(peft_module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """State of the model under a PEFT wrapper: no adapter tensors, dequantized, with plain key names."""
+    base = base_module(peft_module)
+    return {
+        name.replace(".base_layer.", "."): dequantize(tensor, dtype)
+        for name, tensor in base.state_dict(keep_vars=True).items()
+        if "lora_" not in name and not name.endswith((".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format"))
+    }
+
+
+def _empty_model(cls: type, config: Any) -> nn.Module:
+    """`cls(config)` without spending time on random initialisation."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5.20
+        from transformers.modeling_utils import no_init_weights
+    config = copy.deepcopy(config)
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    with no_init_weights():
+        return cls(config)
+
+
+def sixteen_bit_base(model: Any, name: str, mode: str, dtype: torch.dtype) -> nn.Module:
+    """An unquantized copy of a component's base: its dequantized weights, or the original checkpoint's."""
+    module = get_component(model, name)
+    device = next(module.parameters()).device
+    if mode == "original":
+        if name not in ("llm", "vision_tower"):
+            raise ExportError(f"{name} has no quantized base to restore from the checkpoint")
+        root = Path(resolve_checkpoint(model.name_or_path))
+        return (load_llm if name == "llm" else load_vision_tower)(root, dtype).to(device)
+    base = base_module(module)
+    fresh = _empty_model(type(base), base.config)
+    state = plain_base_state(module, dtype)
+    result = fresh.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k != "lm_head.weight" or not fresh.config.tie_word_embeddings]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"cannot rebuild the {name} base: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return fresh.to(device=device, dtype=dtype)
+
+
+def rewrap(model: Any, name: str, base: nn.Module) -> nn.Module:
+    """`base` with the component's adapter (same config, same weights), not merged."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    module = get_component(model, name)
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+    wrapped = get_peft_model(base, copy.deepcopy(module.peft_config["default"]))
+    set_peft_model_state_dict(wrapped, adapter)
+    return wrapped.train(module.training)
+
+
+def merge_adapters(model: Any, qlora_merge: str = "dequantized") -> Any:
+    """Replace every PEFT-wrapped component by its merged plain module (in place) and return the model.
+
+    A quantized base is first rebuilt in the model's dtype: "dequantized" from its own weights (exactly the
+    model that was trained), "original" from the 16-bit checkpoint (`model.name_or_path`).
+    """
+    if qlora_merge not in MERGE_MODES:
+        raise ValueError(f"qlora_merge must be one of {MERGE_MODES}, got {qlora_merge!r}")
+    for name in ("vision_tower", "mm_projector", "llm"):
+        module = get_component(model, name)
+        if not hasattr(module, "merge_and_unload"):
+            continue
+        if is_quantized(module):
+            module = rewrap(model, name, sixteen_bit_base(model, name, qlora_merge, model.dtype))
+        set_component(model, name, module.merge_and_unload())
+    model.requires_grad_(False)
+    if getattr(model, "adapter_policy", None) is not None:
+        model.merged_from_policy, model.adapter_policy = model.adapter_policy, None
+    return model
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path | None
+    max_abs_diff: float
+    tolerance: float
+    reference: str  # what the merged logits were compared with
+    quantization_gap: float | None = None  # merged vs the quantized model that was trained (qlora_merge="original")
+
+
+DEFAULT_RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@torch.no_grad()
+def export_merged(
+    model: Any,
+    path: str | os.PathLike,
+    probe: dict[str, torch.Tensor],
+    qlora_merge: str = "dequantized",
+    dtype: torch.dtype | None = None,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Merge, compare the merged model with its unmerged reference on `probe`, then save the official layout.
+
+    The reference is the adapted model itself, or, where a base is quantized, the same adapter on the 16-bit
+    base the merge goes into (dequantized or original), so that the check measures the merge and nothing else;
+    the gap to the quantized model that was trained (activation quantization, 4-bit kernels) is reported
+    beside it. dtype: the export dtype (default: the checkpoint's); the merged model is checked in it.
+    tolerance: largest allowed absolute logit difference; default a dtype-dependent share of the largest logit.
+    """
+    if qlora_merge not in MERGE_MODES:
+        raise ValueError(f"qlora_merge must be one of {MERGE_MODES}, got {qlora_merge!r}")
+    dtype = dtype or model.config.model_dtype
+    model.eval()
+    probe = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in probe.items()}
+    adapted = model(**probe).logits.float()
+    rebuilt = []
+    for name in ("vision_tower", "mm_projector", "llm"):
+        module = get_component(model, name)
+        if hasattr(module, "merge_and_unload") and is_quantized(module):
+            set_component(model, name, rewrap(model, name, sixteen_bit_base(model, name, qlora_merge, model.dtype)))
+            rebuilt.append(name)
+    reference = model(**probe).logits.float() if rebuilt else adapted
+    label = f"adapter on the {qlora_merge} 16-bit base of {', '.join(rebuilt)}, unmerged" if rebuilt else "adapted model"
+    merge_adapters(model)
+    model.to(dtype)
+    merged = model(**probe).logits.float()
+    diff = float((merged - reference).abs().max())
+    gap = float((merged - adapted).abs().max()) if rebuilt else None
+    if tolerance is None:
+        tolerance = DEFAULT_RELATIVE_TOLERANCE.get(dtype, 1e-2) * max(float(reference.abs().max()), 1.0)
+    if not diff <= tolerance:
+        raise ExportError(f"merged logits differ from the {label} by {diff:.4g} (tolerance {tolerance:.4g}); nothing was written")
+    saved = model.save_pretrained(path, dtype=dtype, overwrite=overwrite)
+    return ExportReport(Path(saved), diff, tolerance, label, gap)

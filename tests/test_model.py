@@ -1,0 +1,166 @@
+"""Model API behaviour: loss, padding sides, generation, gradient checkpointing, soft CE, bad batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.model.losses import soft_cross_entropy
+from nvila_ft.model.presets import build_model
+
+
+def image(seed: int, size=(60, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def question(seed: int, text: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "image", "image": image(seed)}, {"type": "text", "text": text}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    model = build_model("nvila-8b-tiny", seed=0)
+    return model, NVILAProcessor(model.tokenizer, model.config)
+
+
+def test_loss_is_mean_cross_entropy_over_supervised_tokens(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor([question(1, "Colour?", "Red and blue."), [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]])
+    with torch.no_grad():
+        output = model(**batch)
+        _, _, labels, _ = model.embed(**batch)
+    logits = output.logits[:, :-1].reshape(-1, output.logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    expected = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected)
+    supervised = int((targets != -100).sum())
+    with torch.no_grad():
+        summed = model(**batch, num_items_in_batch=torch.tensor(supervised * 2)).loss
+    torch.testing.assert_close(summed, expected / 2)
+
+
+def test_right_and_left_padding_give_the_same_logits(model_and_processor):
+    model, processor = model_and_processor
+    conversations = [question(2, "What?", "A cat."), question(3, "Is this a long question about the picture?", "No.")]
+    right, left = processor(conversations, padding_side="right"), processor(conversations, padding_side="left")
+    with torch.no_grad():
+        a, b = model(**right), model(**left)
+        mask_a, mask_b = model.embed(**right)[1].bool(), model.embed(**left)[1].bool()
+    for i in range(2):
+        torch.testing.assert_close(a.logits[i][mask_a[i]], b.logits[i][mask_b[i]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
+
+
+def test_batched_left_padded_generation_equals_single(model_and_processor):
+    model, processor = model_and_processor
+    prompts = [question(4, "Describe the image."), question(5, "What is in the top left corner of this picture, exactly?")]
+    batch = processor(prompts, add_generation_prompt=True)
+    assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()
+    together = model.generate(**batch, max_new_tokens=12)
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(**processor(prompt, add_generation_prompt=True), max_new_tokens=12)
+        assert together[i, : alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_generation_stops_at_im_end_and_samples(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor(question(6, "Hello?"), add_generation_prompt=True)
+    config = model.default_generation_config()
+    assert config.eos_token_id == [model.tokenizer.convert_tokens_to_ids("<|im_end|>")] and not config.do_sample
+    torch.manual_seed(0)
+    first = model.generate(**batch, do_sample=True, top_k=0, temperature=5.0, max_new_tokens=20)
+    torch.manual_seed(1)
+    second = model.generate(**batch, do_sample=True, top_k=0, temperature=5.0, max_new_tokens=20)
+    assert first.tolist() != second.tolist()
+    greedy = model.generate(**batch, max_new_tokens=20)
+    assert greedy.tolist() == model.generate(**batch, max_new_tokens=20).tolist()
+
+
+def test_text_only_sample_beside_image_sample(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor([[{"role": "user", "content": "Just text"}, {"role": "assistant", "content": "Fine."}], question(7, "Q", "A.")])
+    assert batch["pixel_values"].shape[0] == 17
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+
+
+def test_media_count_mismatch_is_an_error(model_and_processor):
+    model, processor = model_and_processor
+    batch = dict(processor(question(8, "Q", "A.")))
+    without = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grids")}
+    with pytest.raises(ValueError, match="more image tokens than image inputs"):
+        model(**without)
+    extra = dict(batch, pixel_values=torch.cat([batch["pixel_values"]] * 2), image_grids=torch.cat([batch["image_grids"]] * 2))
+    with pytest.raises(ValueError, match="left over"):
+        model(**extra)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool):
+        model = build_model("nvila-8b-tiny", seed=9)
+        processor = NVILAProcessor(model.tokenizer, model.config)
+        model.train()
+        for p in model.llm.parameters():
+            p.requires_grad_(False)  # frozen LLM: gradients must still reach the vision side through it
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        model(**processor(question(10, "Q", "An answer."))).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any("vision_tower" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-6, rtol=1e-4)
+
+
+def test_unused_vision_layers_are_skipped_and_reported(model_and_processor):
+    model, _ = model_and_processor
+    assert model.vision_tower.num_layers_used == 2  # select layer -2 of 3 layers
+    unused = model.vision_tower.unused_parameter_names()
+    assert unused and all("layers.2." in n or "post_layernorm" in n for n in unused)
+
+
+def test_soft_cross_entropy_matches_manual_computation():
+    torch.manual_seed(0)
+    vocab, soft = 12, [6, 7, 8, 9]
+    logits = torch.randn(1, 5, vocab)
+    labels = torch.tensor([[-100, 3, 7, -100, 9]])
+    loss = soft_cross_entropy(logits, labels, soft, std=1.0)
+    targets = [(0, 3), (1, 7), (3, 9)]  # (position predicting, target)
+    total = 0.0
+    for position, target in targets:
+        log_probs = torch.log_softmax(logits[0, position], -1)
+        if target in soft:
+            weights = torch.tensor([np.exp(-((target - s) ** 2) / 2) for s in soft])
+            weights = weights / weights.sum()
+            total += -(weights * log_probs[soft]).sum()
+        else:
+            total += -log_probs[target]
+    torch.testing.assert_close(loss, total / 3)
+
+
+def test_time_tokens_switch_training_loss_to_soft_ce(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor(question(11, "When?", "At the start."))
+    model.config.raw["time_token_ids"] = [100, 101, 102]
+    try:
+        model.train()
+        with torch.no_grad():
+            soft = model(**batch).loss
+        model.eval()
+        with torch.no_grad():
+            plain = model(**batch).loss
+    finally:
+        model.config.raw["time_token_ids"] = []
+        model.eval()
+    # no time token among the targets: the soft loss reduces to ordinary cross-entropy
+    torch.testing.assert_close(soft, plain, atol=1e-5, rtol=1e-5)
