@@ -7,6 +7,7 @@ PEFT adapter of a plain `Qwen2ForCausalLM` and the vision adapter one of a plain
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,7 +191,10 @@ def _apply_component(model: Any, name: str, policy: ComponentPolicy) -> None:
         if policy.method == "fp8_lora":
             quantize_float8(module, lora_targets(model, name, policy))
         try:
-            wrapped = get_peft_model(module, config)
+            with warnings.catch_warnings():
+                # PEFT warns that its own merge cannot re-quantize float8 bases; nvila-ft merges into a rebuilt base
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+                wrapped = get_peft_model(module, config)
         except ValueError as err:
             raise PolicyError(f"{where}: {err}") from err
         set_component(model, name, wrapped.train(model.training))  # PEFT leaves the wrapper in train mode

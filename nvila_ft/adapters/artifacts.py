@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,9 @@ def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = Fals
             if component.method == "fp8_lora":
                 config = PeftConfig.from_pretrained(str(path / name))
                 quantize_float8(module, {"target_modules": config.target_modules})
-            adapted = PeftModel.from_pretrained(module, str(path / name), is_trainable=is_trainable)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+                adapted = PeftModel.from_pretrained(module, str(path / name), is_trainable=is_trainable)
             set_component(model, name, adapted.train(model.training))
         elif component.trains:
             state = module_keys(name, module, load_file(str(path / name / TRAINED_WEIGHTS)))

@@ -32,7 +32,10 @@ def dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if getattr(tensor, "quant_state", None) is not None:  # bitsandbytes 4-bit, packed
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(tensor.data, tensor.quant_state).to(dtype)
+        data, state = tensor.data, tensor.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU inference kernel
+            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, state)
+        return bnb_functional.dequantize_4bit(data, state).to(dtype)
     if getattr(tensor, "SCB", None) is not None:  # bitsandbytes 8-bit: int8 rows with absmax scales
         return (tensor.data.float() * tensor.SCB.float()[:, None] / 127.0).to(dtype)
     if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):  # torchao subclass

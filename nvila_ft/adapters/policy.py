@@ -6,6 +6,7 @@ impossible combinations fail before anything heavy happens, with the fix named.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -19,6 +20,16 @@ QUANTIZED_METHODS = ("qlora", "fp8_lora")
 
 class PolicyError(ValueError):
     """A policy that cannot work; the message names the component, the field and the fix."""
+
+
+def from_mapping(cls: type, value: Mapping, where: str) -> Any:
+    """Build a policy dataclass from a mapping (YAML / DictConfig), naming any unknown key."""
+    data = {str(k): v for k, v in value.items() if k != "_target_"}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PolicyError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    return cls(**data)
 
 
 @dataclass
@@ -67,12 +78,12 @@ class ComponentPolicy:
     quantization: QuantizationPolicy = field(default_factory=QuantizationPolicy)
 
     def __post_init__(self) -> None:
-        if isinstance(self.quantization, dict):
-            self.quantization = QuantizationPolicy(**self.quantization)
+        if isinstance(self.quantization, Mapping):
+            self.quantization = from_mapping(QuantizationPolicy, self.quantization, "quantization")
         if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
-        if self.exclude_modules is not None:
-            self.exclude_modules = list(self.exclude_modules)
+            self.target_modules = [str(t) for t in self.target_modules]
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
+            self.exclude_modules = [str(t) for t in self.exclude_modules]
 
     @property
     def uses_lora(self) -> bool:
@@ -128,8 +139,8 @@ class AdapterPolicy:
     def __post_init__(self) -> None:
         for component in COMPONENTS:
             value = getattr(self, component)
-            if isinstance(value, dict):
-                setattr(self, component, ComponentPolicy(**value))
+            if isinstance(value, Mapping):
+                setattr(self, component, from_mapping(ComponentPolicy, value, f"adapters.{component}"))
             elif value is None:
                 setattr(self, component, ComponentPolicy())
 
@@ -140,13 +151,16 @@ class AdapterPolicy:
         return asdict(self)
 
     @classmethod
+    def from_yaml(cls, path: str) -> "AdapterPolicy":
+        """A policy file of `adapters/` (or your own), without Hydra."""
+        import yaml
+
+        with open(path) as handle:
+            return cls.from_dict(yaml.safe_load(handle))
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterPolicy":
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k != "_target_"}
-        unknown = set(data) - known
-        if unknown:
-            raise PolicyError(f"adapter policy has unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**data)
+        return from_mapping(cls, data, "adapters")
 
     def check(self, model_config: Any = None) -> None:
         """Raise PolicyError for a policy that cannot run on this model; called before any weight is touched."""
