@@ -99,17 +99,42 @@ def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = Fals
                 adapted = PeftModel.from_pretrained(module, str(path / name), is_trainable=is_trainable)
             set_component(model, name, adapted.train(model.training))
         elif component.trains:
-            state = module_keys(name, module, load_file(str(path / name / TRAINED_WEIGHTS)))
-            params = dict(module.named_parameters())
-            unknown = sorted(set(state) - set(params))
-            if unknown:
-                raise PolicyError(f"{path / name / TRAINED_WEIGHTS}: tensors not in the {name}: {unknown[:5]}")
-            for key, value in state.items():
-                if params[key].shape != value.shape:
-                    raise PolicyError(f"{path / name / TRAINED_WEIGHTS}: {key} has shape {tuple(value.shape)}, "
-                                      f"the model's is {tuple(params[key].shape)}")
-                with torch.no_grad():
-                    params[key].copy_(value)
-                params[key].requires_grad_(is_trainable)
+            _copy_trained_weights(module, name, path / name / TRAINED_WEIGHTS, is_trainable)
     model.adapter_policy = policy
+    return model
+
+
+def _copy_trained_weights(module: Any, name: str, file: Path, trainable: bool) -> None:
+    """Copy a component's trained tensors into it (strict on names and shapes)."""
+    state = module_keys(name, module, load_file(str(file)))
+    params = dict(base_module(module).named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise PolicyError(f"{file}: tensors not in the {name}: {unknown[:5]}")
+    for key, value in state.items():
+        if params[key].shape != value.shape:
+            raise PolicyError(f"{file}: {key} has shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}")
+        with torch.no_grad():
+            params[key].copy_(value)
+        params[key].requires_grad_(trainable)
+
+
+def restore_adapter_weights(model: Any, path: str | os.PathLike) -> Any:
+    """Load saved adapter values into a model that already carries the same policy (resume, best checkpoint)."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    saved, _ = read_policy(path)
+    policy: AdapterPolicy = model.adapter_policy
+    for name, component in policy.items():
+        if getattr(saved, name).method != component.method:
+            raise PolicyError(f"{path}: {name} was saved with method {getattr(saved, name).method}, the model uses {component.method}")
+        module = get_component(model, name)
+        if component.uses_lora:
+            weights = load_file(str(path / name / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(module, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise PolicyError(f"{path / name}: adapter tensors not in the model: {result.unexpected_keys[:5]}")
+        elif component.trains:
+            _copy_trained_weights(module, name, path / name / TRAINED_WEIGHTS, trainable=True)
     return model

@@ -117,9 +117,9 @@ class NVILAProcessor:
             return [ImageItem(self.normalize(t).unsqueeze(0)) for t in tiled.tiles]
         return [ImageItem(self._single_tile(image))]
 
-    def video_frames(self, source: Any) -> torch.Tensor:
+    def video_frames(self, source: Any, media_root: Path | None = None) -> torch.Tensor:
         """[T, 3, S, S] for a video file, a folder of frames or a list of frames."""
-        frames = load_video(source, self.num_video_frames, media_root=self.media_root)
+        frames = load_video(source, self.num_video_frames, media_root=media_root or self.media_root)
         return torch.cat([self._single_tile(frame) for frame in frames])
 
     def image_item_length(self, item: ImageItem) -> int:
@@ -142,11 +142,13 @@ class NVILAProcessor:
         with_labels: bool | None = None,
         truncate: bool = True,
         sample_id: str = "sample",
+        media_root: str | os.PathLike | None = None,
     ) -> ProcessedSample:
         """Load media, render, tokenise and label one conversation.
 
         with_labels defaults to `not add_generation_prompt`. A training sample longer than `model_max_length`
         is cut at the end unless the cut would go through a media item (then SampleError); a prompt never is.
+        media_root overrides the processor's for this sample (relative paths resolve under it, none may leave it).
         """
         with_labels = (not add_generation_prompt) if with_labels is None else with_labels
         try:
@@ -159,9 +161,11 @@ class NVILAProcessor:
             tile = (not add_generation_prompt) or image_count == 1
 
         sample = ProcessedSample(input_ids=[], labels=None)
+        root = Path(media_root) if media_root is not None else self.media_root
         chat = []
         for index, turn in enumerate(turns):
-            text = "".join(self._part_text(part, sample, tile, f"{sample_id}, message {index}") for part in turn.parts)
+            where = f"{sample_id}, message {index}"
+            text = "".join(self._part_text(part, sample, tile, where, root) for part in turn.parts)
             chat.append({"role": turn.role, "content": text.strip()})
         if with_labels and not any(m["role"] == "assistant" for m in chat):
             raise SampleError(f"{sample_id}: the conversation has no assistant answer to learn from")
@@ -178,17 +182,17 @@ class NVILAProcessor:
         self._fit(sample, truncate and with_labels, sample_id)
         return sample
 
-    def _part_text(self, part: Part, sample: ProcessedSample, tile: bool, where: str) -> str:
+    def _part_text(self, part: Part, sample: ProcessedSample, tile: bool, where: str, root: Path | None) -> str:
         if part.kind == "text":
             return part.value
         try:
             if part.kind == "image":
-                items = self.image_items(load_image(part.value, media_root=self.media_root), tile)
+                items = self.image_items(load_image(part.value, media_root=root), tile)
                 sample.images += items
                 if self.config.image_aspect_ratio == "dynamic" and tile:
                     return (MEDIA_TOKENS["image"] + "\n") * len(items)
                 return MEDIA_TOKENS["image"]
-            frames = self.video_frames(part.value)
+            frames = self.video_frames(part.value, root)
             self._check_video(frames.shape[0], part.value)
             sample.videos.append(frames)
             return MEDIA_TOKENS["video"]

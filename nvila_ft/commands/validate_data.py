@@ -1,0 +1,33 @@
+"""`nvila-ft validate-data`: report every bad record of a task's data (file, index, reason), then a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from nvila_ft.commands.common import BASE_DIR, build
+from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.data.validation import validate_records
+
+
+def validate_data(cfg: DictConfig) -> int:
+    """Returns the number of bad records (the CLI exits with 1 when there are any)."""
+    out_dir = Path(cfg.run_dir).absolute()
+    source, task = build(cfg.model), build(cfg.task)
+    source.check()
+    processor = NVILAProcessor.from_pretrained(source.checkpoint(out_dir / BASE_DIR))
+    data = task.load(cfg.seed)
+    lines, bad = [], list(data.errors)
+    summaries = []
+    for name, records in (("train", data.train), ("validation", data.validation)):
+        report = validate_records(records, processor, progress=True)
+        bad += report.bad
+        summaries.append(f"{name}: {report.summary()}")
+    lines = [f"{b.origin}: {b.kind}: {b.reason}" for b in bad]
+    text = "\n".join(lines + summaries) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "data_report.txt").write_text(text)
+    print(text, end="")
+    print(f"report: {out_dir / 'data_report.txt'}")
+    return len(bad)

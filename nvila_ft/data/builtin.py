@@ -1,0 +1,357 @@
+"""Built-in multimodal datasets, drawn from a seed and written in the official LLaVA JSON layout.
+
+They are the demo's default task: a tiny randomly initialised NVILA (32 px tiles, 8 px patches) must learn
+them on a CPU in minutes. So each answer depends on the image through a feature a tiny model picks up
+quickly (a saturated colour, a quadrant, a bright blob, a direction of motion), every question has a small
+closed answer set (so `accuracy` is meaningful and chance level is known), and the picture's attributes are
+drawn independently of the question asked, so the model has to read the question too.
+
+Each generator writes into `out_dir`:
+    data.json      [{"id", "image" | "video", "conversations": [human "<image>\\n<question>", gpt "<answer>"],
+                     "question_type"}]  (media paths relative to `out_dir`; "question_type" is an extra key
+                     the LLaVA loader ignores)
+    images/ or videos/   the media
+    answers.json   {question_type: [every possible answer]}
+    manifest.json  the generator, its parameters and the record count; written last, so its presence means
+                   the dataset is complete and a second call with the same parameters reuses it.
+
+Record `i` is drawn from its own generator seeded with (seed, i), so a smaller dataset is a prefix of a
+larger one with the same seed, and the same seed gives byte-identical JSON and identical pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from nvila_ft.atomic import atomic_write_json
+
+# Bump when a generator's output changes, so that datasets cached by an older version are regenerated.
+GENERATOR_VERSION = 1
+
+# Saturated and far apart in RGB, and each has a channel below 50, so none is mistaken for a light background.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+SHAPES = ("circle", "square", "triangle")
+SIDES = ("left", "right")
+DIRECTIONS = ("left", "right", "up", "down")
+
+QUESTIONS: dict[str, str] = {
+    "color": "What color is the shape?",
+    "position": "Where is the shape?",
+    "shape": "What shape is it?",
+    "lesion": "Is there a lesion?",
+    "side": "Which side is the lesion on?",
+    "direction": "Which way does the block move?",
+}
+ANSWERS: dict[str, list[str]] = {
+    "color": list(COLORS),
+    "position": list(POSITIONS),
+    "shape": list(SHAPES),
+    "lesion": ["yes", "no"],
+    "side": list(SIDES),
+    "direction": list(DIRECTIONS),
+}
+
+DATA_FILE, ANSWERS_FILE, MANIFEST_FILE = "data.json", "answers.json", "manifest.json"
+
+
+def make_shapes_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int = 0,
+    image_size: int = 64,
+    questions: Sequence[str] = ("color", "position", "shape"),
+) -> Path:
+    """One filled circle/square/triangle in one of 4 colours in one quadrant of a light background.
+
+    Each record asks one question, picked uniformly from `questions`: "What color is the shape?" -> "red",
+    "Where is the shape?" -> "top left", "What shape is it?" -> "circle". The shape spans 50-80% of a quadrant
+    and lies wholly inside it, with jittered placement; the background is one light tint per image (every
+    channel 235-255). Shapes are drawn without anti-aliasing, so their pixels are exactly `COLORS[answer]`.
+    Returns the path of data.json.
+    """
+    questions = _check_questions(questions, ("color", "position", "shape"))
+    _check_at_least("num_records", num_records, 1)
+    _check_at_least("image_size", image_size, 16)
+    params = {"num_records": num_records, "seed": seed, "image_size": image_size, "questions": list(questions)}
+
+    def record(rng: np.random.Generator, index: int) -> tuple[dict[str, Any], Image.Image]:
+        color, position, shape = (str(rng.choice(v)) for v in (list(COLORS), POSITIONS, SHAPES))
+        question = str(rng.choice(questions))
+        answer = {"color": color, "position": position, "shape": shape}[question]
+        background = tuple(int(c) for c in rng.integers(235, 256, size=3))
+        image = Image.new("RGB", (image_size, image_size), background)
+        quadrant = image_size // 2
+        extent = int(rng.integers(quadrant // 2, int(quadrant * 0.8) + 1))
+        # At least 1 px from the image border and from the quadrant's inner edges.
+        left = int(rng.integers(1, max(quadrant - extent - 1, 1) + 1))
+        top = int(rng.integers(1, max(quadrant - extent - 1, 1) + 1))
+        row, column = position.split()
+        left += quadrant if column == "right" else 0
+        top += quadrant if row == "bottom" else 0
+        box = (left, top, left + extent - 1, top + extent - 1)
+        draw = ImageDraw.Draw(image)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLORS[color])
+        else:
+            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[color])
+        return _llava_record("shapes", index, "image", question, answer), image
+
+    return _build(out_dir, "shapes", params, questions, record, _save_png)
+
+
+def make_scan_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int = 0,
+    image_size: int = 64,
+    questions: Sequence[str] = ("lesion", "side"),
+) -> Path:
+    """A synthetic greyscale "scan": a noisy elliptical body with, or without, one bright round lesion.
+
+    The question type is picked uniformly from `questions`. "Is there a lesion?" -> "yes"/"no" (a lesion is
+    drawn with probability 1/2, so answers are balanced); "Which side is the lesion on?" -> "left"/"right"
+    is asked only of images that have one. Sides are as seen in the image (viewer's left), not the
+    radiological patient-side convention. Intensities are bounded: background 0-50, body at most 150, body
+    outline at most 175, lesion at least 215, so a lesion is exactly the set of pixels above 200.
+    Returns the path of data.json.
+    """
+    questions = _check_questions(questions, ("lesion", "side"))
+    _check_at_least("num_records", num_records, 1)
+    _check_at_least("image_size", image_size, 32)
+    params = {"num_records": num_records, "seed": seed, "image_size": image_size, "questions": list(questions)}
+
+    def record(rng: np.random.Generator, index: int) -> tuple[dict[str, Any], Image.Image]:
+        question = str(rng.choice(questions))
+        present = question == "side" or bool(rng.integers(2))
+        side = str(rng.choice(SIDES))
+        answer = side if question == "side" else ("yes" if present else "no")
+
+        size = image_size
+        scan = Image.new("L", (size, size), 25)
+        draw = ImageDraw.Draw(scan)
+        # The body: an ellipse leaving a 2-4 px margin, its outline a bit brighter than its inside.
+        margin_x, margin_y = (int(m) for m in rng.integers(2, 5, size=2))
+        body = (margin_x, margin_y + size // 8, size - 1 - margin_x, size - 1 - margin_y - size // 8)
+        draw.ellipse(body, fill=int(rng.integers(100, 121)), outline=150, width=2)
+        if present:
+            radius = int(rng.integers(max(size // 16, 2), size // 9 + 1))
+            # The lesion sits wholly in its half and inside the body's central band.
+            half = size // 2
+            low, high = (body[0] + radius + 4, half - radius - 2) if side == "left" else (half + radius + 1, body[2] - radius - 4)
+            cx = int(rng.integers(low, high + 1))
+            cy = int(rng.integers(size // 2 - size // 8, size // 2 + size // 8 + 1))
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=235)
+        pixels = np.asarray(scan, dtype=np.int16) + rng.integers(-20, 21, size=(size, size), dtype=np.int16)
+        # Noise of +-20 keeps each band inside the documented range; clipping only guards uint8.
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        return _llava_record("scan", index, "image", question, answer), Image.fromarray(pixels, mode="L")
+
+    return _build(out_dir, "scan", params, questions, record, _save_png)
+
+
+def make_robot_video_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int = 0,
+    frames: int = 16,
+    size: int = 48,
+    fps: int = 8,
+) -> Path:
+    """Short H.264 clips of a coloured block sliding left, right, up or down over a dark background.
+
+    "Which way does the block move?" -> "left"/"right"/"up"/"down". The block travels 40-60% of the free
+    span in a straight line at constant speed from a random start, so where it starts does not give the
+    direction away: the model has to compare frames. Returns the path of data.json.
+    """
+    _check_at_least("num_records", num_records, 1)
+    _check_at_least("frames", frames, 2)
+    _check_at_least("size", size, 16)
+    params = {"num_records": num_records, "seed": seed, "frames": frames, "size": size, "fps": fps}
+
+    def record(rng: np.random.Generator, index: int) -> tuple[dict[str, Any], list[Image.Image]]:
+        direction = str(rng.choice(DIRECTIONS))
+        color = COLORS[str(rng.choice(list(COLORS)))]
+        background = int(rng.integers(25, 61))
+        block = int(rng.integers(size // 6, size // 4 + 1))
+        lowest, highest = 2, size - block - 2  # block's top-left corner stays 2 px inside the frame
+        travel = int(rng.integers(int(0.4 * (highest - lowest)), int(0.6 * (highest - lowest)) + 1))
+        start = int(rng.integers(lowest, highest - travel + 1))
+        along = np.linspace(start, start + travel, frames)
+        if direction in ("left", "up"):
+            along = along[::-1]
+        across = int(rng.integers(lowest, highest + 1))
+        clip = []
+        for position in np.round(along).astype(int).tolist():
+            x, y = (position, across) if direction in ("left", "right") else (across, position)
+            frame = Image.new("RGB", (size, size), (background,) * 3)
+            ImageDraw.Draw(frame).rectangle((x, y, x + block - 1, y + block - 1), fill=color)
+            clip.append(frame)
+        return _llava_record("robot", index, "video", "direction", direction), clip
+
+    def save(clip: list[Image.Image], path: Path) -> None:
+        from nvila_ft.data.media import write_video
+
+        write_video(clip, path, fps=fps)
+
+    return _build(out_dir, "robot_video", params, ("direction",), record, save)
+
+
+BUILTIN_DATASETS: dict[str, Callable[..., Path]] = {
+    "shapes": make_shapes_dataset,
+    "scan": make_scan_dataset,
+    "robot_video": make_robot_video_dataset,
+}
+
+
+def chance_accuracy(json_path: str | os.PathLike) -> float:
+    """Expected `accuracy` of guessing uniformly among each record's possible answers.
+
+    The mean over records of 1 / (number of answers for the record's "question_type"), with the answer sets
+    read from answers.json beside `json_path`. E.g. shapes with colour, position and shape questions in
+    equal numbers: (1/4 + 1/4 + 1/3) / 3 = 5/18.
+    """
+    json_path = Path(json_path)
+    records = json.loads(json_path.read_text())
+    answers = json.loads((json_path.parent / ANSWERS_FILE).read_text())
+    if not records:
+        raise ValueError(f"{json_path}: has no records")
+    total = 0.0
+    for index, record in enumerate(records):
+        question_type = record.get("question_type")
+        if question_type not in answers:
+            raise ValueError(
+                f"{json_path}[{index}]: question_type {question_type!r} is not one of {sorted(answers)} "
+                f"in {json_path.parent / ANSWERS_FILE}"
+            )
+        total += 1 / len(answers[question_type])
+    return total / len(records)
+
+
+def _check_questions(questions: Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    questions = (questions,) if isinstance(questions, str) else tuple(questions)
+    if not questions:
+        raise ValueError(f"questions must name at least one of {list(allowed)}")
+    unknown = [q for q in questions if q not in allowed]
+    if unknown:
+        raise ValueError(f"unknown question type(s) {unknown}; choose from {list(allowed)}")
+    return questions
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _llava_record(prefix: str, index: int, kind: str, question_type: str, answer: str) -> dict[str, Any]:
+    folder, suffix = ("images", "png") if kind == "image" else ("videos", "mp4")
+    return {
+        "id": f"{prefix}-{index:06d}",
+        kind: f"{folder}/{prefix}_{index:06d}.{suffix}",
+        "conversations": [
+            {"from": "human", "value": f"<{kind}>\n{QUESTIONS[question_type]}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "question_type": question_type,
+    }
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    image.save(path, format="PNG")
+
+
+def _build(
+    out_dir: str | os.PathLike,
+    generator: str,
+    params: dict[str, Any],
+    question_types: Sequence[str],
+    make_record: Callable[[np.random.Generator, int], tuple[dict[str, Any], Any]],
+    save_media: Callable[[Any, Path], None],
+) -> Path:
+    """Write (or reuse) a dataset: media first, then data.json and answers.json, then the manifest."""
+    out_dir = Path(out_dir)
+    data_path = out_dir / DATA_FILE
+    manifest = {"generator": generator, "version": GENERATOR_VERSION, "params": params, "count": params["num_records"]}
+    if _is_complete(out_dir, manifest):
+        return data_path
+
+    # Without a manifest, an interrupted run below is never mistaken for a complete dataset.
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    records = []
+    for index in range(params["num_records"]):
+        rng = np.random.default_rng([params["seed"], index])
+        record, media = make_record(rng, index)
+        relative = record.get("image") or record["video"]
+        path = out_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_media(media, path)
+        records.append(record)
+    atomic_write_json(data_path, records)
+    atomic_write_json(out_dir / ANSWERS_FILE, {q: ANSWERS[q] for q in question_types})
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return data_path
+
+
+def _is_complete(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        if json.loads((out_dir / MANIFEST_FILE).read_text()) != manifest:
+            return False
+        records = json.loads((out_dir / DATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if len(records) != manifest["count"] or not (out_dir / ANSWERS_FILE).is_file():
+        return False
+    return all((out_dir / (r.get("image") or r.get("video") or "")).is_file() for r in records)
+
+
+def default_cache_dir() -> Path:
+    """Where built-in datasets are written: $NVILA_FT_CACHE, else ~/.cache/nvila-ft."""
+    return Path(os.environ.get("NVILA_FT_CACHE", Path.home() / ".cache" / "nvila-ft")) / "builtin"
+
+
+class BuiltinData:
+    """A built-in dataset as a task's data source: generated once into a cache folder, then read by the same
+    LLaVA JSON reader as user data. `options` go to the generator (image_size, questions, frames, ...)."""
+
+    def __init__(
+        self,
+        dataset: str = "shapes",
+        num_records: int = 1000,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        if dataset not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown built-in dataset {dataset!r} (known: {', '.join(BUILTIN_DATASETS)})")
+        self.dataset, self.num_records, self.seed = dataset, num_records, seed
+        self.cache_dir, self.options = cache_dir, dict(options or {})
+        self.errors: list[Any] = []
+
+    def path(self) -> Path:
+        options = re.sub(r"[^A-Za-z0-9=.,-]+", "_", "-".join(f"{k}={v}" for k, v in sorted(self.options.items())))
+        name = f"{self.dataset}-n{self.num_records}-seed{self.seed}" + (f"-{options}" if options else "")
+        root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return BUILTIN_DATASETS[self.dataset](root / name, self.num_records, seed=self.seed, **self.options)
+
+    def records(self) -> list:
+        from nvila_ft.data.sources import LlavaJson
+
+        source = LlavaJson(str(self.path()))
+        records = source.records()
+        self.errors = source.errors
+        return records

@@ -1,0 +1,42 @@
+"""One training/evaluation example, whatever file it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Record:
+    """A conversation in chat-message form plus where it came from.
+
+    `messages` follow the processor's format (`role` + `content` parts; media parts carry a path relative to
+    `media_root`, a PIL image, raw bytes or a list of frames). `origin` names the file and the 0-based index
+    of the record in it ("data/train.json[12]"), so that every error can point at it.
+    """
+
+    messages: list[dict[str, Any]]
+    origin: str
+    id: str | None = None
+    media_root: str | None = None  # relative media paths resolve under it and may not leave it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer(self) -> str | None:
+        """Text of the last assistant message (the reference for evaluation)."""
+        for message in reversed(self.messages):
+            if message.get("role") == "assistant":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return content
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return None
+
+    def prompt(self) -> list[dict[str, Any]]:
+        """The conversation up to (not including) the last assistant message: what the model must answer."""
+        last = max((i for i, m in enumerate(self.messages) if m.get("role") == "assistant"), default=len(self.messages))
+        return self.messages[:last]
+
+    @property
+    def name(self) -> str:
+        return f"{self.origin}" + (f" (id {self.id})" if self.id is not None else "")

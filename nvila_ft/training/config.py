@@ -1,0 +1,135 @@
+"""Training settings as plain dataclasses (Hydra builds them from `conf/trainer/` and `conf/precision/`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; raised before anything heavy is loaded."""
+
+
+@dataclass
+class Precision:
+    """weights: dtype the base model is loaded in; autocast: "bf16" | "fp16" | None (mixed precision).
+
+    trainable_float32 keeps trainable tensors (LoRA, norms, fully trained weights) in float32 when the weights
+    are 16-bit, so the optimizer updates full-precision values.
+    """
+
+    weights: str = "float32"
+    autocast: str | None = None
+    trainable_float32: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.weights, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"precision.weights = {self.weights!r} is not a torch dtype")
+        return dtype
+
+    def check(self) -> None:
+        self.dtype  # noqa: B018 - validates the name
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ConfigError(f"precision.autocast = {self.autocast!r}; use bf16, fp16 or null")
+        if torch.cuda.is_available():
+            if (self.autocast == "bf16" or self.weights == "bfloat16") and not torch.cuda.is_bf16_supported():
+                raise ConfigError("this GPU has no bfloat16 support; use precision=fp16 or precision=fp32")
+        elif self.autocast == "fp16":
+            raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
+
+
+@dataclass
+class TrainerConfig:
+    """The knobs of a fine-tuning run; `extra` passes any other `transformers.TrainingArguments` field."""
+
+    learning_rate: float = 1e-3
+    max_steps: int = 300
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = 100
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    load_best_model_at_end: bool = True
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool = False
+    dataloader_num_workers: int = 0
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"trainer.learning_rate = {self.learning_rate}: must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set trainer.max_steps > 0 or trainer.num_train_epochs > 0")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} = {getattr(self, key)}: must be >= 1")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ConfigError(f"trainer.eval_steps = {self.eval_steps}: must be >= 1 or null")
+
+    def training_arguments(
+        self,
+        output_dir: str | Path,
+        precision: Precision,
+        seed: int,
+        has_eval: bool,
+        report_to: list[str] | None = None,
+        deepspeed: dict | None = None,
+    ) -> Any:
+        """The `transformers.TrainingArguments` of this run."""
+        from transformers import TrainingArguments
+
+        evaluate = has_eval and self.eval_steps is not None
+        steps = dict(save_steps=self.save_steps, eval_steps=self.eval_steps if evaluate else None)
+        if evaluate and self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            # the best checkpoint can only be tracked when every save coincides with an evaluation
+            steps["save_steps"] = self.eval_steps
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            learning_rate=self.learning_rate,
+            max_steps=self.max_steps,
+            num_train_epochs=self.num_train_epochs,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            per_device_eval_batch_size=self.per_device_eval_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=self.warmup_ratio,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            optim=self.optim,
+            gradient_checkpointing=self.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            eval_strategy="steps" if evaluate else "no",
+            save_strategy="steps",
+            save_total_limit=self.save_total_limit,
+            logging_steps=self.logging_steps,
+            load_best_model_at_end=evaluate and self.load_best_model_at_end,
+            metric_for_best_model=self.metric_for_best_model if evaluate else None,
+            greater_is_better=self.greater_is_better,
+            dataloader_num_workers=self.dataloader_num_workers,
+            bf16=precision.autocast == "bf16",
+            fp16=precision.autocast == "fp16",
+            use_cpu=not torch.cuda.is_available(),
+            seed=seed,
+            data_seed=seed,
+            report_to=report_to or "none",
+            remove_unused_columns=False,
+            deepspeed=deepspeed,
+            disable_tqdm=False,
+            **steps,
+            **self.extra,
+        )

@@ -1,0 +1,107 @@
+"""DeepSpeed ZeRO configuration for the HF Trainer integration, and the checks that must pass before a GPU is busy.
+
+nvila-ft builds the config and lets transformers/DeepSpeed do the distributed work; "auto" values are
+filled by the Trainer from TrainingArguments (batch sizes, clipping, precision).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from nvila_ft.adapters.policy import AdapterPolicy
+from nvila_ft.training.config import ConfigError, Precision
+
+
+@dataclass
+class DeepSpeedConfig:
+    """stage 0 = DeepSpeed off; 2 = shard optimizer states + gradients; 3 = shard parameters too."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    gather_16bit_weights_on_model_save: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.stage > 0
+
+    def check(self, policy: AdapterPolicy | None, precision: Precision) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.stage = {self.stage}; use 0 (off), 1, 2 or 3")
+        if not self.enabled:
+            return
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"deepspeed={self.stage} needs the deepspeed package ({err}); pip install deepspeed") from err
+        if self.offload_params and self.stage != 3:
+            raise ConfigError("deepspeed.offload_params needs stage 3 (ZeRO-3); use deepspeed=zero3_offload")
+        if precision.autocast == "fp16" and not _cuda():
+            raise ConfigError("DeepSpeed on CPU supports bf16 or fp32, not fp16")
+        for name, component in (policy.items() if policy is not None else []):
+            if self.stage == 3 and component.method == "qlora":
+                storage = component.quantization.storage_dtype
+                if component.quantization.bits != 4 or storage != precision.weights:
+                    raise ConfigError(
+                        f"ZeRO-3 shards a 4-bit base only when the quantized weights are stored in the model dtype: set "
+                        f"adapters.{name}.quantization.storage_dtype={precision.weights} (now {storage}, "
+                        f"{component.quantization.bits}-bit), or use deepspeed=zero2"
+                    )
+            if self.stage == 3 and component.method == "fp8_lora":
+                raise ConfigError(f"adapters.{name}: fp8_lora float8 weight tensors cannot be sharded by ZeRO-3; use deepspeed=zero2")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config passed as `TrainingArguments(deepspeed=...)`."""
+        zero: dict[str, Any] = {
+            "stage": self.stage,
+            "overlap_comm": self.overlap_comm,
+            "contiguous_gradients": self.contiguous_gradients,
+            "reduce_bucket_size": "auto",
+        }
+        if self.stage == 3:
+            zero.update(
+                stage3_prefetch_bucket_size="auto",
+                stage3_param_persistence_threshold="auto",
+                stage3_max_live_parameters=1e9,
+                stage3_max_reuse_distance=1e9,
+                stage3_gather_16bit_weights_on_model_save=self.gather_16bit_weights_on_model_save,
+            )
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _cuda()}
+        if self.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": _cuda()}
+        config = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "zero_optimization": zero,
+            # nvila-ft builds the optimizer (per-component groups); DeepSpeed's CPU Adam is used when offloading
+            "zero_force_ds_cpu_optimizer": False,
+        }
+        config.update(self.extra)
+        return config
+
+
+def ensure_single_process_env() -> None:
+    """DeepSpeed needs torch.distributed variables even for one process; set them when no launcher did."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,84 @@
+"""Generation-based evaluation: answer each record's question, score against its reference answer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.data.records import Record
+from nvila_ft.training.metrics import compute_metrics
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, float]
+    rows: list[dict[str, Any]]  # one per record: origin, id, question, reference, prediction
+
+
+def question_text(record: Record) -> str:
+    prompt = record.prompt()
+    content = prompt[-1]["content"] if prompt else ""
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: NVILAProcessor,
+    records: list[Record],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to each record's prompt (everything before its last assistant message)."""
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(records), batch_size), desc="generating", disable=not progress, leave=False):
+            chunk = records[start : start + batch_size]
+            samples = [
+                processor.process(r.prompt(), add_generation_prompt=True, sample_id=r.name, media_root=r.media_root)
+                for r in chunk
+            ]
+            batch = processor.collate(samples, padding_side="left")
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            output = model.generate(**batch, max_new_tokens=max_new_tokens)
+            answers += processor.batch_decode(output)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def evaluate_records(
+    model: Any,
+    processor: NVILAProcessor,
+    records: list[Record],
+    metrics: list[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> Evaluation:
+    predictions = generate_answers(model, processor, records, batch_size, max_new_tokens, progress)
+    references = [r.answer or "" for r in records]
+    rows = [
+        {"origin": r.origin, "id": r.id, "question": question_text(r), "reference": ref, "prediction": pred}
+        for r, ref, pred in zip(records, references, predictions)
+    ]
+    return Evaluation(compute_metrics(metrics, predictions, references), rows)
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    from nvila_ft.atomic import atomic_write_bytes
+
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_bytes(path, text.encode())
+    return Path(path)

@@ -1,0 +1,138 @@
+"""transformers.Trainer wired to NVILA: per-component optimizer groups, adapter-only checkpoints, safe resume.
+
+A checkpoint directory (`checkpoint-<step>/`) holds the adapter artifacts under `adapters/` plus the
+Trainer's optimizer, scheduler, RNG and state files, and a `COMPLETE` marker written last: a checkpoint
+without it (a run killed while saving) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from nvila_ft.adapters.artifacts import restore_adapter_weights, save_adapters
+from nvila_ft.adapters.optim import parameter_groups
+
+COMPLETE_MARKER = "COMPLETE"
+ADAPTERS_DIR = "adapters"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished `checkpoint-<step>` folders, oldest first."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in folders if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    removed = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / COMPLETE_MARKER).is_file():
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
+
+
+class NVILATrainer(Trainer):
+    """Trainer whose optimizer follows the adapter policy and whose checkpoints are adapter artifacts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.positions_seen = 0
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            groups = parameter_groups(model, model.adapter_policy, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
+        positions = inputs.pop("num_positions", None)
+        if positions is not None and model.training:
+            self.positions_seen += int(positions)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None):
+        inputs.pop("num_positions", None)
+        return super().prediction_step(model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_adapters(self.model, output_dir / ADAPTERS_DIR, overwrite=True)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        restore_adapter_weights(model or self.model, Path(resume_from_checkpoint) / ADAPTERS_DIR)
+
+    def _load_best_model(self) -> None:
+        restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint) / ADAPTERS_DIR)
+
+
+class ProgressWithThroughput(ProgressCallback):
+    """The standard progress bar (steps, ETA) with loss, learning rate and LLM positions per second."""
+
+    def __init__(self, trainer_ref: list[NVILATrainer]) -> None:
+        super().__init__()
+        self._trainer_ref = trainer_ref
+        self._start = None
+        self._start_positions = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._start, self._start_positions = time.perf_counter(), self._trainer_ref[0].positions_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            elapsed = max(time.perf_counter() - (self._start or time.perf_counter()), 1e-9)
+            rate = (self._trainer_ref[0].positions_seen - self._start_positions) / elapsed
+            postfix = {"tok/s": f"{rate:,.0f}"}
+            if "loss" in logs:
+                postfix["loss"] = f"{logs['loss']:.4f}"
+            if "learning_rate" in logs:
+                postfix["lr"] = f"{logs['learning_rate']:.2e}"
+            if "eval_loss" in logs:
+                postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+            self.training_bar.set_postfix(postfix, refresh=False)
+            logs["tokens_per_second"] = round(rate, 1)
+
+
+class NaNGuard(TrainerCallback):
+    """Stop with a clear error when the training loss stops being a number."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at step {state.global_step}; lower trainer.learning_rate or use precision=fp32/bf16"
+            )
+
+
+def build_trainer(model: Any, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any, callbacks: list | None = None) -> NVILATrainer:
+    reference: list[NVILATrainer] = []
+    trainer = NVILATrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        callbacks=[NaNGuard(), *(callbacks or [])],
+    )
+    reference.append(trainer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressWithThroughput(reference))
+    return trainer
