@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m nvila_ft.demo
+	$(BIN)/nvila-ft finetune
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -20,14 +20,20 @@ import torch
 
 
 def measure(preset: str, repeats: int, batch_size: int) -> dict:
+    from PIL import Image, ImageDraw
+
     from nvila_ft.data.processor import NVILAProcessor
-    from nvila_ft.demo import demo_frames, demo_image
     from nvila_ft.model.presets import build_model
+
+    def frame(x: int, size: tuple[int, int]) -> Image.Image:
+        image = Image.new("RGB", size, "white")
+        ImageDraw.Draw(image).ellipse((x, 10, x + 30, 40), fill="red")
+        return image
 
     model = build_model(preset)
     processor = NVILAProcessor(model.tokenizer, model.config)
     results = {}
-    for kind, source in (("image", demo_image(320, 240)), ("video", demo_frames(16))):
+    for kind, source in (("image", frame(20, (320, 240))), ("video", [frame(3 * t, (64, 48)) for t in range(16)])):
         conversation = [
             {"role": "user", "content": [{"type": kind, kind: source}, {"type": "text", "text": "What is shown?"}]},
             {"role": "assistant", "content": "A shape on a plain background."},

@@ -37,6 +37,10 @@ USER_ERRORS = (
 )
 
 
+# Import-time warnings about optional CUDA kernels (torchao, bitsandbytes) that say nothing about the run.
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "bitsandbytes.cextension")
+
+
 def config_dir() -> Path:
     return Path(str(files("nvila_ft.hydra_conf")))
 
@@ -56,7 +60,7 @@ def register_config_groups() -> None:
         for file in sorted(files(package).iterdir(), key=lambda f: f.name):
             if file.name.endswith(".yaml"):
                 node = OmegaConf.create(file.read_text())
-                if group == "adapters":
+                if group == "adapters" and len(node):
                     node = OmegaConf.merge({"_target_": node.get("_target_"), **policy_defaults}, node)
                 store.store(group=group, name=file.name[: -len(".yaml")], node=node)
 
@@ -77,16 +81,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nvila-ft: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     import hydra
 
     register_config_groups()
     module_name, function_name, _ = COMMANDS[command]
+    results = []
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def app(cfg):
         function = getattr(importlib.import_module(module_name), function_name)
         try:
-            return function(cfg)
+            results.append(function(cfg))
+            return results[-1]  # the objective a sweeper (e.g. Optuna) optimises
         except Exception as error:  # noqa: BLE001 - typed user errors are reported without a traceback
             if _is_user_error(error) and not os.environ.get("NVILA_FT_DEBUG"):
                 logging.getLogger("nvila_ft").debug("error", exc_info=True)
@@ -95,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
 
     sys.argv = [f"nvila-ft-{command}", *rest]
-    result = app()
-    if command == "validate-data" and result:
+    app()
+    if command == "validate-data" and any(results):
         sys.exit(1)  # bad records were found
 
 

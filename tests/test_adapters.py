@@ -23,7 +23,7 @@ from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET_FILES = sorted((ROOT / "adapters").glob("*.yaml"))
+PRESET_FILES = sorted(p for p in (ROOT / "adapters").glob("*.yaml") if p.stem != "none")  # none: no adapters at all
 BASE_LR = 1e-3
 
 # nvila-8b-tiny: SigLIP 3 layers, select layer -2 -> layers 0 and 1 are used; Qwen2 2 layers.

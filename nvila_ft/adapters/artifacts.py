@@ -30,15 +30,39 @@ TRAINED_WEIGHTS = "trained_weights.safetensors"
 FORMAT_VERSION = 1
 
 
-def trained_state(model: Any, name: str) -> dict[str, torch.Tensor]:
-    """The trainable tensors of a full / layernorm component, under released-checkpoint key names."""
-    module = base_module(get_component(model, name))
-    state = {k: p.detach().to("cpu").contiguous() for k, p in module.named_parameters() if p.requires_grad}
+# Where each component sits in the model's state dict.
+STATE_PREFIX = {"vision_tower": "vision_tower.model.", "mm_projector": "mm_projector.", "llm": "llm."}
+
+
+def trained_state(model: Any, name: str, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a full / layernorm component, under released-checkpoint key names.
+
+    state_dict: the model's full state dict when parameters live elsewhere (DeepSpeed ZeRO-3 gathers it).
+    """
+    module = get_component(model, name)
+    trainable = [k for k, p in module.named_parameters() if p.requires_grad]
+    if state_dict is None:
+        values = dict(module.named_parameters())
+    else:
+        values = {k[len(STATE_PREFIX[name]):]: v for k, v in state_dict.items() if k.startswith(STATE_PREFIX[name])}
+    state = {k.replace("base_model.model.", "", 1): values[k].detach().to("cpu").contiguous() for k in trainable}
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise PolicyError(f"{name}: {empty[:3]} are empty shards (DeepSpeed ZeRO-3); gather the parameters before saving")
     return official_keys(name, state)
 
 
-def save_adapters(model: Any, path: str | os.PathLike, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the adapter artifacts of `model` (which went through `apply_policy`) atomically."""
+def save_adapters(
+    model: Any,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    extra: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the adapter artifacts of `model` (which went through `apply_policy`) atomically.
+
+    state_dict: the model's full state dict, when the parameters themselves are sharded (ZeRO-3).
+    """
     policy: AdapterPolicy = getattr(model, "adapter_policy", None)
     if policy is None:
         raise PolicyError("the model has no adapter policy applied; nothing to save")
@@ -46,11 +70,16 @@ def save_adapters(model: Any, path: str | os.PathLike, overwrite: bool = False, 
     with atomic_directory(path, overwrite=overwrite) as staging:
         for name, component in policy.items():
             if component.uses_lora:
-                get_component(model, name).save_pretrained(str(staging / name))
+                sub_state = None
+                if state_dict is not None:
+                    prefix = STATE_PREFIX[name]
+                    sub_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                get_component(model, name).save_pretrained(str(staging / name), state_dict=sub_state)
                 contents[name] = "peft_adapter"
             elif component.trains:
                 (staging / name).mkdir()
-                save_file(trained_state(model, name), str(staging / name / TRAINED_WEIGHTS), metadata={"format": "pt"})
+                tensors = trained_state(model, name, state_dict)
+                save_file(tensors, str(staging / name / TRAINED_WEIGHTS), metadata={"format": "pt"})
                 contents[name] = "trained_weights"
         write_json(
             staging / POLICY_FILE,

@@ -26,8 +26,8 @@ BASE_DIR = "base"
 
 
 def build(node: Any) -> Any:
-    """Instantiate a config node (`_target_` + arguments); None stays None."""
-    if node is None:
+    """Instantiate a config node (`_target_` + arguments); None or an empty node (`adapters=none`) is None."""
+    if node is None or len(node) == 0:
         return None
     from hydra.utils import instantiate
 

@@ -10,11 +10,21 @@ from omegaconf import DictConfig
 from nvila_ft.adapters import format_report, trainable_report
 from nvila_ft.adapters.artifacts import save_adapters
 from nvila_ft.atomic import atomic_write_json
-from nvila_ft.commands.common import FINAL_DIR, build, load_model, log, plain, reset_accelerate, seed_everything
+from nvila_ft.commands.common import (
+    FINAL_DIR,
+    build,
+    cli_overrides,
+    load_model,
+    log,
+    plain,
+    reset_accelerate,
+    run_config,
+    seed_everything,
+)
 from nvila_ft.data.dataset import Collator, ConversationDataset
 from nvila_ft.data.validation import validate_records
 from nvila_ft.training.config import ConfigError
-from nvila_ft.training.deepspeed import ensure_single_process_env
+from nvila_ft.training.deepspeed import ensure_single_process_env, gathered_parameters, is_main_process
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
 from nvila_ft.training.plots import plot_history
 from nvila_ft.training.trainer import build_trainer, complete_checkpoints, remove_incomplete_checkpoints
@@ -23,6 +33,8 @@ from nvila_ft.training.trainer import build_trainer, complete_checkpoints, remov
 def finetune(cfg: DictConfig) -> float | None:
     """Returns the task's objective metric after training (what a sweep optimises)."""
     reset_accelerate()
+    if cfg.run:  # continue a run: its own configuration, with this command's overrides on top
+        cfg = run_config(cfg.run, cli_overrides())
     run_dir = Path(cfg.run or cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -30,7 +42,7 @@ def finetune(cfg: DictConfig) -> float | None:
     policy, precision, trainer_config = build(cfg.adapters), build(cfg.precision), build(cfg.trainer)
     deepspeed, logger, source, task = build(cfg.deepspeed), build(cfg.logger), build(cfg.model), build(cfg.task)
     if policy is None:
-        raise ConfigError("finetune needs an adapter policy (adapters=<preset>); adapters=null trains nothing")
+        raise ConfigError("finetune needs an adapter policy (adapters=<preset>); adapters=none trains nothing")
     policy.check()
     precision.check()
     trainer_config.check()
@@ -88,11 +100,14 @@ def finetune(cfg: DictConfig) -> float | None:
     def evaluate(stage: str) -> None:
         if not eval_records:
             return
-        result = evaluate_records(model, processor, eval_records, task.metrics, cfg.eval.batch_size, task.max_new_tokens)
+        with gathered_parameters(model):  # every process takes part when ZeRO-3 shards the weights
+            result = evaluate_records(model, processor, eval_records, task.metrics, cfg.eval.batch_size, task.max_new_tokens)
         metrics[stage] = result.scores
+        if not is_main_process():
+            return
         write_jsonl(run_dir / f"predictions_{stage}.jsonl", result.rows)
         logger.log_summary({f"{stage}/{k}": v for k, v in result.scores.items()})
-        logger.log_predictions(f"predictions_{stage}", result.rows)
+        logger.log_prediction_table(f"predictions_{stage}", result.rows)
         print(f"{stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()), flush=True)
 
     if cfg.eval.before_training and resume is None:
@@ -102,7 +117,9 @@ def finetune(cfg: DictConfig) -> float | None:
     eval_dataset = ConversationDataset(validation, processor) if validation else None
     trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, Collator(processor))
     result = trainer.train(resume_from_checkpoint=resume)
-    save_adapters(model, run_dir / FINAL_DIR, overwrite=True, extra={"task": task.name})
+    with gathered_parameters(model):
+        if is_main_process():
+            save_adapters(model, run_dir / FINAL_DIR, overwrite=True, extra={"task": task.name})
     plot_history(trainer.state.log_history, run_dir / "training_curve.png", title=f"{task.name} / {policy.name or 'policy'}")
     evaluate("after_training")
 

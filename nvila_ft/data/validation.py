@@ -155,7 +155,7 @@ def validate_records(
     bad: list[BadRecord] = []
     good: list[Record] = []
     lengths: list[int] = []
-    for record in tqdm(records, desc="validating", unit="record", disable=not progress):
+    for record in tqdm(records, desc="validating", unit="record", disable=not progress or not records):
         mismatch = media_tag_mismatch(record)
         if mismatch:
             bad.append(BadRecord(record.origin, mismatch, "media_tag_mismatch"))

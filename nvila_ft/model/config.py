@@ -180,6 +180,11 @@ class NVILAConfig:
         return int(self.llm["hidden_size"])
 
     @property
+    def hidden_size(self) -> int:
+        """The LLM width (what DeepSpeed's "auto" bucket sizes are computed from)."""
+        return self.llm_hidden_size
+
+    @property
     def vocab_size(self) -> int:
         return int(self.llm["vocab_size"])
 

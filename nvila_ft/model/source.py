@@ -11,7 +11,8 @@ from nvila_ft.model.config import CheckpointError
 
 @dataclass
 class ModelSource:
-    """path: an official-layout checkpoint (a hub id only when a network is allowed); or preset + seed."""
+    """path: an official-layout checkpoint (a hub id only when a network is allowed); when it is set the preset
+    is ignored, so `model.path=<dir>` works with any model option. preset + seed: a model built locally."""
 
     path: str | None = None
     preset: str | None = None
@@ -19,9 +20,9 @@ class ModelSource:
     attn_implementation: str = "sdpa"
 
     def check(self) -> None:
-        if (self.path is None) == (self.preset is None):
-            raise CheckpointError("set exactly one of model.path (a checkpoint directory) or model.preset")
-        if self.preset is not None:
+        if self.path is None and self.preset is None:
+            raise CheckpointError("set model.path (a checkpoint directory) or model.preset")
+        if self.path is None:
             from nvila_ft.model.presets import PRESETS
 
             if self.preset not in PRESETS:

@@ -86,7 +86,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generat
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Plain tokenisation, as the official code does (Qwen2 adds no BOS/EOS)."""
-    return list(tokenizer(text).input_ids)
+    return list(tokenizer(text, verbose=False).input_ids)  # length is checked after media expansion, not here
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

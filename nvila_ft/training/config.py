@@ -91,8 +91,13 @@ class TrainerConfig:
         deepspeed: dict | None = None,
     ) -> Any:
         """The `transformers.TrainingArguments` of this run."""
+        import dataclasses
+
         from transformers import TrainingArguments
 
+        # transformers >= 5.20 renamed gradient checkpointing to activation checkpointing
+        prefix = "activation" if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient"
+        checkpointing = {f"{prefix}_checkpointing": self.gradient_checkpointing, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
         evaluate = has_eval and self.eval_steps is not None
         steps = dict(save_steps=self.save_steps, eval_steps=self.eval_steps if evaluate else None)
         if evaluate and self.load_best_model_at_end and self.save_steps % self.eval_steps:
@@ -111,8 +116,6 @@ class TrainerConfig:
             weight_decay=self.weight_decay,
             max_grad_norm=self.max_grad_norm,
             optim=self.optim,
-            gradient_checkpointing=self.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
             eval_strategy="steps" if evaluate else "no",
             save_strategy="steps",
             save_total_limit=self.save_total_limit,
@@ -131,5 +134,6 @@ class TrainerConfig:
             deepspeed=deepspeed,
             disable_tqdm=False,
             **steps,
+            **checkpointing,
             **self.extra,
         )

@@ -101,6 +101,24 @@ def ensure_single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def gathered_parameters(model: Any, modifier_rank: int | None = None) -> Any:
+    """A context in which ZeRO-3-sharded parameters are whole (a no-op otherwise): to generate, or, with
+    modifier_rank=0, to write values on process 0 that are re-sharded on exit."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _cuda() -> bool:
     import torch
 

@@ -52,8 +52,19 @@ class NVILATrainer(Trainer):
             groups = parameter_groups(model, model.adapter_policy, self.args.learning_rate, self.args.weight_decay)
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
             optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
+            if self._offloads_optimizer():
+                # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised Adam, same groups
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer_cls = DeepSpeedCPUAdam
+                optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k in ("betas", "eps")}
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def _offloads_optimizer(self) -> bool:
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        zero = config.config.get("zero_optimization", {}) if config is not None else {}
+        return bool(zero.get("offload_optimizer"))
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
         positions = inputs.pop("num_positions", None)
@@ -69,7 +80,9 @@ class NVILATrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_adapters(self.model, output_dir / ADAPTERS_DIR, overwrite=True)
+        # with ZeRO-3 the Trainer hands over the gathered 16-bit state dict; the parameters themselves are shards
+        gathered = state_dict if self.is_deepspeed_enabled and _zero3() else None
+        save_adapters(self.model, output_dir / ADAPTERS_DIR, overwrite=True, state_dict=gathered)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -80,7 +93,16 @@ class NVILATrainer(Trainer):
         restore_adapter_weights(model or self.model, Path(resume_from_checkpoint) / ADAPTERS_DIR)
 
     def _load_best_model(self) -> None:
-        restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint) / ADAPTERS_DIR)
+        from nvila_ft.training.deepspeed import gathered_parameters
+
+        with gathered_parameters(self.model, modifier_rank=0):
+            restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint) / ADAPTERS_DIR)
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 class ProgressWithThroughput(ProgressCallback):

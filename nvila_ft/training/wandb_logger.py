@@ -22,7 +22,7 @@ class NoLogger:
     def log_summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def log_predictions(self, name: str, rows: list[dict[str, Any]]) -> None:
+    def log_prediction_table(self, name: str, rows: list[dict[str, Any]]) -> None:
         pass
 
     def finish(self) -> None:
@@ -68,7 +68,7 @@ class WandbLogger:
         if self._run is not None:
             self._run.summary.update(values)
 
-    def log_predictions(self, name: str, rows: list[dict[str, Any]]) -> None:
+    def log_prediction_table(self, name: str, rows: list[dict[str, Any]]) -> None:
         if self._run is None or not rows or self.log_predictions <= 0:
             return
         import wandb

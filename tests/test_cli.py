@@ -1,0 +1,173 @@
+"""`nvila-ft` commands end to end on the tiny presets (a few steps each), as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL_RUN = [
+    "task.train.num_records=48",
+    "trainer.max_steps=4",
+    "trainer.per_device_train_batch_size=4",
+    "trainer.eval_steps=2",
+    "trainer.save_steps=2",
+    "trainer.logging_steps=1",
+    "eval.max_records=6",
+]
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path, check: bool = True, extra_env: dict | None = None):
+    env = dict(os.environ, NVILA_FT_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env.update(extra_env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "nvila_ft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"nvila-ft {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache):
+    """One small fine-tuning run shared by the evaluate / predict / export tests."""
+    root = tmp_path_factory.mktemp("cli")
+    run = root / "run"
+    result = run_cli(["finetune", f"hydra.run.dir={run}", "adapters=lora_vit_lora_llm", *SMALL_RUN], root, cache)
+    return run, result
+
+
+def test_finetune_writes_a_complete_run(finished_run):
+    run, result = finished_run
+    assert "vision_tower  lora" in result.stdout and "mm_projector  full" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["policy"] == "lora_vit_lora_llm"
+    assert set(metrics["metrics"]) == {"before_training", "after_training"}
+    assert set(metrics["metrics"]["after_training"]) == {"accuracy", "exact_match", "count"}
+    assert metrics["trainable_parameters"]["mm_projector"] == 29568
+    assert (run / "final" / "adapter_policy.json").is_file()
+    assert (run / "final" / "llm" / "adapter_model.safetensors").is_file()
+    assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (run / "predictions_after_training.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"origin", "question", "reference", "prediction"} <= set(rows[0])
+    checkpoints = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert checkpoints and all((run / c / "COMPLETE").is_file() for c in checkpoints)
+    assert "train: " in (run / "data_report.txt").read_text()
+    assert (run / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_evaluate_predict_export_a_run(finished_run, cache, tmp_path):
+    run, _ = finished_run
+    evaluated = run_cli(["evaluate", f"run={run}", f"hydra.run.dir={tmp_path / 'eval'}", "eval.max_records=4"], tmp_path, cache)
+    assert "accuracy" in evaluated.stdout
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["records"] == 4
+
+    image = next((cache / "builtin").rglob("*.png"))
+    predicted = run_cli(
+        ["predict", f"run={run}", f"hydra.run.dir={tmp_path / 'pred'}", "predict.prompt=What color is the shape?",
+         f"predict.image={image}", "predict.max_new_tokens=4"],
+        tmp_path, cache,
+    )
+    answers = [line for line in predicted.stdout.splitlines() if line.startswith("prompt: ")]
+    assert len(answers) == 1
+    assert json.loads((tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()[0])["source"] == "prompt"
+
+    merged = tmp_path / "merged"
+    exported = run_cli(["export", f"run={run}", f"export.output={merged}", f"hydra.run.dir={tmp_path / 'ex'}"], tmp_path, cache)
+    assert "probe check" in exported.stdout
+    assert {p.name for p in merged.iterdir()} == {"config.json", "llm", "vision_tower", "mm_projector"}
+    again = run_cli(["export", f"run={run}", f"export.output={merged}", f"hydra.run.dir={tmp_path / 'ex2'}"], tmp_path, cache, check=False)
+    assert again.returncode == 1 and "export.overwrite=true" in again.stderr
+
+    # the merged export answers like the run it came from
+    from_export = run_cli(
+        ["predict", f"model.path={merged}", "adapters=none", f"hydra.run.dir={tmp_path / 'pred2'}",
+         "predict.prompt=What color is the shape?", f"predict.image={image}", "predict.max_new_tokens=4"],
+        tmp_path, cache,
+    )
+    assert [line for line in from_export.stdout.splitlines() if line.startswith("prompt: ")] == answers
+
+    adapters_only = tmp_path / "adapters_only"
+    run_cli(["export", f"run={run}", "export.merge=false", f"export.output={adapters_only}", f"hydra.run.dir={tmp_path / 'ex3'}"], tmp_path, cache)
+    assert (adapters_only / "adapter_policy.json").is_file() and (adapters_only / "vision_tower" / "adapter_config.json").is_file()
+
+
+def test_validate_data_reports_every_bad_record(tmp_path, cache):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "broken.png").write_bytes((tmp_path / "img" / "ok.png").read_bytes()[:40])
+    records = [
+        {"id": "good", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "missing", "image": "img/nope.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"id": "corrupt", "image": "img/broken.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"id": "no-answer", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]},
+        {"id": "escape", "image": "../secret.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"id": "two-tags", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image><image>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"id": "long", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "word " * 3000}, {"from": "gpt", "value": "A"}]},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    (tmp_path / "secret.png").write_bytes((tmp_path / "img" / "ok.png").read_bytes())
+    result = run_cli(
+        ["validate-data", "task=vqa", f"task.train.path={data}", "task.val_fraction=0", f"hydra.run.dir={tmp_path / 'v'}"],
+        tmp_path, cache, check=False,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    out = result.stdout
+    for index, kind in ((1, "missing_media"), (2, "corrupt_media"), (3, "no_answer"), (4, "unsafe_path"), (5, "media_tag_mismatch"), (6, "too_long")):
+        assert f"{data}[{index}]: {kind}" in out, (kind, out)
+    assert f"{data}[0]" not in out
+    assert "7 records: 1 ok, 6 bad" in out
+    assert (tmp_path / "v" / "data_report.txt").read_text().count(str(data)) == 6
+
+
+def test_finetune_stops_on_bad_records_when_asked(tmp_path, cache):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"image": "missing.png", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}] * 3))
+    result = run_cli(["finetune", "task=vqa", f"task.train.path={data}", "data.on_bad_record=stop", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, cache, check=False)
+    assert result.returncode == 1
+    assert "3 bad records (data.on_bad_record=stop)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_errors_fail_before_anything_loads(tmp_path, cache):
+    typo = run_cli(["finetune", "trainer.learnin_rate=1e-3"], tmp_path, cache, check=False)
+    assert typo.returncode == 1 and "learnin_rate" in typo.stderr
+    policy = run_cli(["finetune", "adapters.mm_projector.method=qlora", f"hydra.run.dir={tmp_path / 'p'}"], tmp_path, cache, check=False)
+    assert policy.returncode == 1 and "adapters.mm_projector.method = qlora" in policy.stderr
+    assert not (tmp_path / "p" / "base").exists()  # nothing was built or loaded
+    unknown = run_cli(["finetune", "adapters.llm.rnak=8"], tmp_path, cache, check=False)
+    assert unknown.returncode == 1 and "rnak" in unknown.stderr
+    missing = run_cli(["finetune", "model=nvila_8b", f"hydra.run.dir={tmp_path / 'm'}"], tmp_path, cache, check=False)
+    assert missing.returncode == 1 and "model.path" in missing.stderr
+
+
+def test_help_and_composed_config(tmp_path, cache):
+    assert "validate-data" in run_cli(["--help"], tmp_path, cache).stdout
+    shown = run_cli(["finetune", "--cfg", "job", "adapters=ln_vit_qlora_llm", "adapters.llm.r=8"], tmp_path, cache).stdout
+    assert "method: qlora" in shown and "r: 8" in shown and "target_modules: null" in shown
+    groups = run_cli(["finetune", "--help"], tmp_path, cache).stdout
+    for group in ("task: ", "adapters: ", "model: ", "trainer: ", "precision: ", "deepspeed: ", "logger: "):
+        assert group in groups
+    assert "ln_vit_qlora_llm" in groups and "medical_vqa" in groups
+
+
+def test_user_config_directory_on_the_search_path(tmp_path, cache):
+    tasks = tmp_path / "mine" / "task"
+    tasks.mkdir(parents=True)
+    (tasks / "tiny_shapes.yaml").write_text(
+        "_target_: nvila_ft.data.task.Task\nname: my_shapes\ntrain:\n  _target_: nvila_ft.data.builtin.BuiltinData\n"
+        "  dataset: shapes\n  num_records: 20\nval_fraction: 0.2\nmetrics: [accuracy]\n"
+    )
+    shown = run_cli(["finetune", "--cfg", "job", f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "task=tiny_shapes"], tmp_path, cache)
+    assert "name: my_shapes" in shown.stdout

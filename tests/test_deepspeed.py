@@ -1,0 +1,53 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 (+CPU offload) through the Trainer, single process on CPU, and the start-up checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from nvila_ft.adapters import AdapterPolicy
+from nvila_ft.training.config import ConfigError, Precision
+from nvila_ft.training.deepspeed import DeepSpeedConfig
+from tests.test_cli import run_cli
+
+pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("option", ["zero2", "zero3_offload"])
+def test_finetune_with_zero(option, tmp_path, cache):
+    run = tmp_path / option
+    run_cli(
+        ["finetune", f"deepspeed={option}", "adapters=ln_vit_lora_llm", "task.train.num_records=40", "trainer.max_steps=4",
+         "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.per_device_train_batch_size=4", "eval.max_records=3",
+         f"hydra.run.dir={run}"],
+        tmp_path, cache,
+    )
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+    for folder in (run / "final", run / "checkpoint-4" / "adapters"):
+        with safe_open(str(folder / "mm_projector" / "trained_weights.safetensors"), "pt") as handle:
+            shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+        assert shapes["layers.2.weight"] == [64, 384], folder  # whole tensors, not ZeRO shards
+    assert list((run / "checkpoint-4").glob("global_step4"))  # DeepSpeed's own optimizer state
+
+
+def test_zero3_checks_fail_at_start():
+    bf16 = Precision(weights="bfloat16", autocast="bf16")
+    policy = AdapterPolicy(llm={"method": "qlora"})
+    with pytest.raises(ConfigError, match=r"storage_dtype=bfloat16"):
+        DeepSpeedConfig(stage=3).check(policy, bf16)
+    AdapterPolicy(llm={"method": "qlora", "quantization": {"storage_dtype": "bfloat16"}})
+    DeepSpeedConfig(stage=3).check(AdapterPolicy(llm={"method": "qlora", "quantization": {"storage_dtype": "bfloat16"}}), bf16)
+    with pytest.raises(ConfigError, match="fp8_lora"):
+        DeepSpeedConfig(stage=3).check(AdapterPolicy(llm={"method": "fp8_lora"}), bf16)
+    with pytest.raises(ConfigError, match="offload_params needs stage 3"):
+        DeepSpeedConfig(stage=2, offload_params=True).check(AdapterPolicy(), bf16)
+    config = DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True).to_dict()
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
