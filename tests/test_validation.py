@@ -142,7 +142,7 @@ def test_video_frames_the_temporal_pooling_cannot_divide(tmp_path):
     assert validate_records([record], make_processor("nvila-video-tiny", num_video_frames=16)).ok
     report = validate_records([record], make_processor("nvila-video-tiny", num_video_frames=12))
     [bad] = report.bad
-    assert (bad.origin, bad.kind) == ("videos.json[4]", "corrupt_media")
+    assert (bad.origin, bad.kind) == ("videos.json[4]", "video_frames")
     assert "12 frames decoded" in bad.reason and "divisible by 8" in bad.reason
 
 

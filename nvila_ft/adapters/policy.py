@@ -6,6 +6,7 @@ impossible combinations fail before anything heavy happens, with the fix named.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -117,6 +118,8 @@ class ComponentPolicy:
             raise PolicyError(f"{where}.dora applies to qlora/fp8_lora; for a 16-bit base use method: dora")
         if self.method == "qlora":
             self.quantization.check(where)
+        if self.method == "fp8_lora" and importlib.util.find_spec("torchao") is None:
+            raise PolicyError(f"{where}.method = fp8_lora stores weights in float8 with torchao: pip install torchao")
         if self.lr is not None and self.lr_ratio is not None:
             raise PolicyError(f"{where}: give lr or lr_ratio, not both")
         for key in ("lr", "lr_ratio", "weight_decay"):

@@ -35,7 +35,14 @@ _FFMPEG_OPTIONS = {"protocol_whitelist": "file"}
 
 
 class MediaError(ValueError):
-    """A media item could not be used; the message names the source and the reason."""
+    """A media item could not be used; the message names the source and the reason.
+
+    kind: "missing_media", "unsafe_path" or "corrupt_media" (what data validation reports).
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt_media") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | None) -> pathlib.Path:
@@ -50,9 +57,9 @@ def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | 
         # resolve() follows symlinks and collapses `..`, so the containment check sees the real target.
         resolved = (root / resolved).resolve()
         if not resolved.is_relative_to(root):
-            raise MediaError(f"{path}: escapes the media root {root}")
+            raise MediaError(f"{path}: escapes the media root {root}", kind="unsafe_path")
     if not resolved.exists():
-        raise MediaError(f"{path}: not found")
+        raise MediaError(f"{path}: not found", kind="missing_media")
     return resolved
 
 
@@ -65,6 +72,8 @@ def load_image(source: ImageSource, media_root: str | os.PathLike | None = None)
     else:
         fp = resolve_media_path(source, media_root)
         name = str(fp)
+        if is_dicom(fp):
+            return load_dicom(fp)
     try:
         with contextlib.nullcontext(source) if fp is None else Image.open(fp) as opened:
             # Decode now, so a truncated file fails here rather than somewhere in the processor.
@@ -77,6 +86,55 @@ def load_image(source: ImageSource, media_root: str | os.PathLike | None = None)
     if image.width == 0 or image.height == 0:
         raise MediaError(f"{name}: image has zero size {image.size}")
     return image
+
+
+def is_dicom(path: pathlib.Path) -> bool:
+    """A DICOM file: `.dcm`/`.dicom`, or the "DICM" marker after the 128-byte preamble."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def load_dicom(path: pathlib.Path) -> Image.Image:
+    """A DICOM image (CT, MR, X-ray, ultrasound) as 8-bit RGB, displayed as a radiologist's viewer would.
+
+    Stored values go through the modality LUT (rescale slope/intercept) and the VOI LUT or window of the
+    file, are scaled to 0..255 over their range, and MONOCHROME1 is inverted; colour images are kept.
+    A multi-frame file gives its middle frame.
+    """
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as e:
+        raise MediaError(f"{path}: reading DICOM needs pydicom (pip install 'nvila-ft[medical]')") from e
+    try:
+        dataset = pydicom.dcmread(str(path))
+        pixels = dataset.pixel_array
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for unreadable or compressed data
+        raise MediaError(f"{path}: cannot decode DICOM ({type(e).__name__}: {e})") from e
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+    if photometric == "MONOCHROME1":
+        scaled = 255.0 - scaled
+    if scaled.size == 0:
+        raise MediaError(f"{path}: DICOM image has zero size")
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
 
 
 def sample_frame_indices(frame_count: int, num_frames: int) -> list[int]:

@@ -40,7 +40,14 @@ from nvila_ft.model.tokenizer import (
 
 
 class SampleError(ValueError):
-    """A sample that cannot be turned into model inputs; the message names the sample and the reason."""
+    """A sample that cannot be turned into model inputs; the message names the sample and the reason.
+
+    kind: what data validation reports ("no_answer", "too_long", "structure", or the media error's kind).
+    """
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -154,7 +161,7 @@ class NVILAProcessor:
         try:
             turns = normalize_messages(messages)
         except ValueError as err:
-            raise SampleError(f"{sample_id}: {err}") from err
+            raise SampleError(f"{sample_id}: {err}", kind="structure") from err
         image_count = sum(p.kind == "image" for t in turns for p in t.parts)
         tile = self.multi_image_tiling
         if tile is None:
@@ -168,16 +175,16 @@ class NVILAProcessor:
             text = "".join(self._part_text(part, sample, tile, where, root) for part in turn.parts)
             chat.append({"role": turn.role, "content": text.strip()})
         if with_labels and not any(m["role"] == "assistant" for m in chat):
-            raise SampleError(f"{sample_id}: the conversation has no assistant answer to learn from")
+            raise SampleError(f"{sample_id}: the conversation has no assistant answer to learn from", kind="no_answer")
         if add_generation_prompt and chat[-1]["role"] == "assistant":
-            raise SampleError(f"{sample_id}: a generation prompt must end with a user message")
+            raise SampleError(f"{sample_id}: a generation prompt must end with a user message", kind="structure")
 
         input_ids = encode(self.tokenizer, render(self.tokenizer, chat, add_generation_prompt))
         labels = (
             supervised_labels(self.tokenizer, chat, input_ids, self.official_label_matching) if with_labels else None
         )
         if labels is not None and all(label == IGNORE_INDEX for label in labels):
-            raise SampleError(f"{sample_id}: no token is supervised (the chat template did not match the answers)")
+            raise SampleError(f"{sample_id}: no token is supervised (the chat template did not match the answers)", kind="no_answer")
         sample.input_ids, sample.labels = input_ids, labels
         self._fit(sample, truncate and with_labels, sample_id)
         return sample
@@ -197,14 +204,14 @@ class NVILAProcessor:
             sample.videos.append(frames)
             return MEDIA_TOKENS["video"]
         except MediaError as err:
-            raise SampleError(f"{where}: {err}") from err
+            raise SampleError(f"{where}: {err}", kind=err.kind) from err
 
     def _check_video(self, frames: int, source: Any) -> None:
         try:
             self.video_item_length(frames)
         except ValueError as err:
             name = source if isinstance(source, (str, os.PathLike)) else "<frames list>"
-            raise MediaError(f"{name}: {frames} frames decoded; {err}") from err
+            raise MediaError(f"{name}: {frames} frames decoded; {err}", kind="video_frames") from err
 
     def _fit(self, sample: ProcessedSample, truncate: bool, sample_id: str) -> None:
         """Check (and for training samples, cut) the expanded length against `model_max_length`."""
@@ -219,18 +226,18 @@ class NVILAProcessor:
             return
         need = f"{sample_id}: needs {sample.length} positions after media expansion, model_max_length is {self.model_max_length}"
         if not truncate:
-            raise SampleError(need)
+            raise SampleError(need, kind="too_long")
         kept, total = 0, 0
         while total + sizes[kept] <= self.model_max_length:
             total += sizes[kept]
             kept += 1
         if any(t in (ids.image, ids.video) for t in sample.input_ids[kept:]):
-            raise SampleError(f"{need}; cutting it would go through a media item")
+            raise SampleError(f"{need}; cutting it would go through a media item", kind="too_long")
         sample.input_ids = sample.input_ids[:kept]
         sample.labels = sample.labels[:kept] if sample.labels is not None else None
         sample.length = total
         if sample.labels is not None and all(label == IGNORE_INDEX for label in sample.labels):
-            raise SampleError(f"{need}; after cutting, no answer token is left")
+            raise SampleError(f"{need}; after cutting, no answer token is left", kind="too_long")
 
     # ------------------------------------------------------------------ batches
     def collate(self, samples: list[ProcessedSample], padding_side: str = "right") -> BatchFeature:

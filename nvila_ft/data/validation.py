@@ -18,7 +18,8 @@ from nvila_ft.data.records import Record
 KINDS = (
     "structure",  # the file or record is malformed (a missing field, a wrong type, not a conversation)
     "missing_media",  # a media path that does not exist
-    "corrupt_media",  # media that exist but do not decode, or a video whose frames cannot be pooled
+    "corrupt_media",  # media that exist but do not decode
+    "video_frames",  # a video whose frame count the temporal pooling cannot divide (see num_video_frames)
     "unsafe_path",  # a media path that leaves the media root (absolute, `..`, a symlink out)
     "no_answer",  # nothing for the model to learn: no assistant turn, an empty answer
     "too_long",  # longer than model_max_length after media expansion

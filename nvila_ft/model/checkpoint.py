@@ -111,32 +111,10 @@ def _require_safetensors(folder: Path) -> None:
         )
 
 
-def load_llm(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
-    """The Qwen2 LLM from `llm/`; extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
-    from transformers import Qwen2ForCausalLM
-
-    folder = root / "llm"
+def _load_transformers_model(cls: type, folder: Path, dtype: torch.dtype, attn_implementation: str, **kwargs: Any) -> Any:
+    """A stock transformers model from a component folder: local, safetensors only, strict on weight names."""
     _require_safetensors(folder)
-    llm, info = Qwen2ForCausalLM.from_pretrained(
-        str(folder),
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-        use_safetensors=True,
-        output_loading_info=True,
-        **kwargs,
-    )
-    _check_loading_info(folder, info)
-    return llm
-
-
-def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
-    """SigLIP from `vision_tower/`; extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
-    from transformers import SiglipVisionModel
-
-    folder = root / "vision_tower"
-    _require_safetensors(folder)
-    model, info = SiglipVisionModel.from_pretrained(
+    model, info = cls.from_pretrained(
         str(folder),
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -147,6 +125,20 @@ def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str =
     )
     _check_loading_info(folder, info)
     return model
+
+
+def load_llm(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
+    """The Qwen2 LLM from `llm/`; extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
+    from transformers import Qwen2ForCausalLM
+
+    return _load_transformers_model(Qwen2ForCausalLM, root / "llm", dtype, attn_implementation, **kwargs)
+
+
+def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
+    """SigLIP from `vision_tower/`; extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
+    from transformers import SiglipVisionModel
+
+    return _load_transformers_model(SiglipVisionModel, root / "vision_tower", dtype, attn_implementation, **kwargs)
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

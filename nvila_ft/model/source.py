@@ -38,5 +38,10 @@ class ModelSource:
 
         target = Path(build_dir)
         if not (target / "config.json").is_file():
-            save_preset_checkpoint(target, self.preset, seed=self.seed)
+            try:
+                save_preset_checkpoint(target, self.preset, seed=self.seed)
+            except OSError:
+                # another process of a distributed launch built it at the same moment; its copy is complete
+                if not (target / "config.json").is_file():
+                    raise
         return target
