@@ -114,8 +114,10 @@ def test_validate_data_reports_every_bad_record(tmp_path, cache):
         {"id": "no-answer", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]},
         {"id": "escape", "image": "../secret.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
         {"id": "two-tags", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image><image>\nQ"}, {"from": "gpt", "value": "A"}]},
-        {"id": "long", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "word " * 3000}, {"from": "gpt", "value": "A"}]},
+        {"id": "long", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "word " * 5000}, {"from": "gpt", "value": "A"}]},
     ]
+    # "long": the pre-tokenizer splits off every " word", so it is at least 5000 tokens whatever the merges, past
+    # the tiny presets' model_max_length of 4096.
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     (tmp_path / "secret.png").write_bytes((tmp_path / "img" / "ok.png").read_bytes())

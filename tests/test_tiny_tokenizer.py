@@ -154,6 +154,8 @@ def test_save_copies_committed_files(tmp_path):
 
 
 def test_training_regenerates_committed_files(tmp_path):
+    """The BPE trainer is the `tokenizers` library's: deterministic for the pinned version, whose tie-breaking the
+    committed files record. If a new `tokenizers` release changes them, regenerate and commit the files."""
     train_tiny_tokenizer(tmp_path)
     for name in TOKENIZER_FILES:
         assert (tmp_path / name).read_bytes() == (TINY_TOKENIZER_DIR / name).read_bytes(), name

@@ -6,18 +6,15 @@ unchanged: byte-level BPE with Qwen2's pre-tokenizer, then `<|endoftext|>`, `<|i
 `[BOS]`, `[PAD]` as the last five ids (151643..151647 in the real one, vocab_size-5..vocab_size-1 here).
 
 The files in `assets/tiny_tokenizer/` are committed; `train_tiny_tokenizer` regenerates them byte for byte
-from the corpus below with a small BPE trainer of our own, so the result does not depend on the version of
-the `tokenizers` library. They are written in the transformers-4.x layout of NVILA's released `llm/` folder,
-so the official NVILA code can load a tiny checkpoint too.
+from the corpus below with the `tokenizers` library's BPE trainer, which is deterministic for a given version
+of the library (its tie-breaking could change between versions). They are written in the transformers-4.x
+layout of NVILA's released `llm/` folder, so the official NVILA code can load a tiny checkpoint too.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import shutil
-import unicodedata
-from collections import Counter
 from pathlib import Path
 
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -211,83 +208,32 @@ Everyday objects: apple, banana, bottle, box, ball, book, chair, clock, door, ke
 """
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 byte-level base tokens in GPT-2/Qwen2 id order ("!" is 0, as in Qwen2)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    # Printable bytes stand for themselves; the other bytes are shifted past 255 onto visible characters.
-    shifted = [chr(256 + offset) for offset in range(256 - len(printable))]
-    return [chr(byte) for byte in printable] + shifted
+def _learn_bpe(corpus: str, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Trains byte-level BPE with Qwen2's normalizer and pre-tokenizer on `corpus` up to `vocab_size` tokens, and
+    returns the vocabulary in Qwen2's id order: the byte alphabet first, then each merge's token as it is learned.
+    The trainer numbers its alphabet by code point instead, so the ids are rebuilt from its merges."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-
-def _pretokenize(text: str) -> list[str]:
-    """Qwen2's normalizer and pre-tokenizer: NFC, the regex split, then bytes as byte-level characters."""
-    from tokenizers import Regex, pre_tokenizers
-
-    splitter = pre_tokenizers.Sequence(
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    return [piece for piece, _ in splitter.pre_tokenize_str(unicodedata.normalize("NFC", text))]
-
-
-def _learn_bpe(
-    words: Counter[str], alphabet: list[str], vocab_size: int
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-pair encoding over pre-tokenized `words`: merge the most frequent adjacent pair until the vocabulary
-    has `vocab_size` tokens. Ties go to the smallest pair (string order), so the result is deterministic."""
-    vocab = {token: index for index, token in enumerate(alphabet)}
-    merges: list[tuple[str, str]] = []
-    merged_pairs: set[tuple[str, str]] = set()
-    entries = sorted(words.items())
-    symbols = [list(word) for word, _ in entries]
-    weights = [count for _, count in entries]
-    pair_counts: Counter[tuple[str, str]] = Counter()
-    pair_words: dict[tuple[str, str], set[int]] = {}
-    for index, word in enumerate(symbols):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += weights[index]
-            pair_words.setdefault(pair, set()).add(index)
-    # Max-heap on (count, smallest pair); entries whose count went stale are skipped when popped.
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    while len(vocab) < vocab_size:
-        if not heap:
-            raise ValueError(f"the corpus runs out of pairs to merge at {len(vocab)} tokens, {vocab_size} asked for")
-        negative_count, pair = heapq.heappop(heap)
-        if pair_counts.get(pair) != -negative_count:
-            continue
-        merged = pair[0] + pair[1]
-        if pair not in merged_pairs:  # a pair can reappear once a token is rebuilt from other pieces
-            merges.append(pair)
-            merged_pairs.add(pair)
-        vocab.setdefault(merged, len(vocab))
-        touched = set()
-        for index in sorted(pair_words.pop(pair)):
-            word, weight = symbols[index], weights[index]
-            for old in zip(word, word[1:]):
-                pair_counts[old] -= weight
-                touched.add(old)
-            new_word, position = [], 0
-            while position < len(word):
-                if word[position : position + 2] == [pair[0], pair[1]]:
-                    new_word.append(merged)
-                    position += 2
-                else:
-                    new_word.append(word[position])
-                    position += 1
-            symbols[index] = new_word
-            for new in zip(new_word, new_word[1:]):
-                pair_counts[new] += weight
-                pair_words.setdefault(new, set()).add(index)
-                touched.add(new)
-        for changed in sorted(touched):
-            if pair_counts[changed] > 0:
-                heapq.heappush(heap, (-pair_counts[changed], changed))
-            else:
-                del pair_counts[changed]
-                pair_words.pop(changed, None)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator([corpus], trainer=trainer)
+    merges = [tuple(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
+    # GPT-2's byte order, so "!" is 0 and "\n" ("Ċ") is 198 as in Qwen2.
+    vocab = {token: index for index, token in enumerate(bytes_to_unicode().values())}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    if len(vocab) != vocab_size:
+        raise ValueError(f"the corpus runs out of pairs to merge at {len(vocab)} tokens, {vocab_size} asked for")
     return vocab, merges
 
 
@@ -384,8 +330,7 @@ def train_tiny_tokenizer(output_dir, vocab_size: int = 2048) -> None:
     pairs for up to 2144 tokens in all."""
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed {256 + len(SPECIAL_TOKENS)} (byte alphabet + special tokens)")
-    words = Counter(_pretokenize(CORPUS))
-    vocab, merges = _learn_bpe(words, _byte_level_alphabet(), vocab_size - len(SPECIAL_TOKENS))
+    vocab, merges = _learn_bpe(CORPUS, vocab_size - len(SPECIAL_TOKENS))
     _write_tokenizer_files(output_dir, vocab, merges)
 
 
