@@ -38,7 +38,7 @@ USER_ERRORS = (
 
 
 # Import-time warnings about optional CUDA kernels (torchao, bitsandbytes) that say nothing about the run.
-NOISY_LOGGERS = ("torchao", "bitsandbytes", "bitsandbytes.cextension")
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "bitsandbytes.cextension", "torch.utils._pytree")
 
 
 def config_dir() -> Path:
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per component
     import hydra
 
     register_config_groups()

@@ -173,3 +173,52 @@ def test_user_config_directory_on_the_search_path(tmp_path, cache):
     )
     shown = run_cli(["finetune", "--cfg", "job", f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "task=tiny_shapes"], tmp_path, cache)
     assert "name: my_shapes" in shown.stdout
+
+
+def test_predict_a_file_of_prompts(finished_run, cache, tmp_path):
+    run, _ = finished_run
+    image = next((cache / "builtin").rglob("*.png"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "Where is the shape?", "image": str(image)}) + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Say hi."}]}) + "\n"
+    )
+    result = run_cli(["predict", f"run={run}", f"predict.prompts={prompts}", f"hydra.run.dir={tmp_path / 'p'}",
+                      "predict.max_new_tokens=3"], tmp_path, cache)
+    assert [line.split(":")[1] for line in result.stdout.splitlines() if line.startswith(str(prompts))] == ["1", "3"]
+    assert len((tmp_path / "p" / "predictions.jsonl").read_text().splitlines()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    failed = run_cli(["predict", f"run={run}", f"predict.prompts={bad}"], tmp_path, cache, check=False)
+    assert failed.returncode == 1 and f"{bad}:1: needs a 'prompt' string" in failed.stderr
+
+
+def test_finetune_from_a_csv_table_and_an_hf_dataset(tmp_path, cache):
+    import datasets
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220)}
+    rows = []
+    (tmp_path / "media").mkdir()
+    for i in range(16):
+        name = list(colours)[i % 2]
+        Image.new("RGB", (40, 40), colours[name]).save(tmp_path / "media" / f"{i}.png")
+        rows.append(f"{i},{i}.png,What colour is it?,{name}")
+    table = tmp_path / "data.csv"
+    table.write_text("id,image,question,answer\n" + "\n".join(rows) + "\n")
+    run = tmp_path / "csv-run"
+    run_cli(["finetune", "task=csv_vqa", f"task.train.path={table}", f"task.train.media_root={tmp_path / 'media'}",
+             "task.val_fraction=0.25", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4", "trainer.eval_steps=1",
+             "trainer.save_steps=1", "eval.max_records=2", f"hydra.run.dir={run}"], tmp_path, cache)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["train_records"], metrics["validation_records"]) == (12, 4)
+
+    images = [Image.new("RGB", (40, 40), colours[list(colours)[i % 2]]) for i in range(8)]
+    saved = tmp_path / "hf"
+    datasets.Dataset.from_dict(
+        {"image": images, "question": ["Colour?"] * 8, "answer": [list(colours)[i % 2] for i in range(8)]},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}),
+    ).save_to_disk(str(saved))
+    checked = run_cli(["validate-data", "task=hf_vqa", f"task.train.path={saved}", "task.val_fraction=0.25",
+                       f"hydra.run.dir={tmp_path / 'hf-check'}"], tmp_path, cache)
+    assert "train: 6 records: 6 ok, 0 bad" in checked.stdout and "validation: 2 records: 2 ok, 0 bad" in checked.stdout

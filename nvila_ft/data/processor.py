@@ -12,6 +12,7 @@ image (`generate_content`), otherwise each image is one resized tile.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ from nvila_ft.model.tokenizer import (
     render,
     supervised_labels,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 class SampleError(ValueError):
@@ -89,6 +93,10 @@ class NVILAProcessor:
         self.media_root = Path(media_root) if media_root is not None else None
         self.multi_image_tiling = multi_image_tiling
         self.normalize = PixelNormalizer.from_preprocessor_config(config.preprocessor, config.tile_size)
+        if config.fps > 0 or int(config.raw.get("video_max_tiles") or 1) > 1:
+            # as the released NVILA code: frames are sampled uniformly and each is one resized tile
+            logger.warning("config.json asks for fps sampling or tiled video frames (VILA after the NVILA release); "
+                           "using the release behaviour: %d uniform frames, one tile each", self.num_video_frames)
         self.boundary_lengths = {
             kind: {part: len(encode(tokenizer, text)) if text else 0 for part, text in (
                 ("start", spec.start_tokens), ("end", spec.end_tokens), ("sep", spec.sep_tokens))}

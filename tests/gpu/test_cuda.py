@@ -1,0 +1,67 @@
+"""The same paths as the CPU tests on a CUDA GPU: bf16, 4-bit kernels, FP8-capable hardware, generation.
+
+Skipped on machines without CUDA (see tests/conftest.py); the CPU counterparts are test_adapters.py
+(QLoRA on bitsandbytes' CPU backend, fp8_lora via torchao's CPU float8 casts) and test_model.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
+from nvila_ft.adapters.merge import export_merged
+from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
+
+pytestmark = pytest.mark.gpu
+
+
+def batch(processor: NVILAProcessor, answer: str | None = "A red square."):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return processor(messages, add_generation_prompt=answer is None).to("cuda")
+
+
+def test_bf16_forward_matches_fp32_on_cuda(tiny_checkpoints):
+    path = tiny_checkpoints["nvila-8b-tiny"]
+    processor = NVILAProcessor.from_pretrained(path)
+    fp32 = NVILAForConditionalGeneration.from_pretrained(path, device="cuda")
+    bf16 = NVILAForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    inputs = batch(processor)
+    with torch.no_grad():
+        a, b = fp32(**inputs).logits, bf16(**inputs).logits.float()
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert fp32.generate(**batch(processor, None), max_new_tokens=4).shape[0] == 1
+
+
+@pytest.mark.parametrize("preset", ["ln_vit_qlora_llm", "lora_vit_qlora_llm"])
+def test_qlora_trains_and_merges_on_cuda(tiny_checkpoints, tmp_path, preset):
+    from pathlib import Path
+
+    path = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy.from_yaml(Path(__file__).resolve().parents[2] / "adapters" / f"{preset}.yaml")
+    model = apply_policy(load_for_policy(path, policy, dtype=torch.bfloat16, device="cuda"), policy)
+    processor = NVILAProcessor.from_pretrained(path)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch(processor)).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    report = export_merged(model, tmp_path / "merged", batch(processor))
+    assert report.max_abs_diff <= report.tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 hardware (sm_89+)")
+def test_fp8_base_lora_on_fp8_hardware(tiny_checkpoints):
+    path = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(llm={"method": "fp8_lora"})
+    model = apply_policy(load_for_policy(path, policy, dtype=torch.bfloat16, device="cuda"), policy)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch(NVILAProcessor.from_pretrained(path))).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
