@@ -37,13 +37,14 @@ def base_module(module: nn.Module) -> nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return name in ("Linear4bit", "Linear8bitLt") and "bitsandbytes" in type(module).__module__
-
-
-def has_quantized_base(module: nn.Module) -> bool:
-    return any(is_quantized_linear(m) for m in module.modules())
+def is_quantized(module: nn.Module) -> bool:
+    """Whether any weight of the module is stored quantized (bitsandbytes 4/8-bit or a torchao tensor)."""
+    return any(
+        getattr(p, "quant_state", None) is not None
+        or getattr(p, "SCB", None) is not None
+        or type(p) not in (torch.Tensor, nn.Parameter)
+        for p in module.parameters()
+    )
 
 
 def parameter_count(parameter: torch.Tensor) -> int:
@@ -164,12 +165,12 @@ def norm_parameters(module: nn.Module, within: list[nn.Module] | None = None) ->
 def _apply_component(model: Any, name: str, policy: ComponentPolicy) -> None:
     module = get_component(model, name)
     where = f"adapters.{name}"
-    if policy.method == "qlora" and not has_quantized_base(module):
+    if policy.method == "qlora" and not is_quantized(module):
         raise PolicyError(
             f"{where}.method = qlora, but the {name} was loaded in 16 bits; load the model with "
             "nvila_ft.adapters.load_for_policy (or a quantization_config) so the base is quantized on load"
         )
-    if policy.method != "qlora" and has_quantized_base(module):
+    if policy.method != "qlora" and is_quantized(module):
         raise PolicyError(f"{where}.method = {policy.method}, but the {name} is quantized; only qlora trains a quantized base")
     used = model.vision_tower.used_layers() if name == "vision_tower" else None
     if policy.method == "full":

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nvila_ft.adapters.apply import base_module, get_component, has_quantized_base, quantize_float8, set_component
+from nvila_ft.adapters.apply import base_module, get_component, is_quantized, quantize_float8, set_component
 from nvila_ft.adapters.policy import AdapterPolicy, PolicyError
 from nvila_ft.atomic import atomic_directory, write_json
 from nvila_ft.model.checkpoint import module_keys, official_keys
@@ -118,7 +118,7 @@ def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = Fals
         if component.uses_lora:
             if kind != "peft_adapter":
                 raise PolicyError(f"{path}: the policy adapts {name} with {component.method} but no adapter was saved")
-            if component.method == "qlora" and not has_quantized_base(module):
+            if component.method == "qlora" and not is_quantized(module):
                 raise PolicyError(f"{path}: {name} was trained with a quantized base; load the base with load_for_policy")
             if component.method == "fp8_lora":
                 config = PeftConfig.from_pretrained(str(path / name))

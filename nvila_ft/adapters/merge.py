@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nvila_ft.adapters.apply import base_module, get_component, set_component
+from nvila_ft.adapters.apply import base_module, get_component, is_quantized, set_component
 from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
 
 MERGE_MODES = ("dequantized", "original")
@@ -43,23 +43,16 @@ def dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
 
 
-def is_quantized(module: nn.Module) -> bool:
-    """Whether any weight of the module is stored quantized (bitsandbytes or torchao)."""
-    return any(
-        getattr(p, "quant_state", None) is not None
-        or getattr(p, "SCB", None) is not None
-        or type(p) not in (torch.Tensor, nn.Parameter)
-        for p in module.parameters()
-    )
-
-
 def plain_base_state(peft_module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """State of the model under a PEFT wrapper: no adapter tensors, dequantized, with plain key names."""
     base = base_module(peft_module)
+    # state_dict (not named_parameters) so that bitsandbytes unpacks CPU-repacked 4-bit weights; its extra
+    # quantization-statistics entries are left out by keeping only real parameter and buffer names
+    tensors = {name for name, _ in base.named_parameters()} | {name for name, _ in base.named_buffers()}
     return {
         name.replace(".base_layer.", "."): dequantize(tensor, dtype)
         for name, tensor in base.state_dict(keep_vars=True).items()
-        if "lora_" not in name and not name.endswith((".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format"))
+        if name in tensors and "lora_" not in name
     }
 
 

@@ -115,10 +115,9 @@ def run_config(run: str | Path, cli_overrides: list[str]) -> DictConfig:
     saved = run / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         raise ConfigError(f"{run}: not an nvila-ft run directory (no .hydra/overrides.yaml)")
-    previous = [str(o) for o in OmegaConf.load(saved)]
-    keep = [o for o in previous if not o.split("=", 1)[0].lstrip("+~") in ("run", "run_dir")]
-    mine = [o for o in cli_overrides if not o.split("=", 1)[0].lstrip("+~") in ("run", "run_dir")]
-    return compose(config_name="config", overrides=keep + mine + [f"run_dir={run}", f"run={run}"])
+    overrides = [str(o) for o in OmegaConf.load(saved)] + cli_overrides  # later ones win
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("run", "run_dir")]
+    return compose(config_name="config", overrides=kept + [f"run_dir={run}", f"run={run}"])
 
 
 def cli_overrides() -> list[str]:

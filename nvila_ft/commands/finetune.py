@@ -22,7 +22,7 @@ from nvila_ft.commands.common import (
     seed_everything,
 )
 from nvila_ft.data.dataset import Collator, ConversationDataset
-from nvila_ft.data.validation import validate_records
+from nvila_ft.data.validation import check_task_data
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.deepspeed import ensure_single_process_env, gathered_parameters, is_main_process
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
@@ -77,18 +77,15 @@ def finetune(cfg: DictConfig) -> float | None:
     # 3. data: every record is checked (media, answer, length) and bad ones skipped or refused, never silently
     train, validation = data.train, data.validation
     if cfg.data.validate:
-        train_report = validate_records(train, processor)
-        val_report = validate_records(validation, processor)
-        bad = data.errors + train_report.bad + val_report.bad
-        lines = [f"{b.origin}: {b.kind}: {b.reason}" for b in bad]
-        summary = f"train: {train_report.summary()}\nvalidation: {val_report.summary()}"
-        (run_dir / "data_report.txt").write_text(summary + "\n" + "\n".join(lines) + "\n")
-        print(summary, flush=True)
-        if bad:
+        check = check_task_data(data, processor)
+        (run_dir / "data_report.txt").write_text(check.text())
+        print("\n".join(check.summaries()), flush=True)
+        if check.bad:
+            lines = [b.line() for b in check.bad]
             print("\n".join(lines[:20]) + (f"\n... ({len(lines) - 20} more in data_report.txt)" if len(lines) > 20 else ""))
             if cfg.data.on_bad_record == "stop":
-                raise ConfigError(f"{len(bad)} bad records (data.on_bad_record=stop); see {run_dir / 'data_report.txt'}")
-        train, validation = train_report.good, val_report.good
+                raise ConfigError(f"{len(check.bad)} bad records (data.on_bad_record=stop); see {run_dir / 'data_report.txt'}")
+        train, validation = check.train.good, check.validation.good
     if not train:
         raise ConfigError("no usable training record")
 

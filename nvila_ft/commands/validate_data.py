@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from nvila_ft.commands.common import BASE_DIR, build
 from nvila_ft.data.processor import NVILAProcessor
-from nvila_ft.data.validation import validate_records
+from nvila_ft.data.validation import check_task_data
 
 
 def validate_data(cfg: DictConfig) -> int:
@@ -17,17 +17,9 @@ def validate_data(cfg: DictConfig) -> int:
     source, task = build(cfg.model), build(cfg.task)
     source.check()
     processor = NVILAProcessor.from_pretrained(source.checkpoint(out_dir / BASE_DIR))
-    data = task.load(cfg.seed)
-    lines, bad = [], list(data.errors)
-    summaries = []
-    for name, records in (("train", data.train), ("validation", data.validation)):
-        report = validate_records(records, processor, progress=True)
-        bad += report.bad
-        summaries.append(f"{name}: {report.summary()}")
-    lines = [f"{b.origin}: {b.kind}: {b.reason}" for b in bad]
-    text = "\n".join(lines + summaries) + "\n"
+    check = check_task_data(task.load(cfg.seed), processor, progress=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "data_report.txt").write_text(text)
-    print(text, end="")
+    (out_dir / "data_report.txt").write_text(check.text())
+    print(check.text(), end="")
     print(f"report: {out_dir / 'data_report.txt'}")
-    return len(bad)
+    return len(check.bad)

@@ -229,3 +229,26 @@ def _without_media(messages: Any) -> Any:
             message = {**message, "content": content}
         out.append(message)
     return out
+
+
+@dataclass
+class TaskDataCheck:
+    """Both splits of a task checked; `bad` lists the sources' structural problems, then each split's."""
+
+    train: ValidationReport
+    validation: ValidationReport
+    bad: list[BadRecord]
+
+    def summaries(self) -> list[str]:
+        return [f"train: {self.train.summary()}", f"validation: {self.validation.summary()}"]
+
+    def text(self) -> str:
+        """The data report: one line per bad record, then the two summaries."""
+        return "\n".join([b.line() for b in self.bad] + self.summaries()) + "\n"
+
+
+def check_task_data(data: Any, processor: Any, progress: bool = False) -> TaskDataCheck:
+    """Validate a task's train and validation records (a `TaskData`), keeping the sources' own errors."""
+    train = validate_records(data.train, processor, progress=progress)
+    validation = validate_records(data.validation, processor, progress=progress)
+    return TaskDataCheck(train, validation, list(data.errors) + train.bad + validation.bad)
