@@ -73,7 +73,7 @@ def main() -> None:
     from nvila_ft.model.presets import TINY_PRESETS
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"| preset | params | image: positions / median ms / p90 ms | video: positions / median ms / p90 ms | fwd+bwd ms (video) | peak RSS MiB |")
+    print("| preset | params | image: positions / median ms / p90 ms | video: positions / median ms / p90 ms | fwd+bwd ms (video) | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     for preset in TINY_PRESETS:
         out = subprocess.run(

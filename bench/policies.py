@@ -44,7 +44,6 @@ def measure(model_name: str, preset_file: str, workdir: Path, steps: int, checkp
     from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy, trainable_report
     from nvila_ft.adapters.optim import build_optimizer
     from nvila_ft.data.processor import NVILAProcessor
-    from nvila_ft.model.presets import save_preset_checkpoint
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

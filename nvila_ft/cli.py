@@ -41,6 +41,19 @@ USER_ERRORS = (
 NOISY_LOGGERS = ("torchao", "bitsandbytes", "bitsandbytes.cextension", "torch.utils._pytree")
 
 
+def _not_accelerator_detection(record: logging.LogRecord) -> bool:
+    """DeepSpeed announces its accelerator auto-detection whenever accelerate imports it, used or not."""
+    return record.filename != "real_accelerator.py"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Messages as plain lines on the console; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
 def config_dir() -> Path:
     return Path(str(files("nvila_ft.hydra_conf")))
 
@@ -66,8 +79,44 @@ def register_config_groups() -> None:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    names = {f"{type(e).__module__}.{type(e).__qualname__}" for e in (error, error.__cause__) if e is not None}
-    return bool(names & set(USER_ERRORS)) or isinstance(error, FileExistsError)
+    """Errors that are the user's to fix: nvila-ft's typed ones, Hydra's composition errors, OmegaConf's."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for e in (error, error.__cause__):
+        if e is None:
+            continue
+        if f"{type(e).__module__}.{type(e).__qualname__}" in USER_ERRORS or isinstance(e, FileExistsError):
+            return True
+    return isinstance(error, (HydraException, OmegaConfBaseException)) and not _is_instantiation_bug(error)
+
+
+def _is_instantiation_bug(error: BaseException) -> bool:
+    """Hydra wraps every exception of a constructor it calls; only the user-error kinds are reported as such."""
+    from hydra.errors import InstantiationException
+
+    return isinstance(error, InstantiationException) and not isinstance(error.__cause__, (ValueError, TypeError))
+
+
+def one_line(error: BaseException) -> str:
+    """An error (and the OmegaConf error under a Hydra one) as one line, without OmegaConf's key/type trailer."""
+    texts: list[str] = []
+    for e in (error, error.__cause__):
+        if e is None:
+            continue
+        text, previous = "", ""
+        for raw in str(e).splitlines():
+            line = raw.strip()
+            if line.startswith("Config search path"):
+                break
+            if not line or line.startswith(("full_key:", "object_type=", "reference_type=")):
+                continue
+            if text:  # Hydra lists options one per tab-indented line
+                text += ", " if raw.startswith("\t") and previous.startswith("\t") else " " if text.endswith((":", ".")) else "; "
+            text, previous = text + line, raw
+        if text and not any(text in t for t in texts):
+            texts.append(text)
+    return "; ".join(texts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,28 +132,48 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(_not_accelerator_detection)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per component
     import hydra
 
     register_config_groups()
     module_name, function_name, _ = COMMANDS[command]
-    results = []
+    results, failures = [], []
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def app(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
         function = getattr(importlib.import_module(module_name), function_name)
         try:
             results.append(function(cfg))
-            return results[-1]  # the objective a sweeper (e.g. Optuna) optimises
-        except Exception as error:  # noqa: BLE001 - typed user errors are reported without a traceback
-            if _is_user_error(error) and not os.environ.get("NVILA_FT_DEBUG"):
-                logging.getLogger("nvila_ft").debug("error", exc_info=True)
-                print(f"nvila-ft {command}: error: {error}", file=sys.stderr)
-                sys.exit(1)
-            raise
+        except Exception as error:  # noqa: BLE001 - reported below, without Hydra's "Error executing job" line
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # Hydra names the failed job of a sweep
+            failures.append(error)
+            return None
+        return results[-1]  # the objective a sweeper (e.g. Optuna) optimises
 
+    # Hydra prints its own errors over several lines (with a partial traceback for ours); it hands them to us
+    # instead when HYDRA_FULL_ERROR is set. A user who sets it gets the full traceback of everything.
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [f"nvila-ft-{command}", *rest]
-    app()
+    try:
+        app()
+        if failures:
+            raise failures[0]
+    except Exception as error:  # noqa: BLE001 - user errors are one line; anything else keeps its traceback
+        if user_setting == "1" or not _is_user_error(error):
+            raise
+        print(f"nvila-ft {command}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if user_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_setting
     if command == "validate-data" and any(results):
         sys.exit(1)  # bad records were found
 

@@ -14,7 +14,7 @@ from nvila_ft.data.builtin import (
     ANSWERS,
     COLORS,
     QUESTIONS,
-    chance_accuracy,
+    make_scenes_dataset,
     make_robot_video_dataset,
     make_scan_dataset,
     make_shapes_dataset,
@@ -135,23 +135,6 @@ def test_question_subset_and_argument_checks(tmp_path):
         make_scan_dataset(tmp_path / "bad", 5, image_size=16)
 
 
-def test_chance_accuracy(shapes, tmp_path):
-    records = _records(shapes)
-    counts = {kind: sum(r["question_type"] == kind for r in records) for kind in ("color", "position", "shape")}
-    expected = (counts["color"] / 4 + counts["position"] / 4 + counts["shape"] / 3) / len(records)
-    assert chance_accuracy(shapes) == pytest.approx(expected)
-    # A known mix by hand: two colour questions and one shape question -> (1/4 + 1/4 + 1/3) / 3 = 5/18.
-    (tmp_path / "answers.json").write_text(json.dumps({"color": ANSWERS["color"], "shape": ANSWERS["shape"]}))
-    mix = [{"question_type": "color"}, {"question_type": "color"}, {"question_type": "shape"}]
-    (tmp_path / "data.json").write_text(json.dumps(mix))
-    assert chance_accuracy(tmp_path / "data.json") == pytest.approx(5 / 18)
-    only_shape = make_shapes_dataset(tmp_path / "shape", 6, questions=("shape",))
-    assert chance_accuracy(only_shape) == pytest.approx(1 / 3)
-    (tmp_path / "data.json").write_text(json.dumps([{"question_type": "size"}]))
-    with pytest.raises(ValueError, match="size"):
-        chance_accuracy(tmp_path / "data.json")
-
-
 def test_manifest_reuse_and_regeneration(tmp_path, monkeypatch):
     out = tmp_path / "shapes"
     path = make_shapes_dataset(out, 12, seed=1)
@@ -196,7 +179,6 @@ def test_scan_lesion_present_iff_yes_and_on_its_side(tmp_path):
             columns = np.nonzero(lesion)[1]
             side = "left" if columns.max() < 32 else "right" if columns.min() >= 32 else "both"
             assert side == _answer(record), record["id"]
-    assert chance_accuracy(path) == pytest.approx(0.5)
 
 
 def test_robot_video_direction_matches_motion(tmp_path):
@@ -221,4 +203,52 @@ def test_robot_video_direction_matches_motion(tmp_path):
         assert max(abs(d_row), abs(d_column)) >= 8
         seen.add(moved)
     assert len(seen) >= 3
-    assert chance_accuracy(path) == pytest.approx(1 / 4)
+
+
+
+def test_scenes_answers_are_true_of_their_picture(tmp_path):
+    path = make_scenes_dataset(tmp_path / "scenes", 150, seed=4)
+    records = _records(path)
+    assert path.read_bytes() == make_scenes_dataset(tmp_path / "again", 150, seed=4).read_bytes()
+    assert {r["question_type"] for r in records} == {"count", "exists", "color_at", "shape_at", "where", "describe"}
+    exists = [_answer(r) for r in records if r["question_type"] == "exists"]
+    assert 0.3 < exists.count("yes") / len(exists) < 0.7  # balanced presence questions
+    for record in records:
+        pixels = _pixels(path, record)
+        quadrants = {
+            "top left": pixels[:32, :32], "top right": pixels[:32, 32:],
+            "bottom left": pixels[32:, :32], "bottom right": pixels[32:, 32:],
+        }
+        # which palette colour fills each quadrant (shapes are drawn without anti-aliasing)
+        found = {}
+        for place, block in quadrants.items():
+            for name, rgb in COLORS.items():
+                if (block.reshape(-1, 3) == rgb).all(axis=1).sum() >= 20:
+                    found[place] = name
+        question, answer, kind = record["conversations"][0]["value"], _answer(record), record["question_type"]
+        if kind == "count":
+            assert answer == ("one", "two", "three")[len(found) - 1], record["id"]
+        elif kind == "color_at":
+            place = question.split("in the ")[1].rstrip("?")
+            assert found[place] == answer, record["id"]
+        elif kind == "where":
+            assert found[answer] == question.split("Where is the ")[1].split()[0], record["id"]
+        elif kind == "exists":
+            colour = question.split("Is there a ")[1].split()[0]
+            assert (answer == "yes") <= (colour in found.values()), record["id"]
+        elif kind == "describe":
+            described = dict(part.split(" in the ") for part in answer.removeprefix("a ").split(" and a "))
+            assert {place: described_kind.split()[0] for described_kind, place in described.items()} == found, record["id"]
+
+
+def test_robot_video_can_ask_the_block_colour(tmp_path):
+    path = make_robot_video_dataset(tmp_path / "robot", 16, seed=2, frames=4, questions=("direction", "block_color"))
+    records = _records(path)
+    assert {r["question_type"] for r in records} == {"direction", "block_color"}
+    for record in records:
+        if record["question_type"] == "block_color":
+            frame = np.asarray(load_video(path.parent / record["video"], num_frames=1)[0]).reshape(-1, 3).astype(int)
+            distance = {name: np.abs(frame - np.array(rgb)).sum(axis=1).min() for name, rgb in COLORS.items()}
+            assert min(distance, key=distance.get) == _answer(record), record["id"]
+    # the default asks only the direction, with the same parameters (and cache) as before
+    assert "questions" not in json.loads((make_robot_video_dataset(tmp_path / "d", 2)).parent.joinpath("manifest.json").read_text())["params"]

@@ -279,3 +279,53 @@ def test_preset_saves_are_deterministic(tmp_path):
     c = save_preset_checkpoint(tmp_path / "c", "nvila-video-tiny", seed=12)
     assert files_of(c)["llm/model.safetensors"] != fa["llm/model.safetensors"]
     assert os.listdir(tmp_path) == sorted(["a", "b", "c"]) or set(os.listdir(tmp_path)) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_every_component_file_has_the_dtype_its_configs_say(tiny_checkpoints, tmp_path, dtype):
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    codes = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+    model = NVILAForConditionalGeneration.from_pretrained(tiny_checkpoints["nvila-lite-tiny"], dtype=torch.bfloat16)
+    root = model.save_pretrained(tmp_path / "out", dtype=dtype)
+    expected = names[dtype or torch.float32]  # default: the checkpoint's own dtype, not the dtype it ran in
+    top = json.loads((root / "config.json").read_text())
+    assert top["model_dtype"] == f"torch.{expected}"
+    for component in ("llm", "vision_tower", "mm_projector"):
+        config = json.loads((root / component / "config.json").read_text())
+        assert config["torch_dtype"] == expected and top[f"{component}_cfg"]["torch_dtype"] == expected, component
+        stored = {code for _, code in tensor_keys(root / component / "model.safetensors").values()}
+        assert stored == {codes[expected]}, component
+
+
+def test_null_and_unknown_top_level_keys_survive_a_save(tiny_checkpoints, tmp_path):
+    root = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["nvila-8b-tiny"], root)
+    written = json.loads((root / "config.json").read_text())
+    written.update({"chat_template": None, "resume_path": None, "mm_projector_lr": None, "a_future_key": None,
+                    "soft_ce_std": 1.0, "nested_unknown": {"x": None}})
+    (root / "config.json").write_text(json.dumps(written))  # the expectation: exactly what is on disk now
+    NVILAForConditionalGeneration.from_pretrained(root).save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved.pop("_name_or_path") == str(tmp_path / "out")
+    written.pop("_name_or_path")
+    assert saved == written
+
+
+def test_overwrite_keeps_the_old_target_until_the_new_one_is_complete(monkeypatch, tmp_path):
+    old = build_model("nvila-8b-tiny")
+    target = old.save_pretrained(tmp_path / "out")
+    before = files_of(target)
+    calls = {"n": 0}
+    original = checkpoint_module.write_safetensors
+
+    def failing(folder, state, max_shard_size="5GB"):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the last component: the new checkpoint is almost written
+            raise OSError("disk full")
+        original(folder, state, max_shard_size)
+
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        build_model("nvila-8b-tiny", seed=5).save_pretrained(target, overwrite=True)
+    assert files_of(target) == before  # every byte of the old checkpoint is still there
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and no staging folder is left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,133 @@ def test_finetune_from_a_csv_table_and_an_hf_dataset(tmp_path, cache):
     checked = run_cli(["validate-data", "task=hf_vqa", f"task.train.path={saved}", "task.val_fraction=0.25",
                        f"hydra.run.dir={tmp_path / 'hf-check'}"], tmp_path, cache)
     assert "train: 6 records: 6 ok, 0 bad" in checked.stdout and "validation: 2 records: 2 ok, 0 bad" in checked.stdout
+
+
+def one_line_error(result) -> str:
+    """The single stderr line of a failed command (no traceback, no second line)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    """8 training and 4 validation records (LLaVA JSON); the validation file sits in another folder than its media."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colours")
+    (root / "img").mkdir()
+    (root / "val").mkdir()
+    records = []
+    for i in range(12):
+        colour = ("red", "blue")[i % 2]
+        Image.new("RGB", (40, 40), colour).save(root / "img" / f"{i}.png")
+        records.append({"id": str(i), "image": f"img/{i}.png", "question_type": "colour",
+                        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": colour}]})
+    (root / "train.json").write_text(json.dumps(records[:8]))
+    (root / "val" / "val.json").write_text(json.dumps(records[8:]))  # its media are under root, not root/val
+    return root
+
+
+def test_validation_that_is_all_bad_stops_or_trains_as_asked(tmp_path, cache, colour_data):
+    common = ["task=vqa", f"task.train.path={colour_data / 'train.json'}", "trainer.max_steps=2",
+              "trainer.per_device_train_batch_size=4", "trainer.save_steps=1", "trainer.eval_steps=1"]
+    val = colour_data / "val" / "val.json"
+    stopped = run_cli(["finetune", *common, f"task.validation={val}", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path, cache, check=False)
+    line = one_line_error(stopped)
+    assert "no usable validation record: all 4 validation records are bad (4 missing_media)" in line
+    assert f"under the media root {val.parent}" in line and "eval.on_empty=train" in line
+    assert not list((tmp_path / "a").glob("checkpoint-*"))  # stopped before training
+    assert "4 bad records" in (tmp_path / "a" / "cli.log").read_text()
+
+    trained = run_cli(["finetune", *common, f"task.validation={val}", "eval.on_empty=train", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path, cache)
+    assert "training without evaluation (eval.on_empty=train)" in trained.stdout
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (metrics["steps"], metrics["validation_records"], metrics["metrics"]) == (2, 0, {})
+
+    fixed = run_cli(["finetune", *common, f"task.validation.path={val}", f"task.validation.media_root={colour_data}",
+                     f"hydra.run.dir={tmp_path / 'c'}"], tmp_path, cache)
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert (metrics["train_records"], metrics["validation_records"]) == (8, 4)
+    assert metrics["metrics_by_question_type"]["after_training"]["colour"]["count"] == 4
+    # the image-blind baselines: training answers are 4 red, 4 blue; validation 2 red, 2 blue -> 0.5 each
+    assert {name: s["exact_match"] for name, s in metrics["image_blind_baselines"].items()} == {
+        "majority_answer": 0.5, "question_prior": 0.5}
+    assert "image-blind baselines: majority answer 0.500, question prior 0.500" in fixed.stdout
+
+    # evaluate skips and reports bad validation records as finetune does, instead of stopping at the first
+    records = json.loads(val.read_text())
+    records[1]["image"] = "img/missing.png"
+    one_bad = tmp_path / "one_bad.json"
+    one_bad.write_text(json.dumps(records))
+    evaluated = run_cli(["evaluate", f"run={tmp_path / 'c'}", f"task.validation.path={one_bad}", f"hydra.run.dir={tmp_path / 'e'}"],
+                        tmp_path, cache)
+    assert f"{one_bad}[1]: missing_media" in evaluated.stdout
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["records"] == 3
+    assert f"{one_bad}[1]: missing_media" in (tmp_path / "e" / "data_report.txt").read_text()
+
+
+def test_user_errors_are_one_line(tmp_path, cache, colour_data):
+    jsonl = tmp_path / "train.json"
+    jsonl.write_text("\n".join(json.dumps(r) for r in json.loads((colour_data / "train.json").read_text())) + "\n")
+    data = f"task.train.path={colour_data / 'train.json'}"
+    cases = [
+        (["finetune", "task=vqa"], "task.train.path is required: set it on the command line (task.train.path=...)"),
+        (["finetune", "trainer.max_steps=abc"], "trainer.max_steps = 'abc': expected an integer"),
+        (["finetune", "trainer.learnin_rate=1"], "Could not override 'trainer.learnin_rate'"),
+        (["evaluate", "task=vqa", data, "task.val_fraction=0"], "task vqa has no validation records"),
+        (["finetune", "task=vqa", f"task.train.path={jsonl}"], "holds one JSON record per line (JSON Lines) but is named .json"),
+        (["finetune", "task=vqa", data, "adapters=ln_vit_lora_llm", "adapters.llm.target_modules=[qproj]"],
+         "adapters.llm.target_modules: 'qproj' matches no layer of the llm; valid names: down_proj, embed_tokens"),
+        (["predict", "predict.prompt=Colour?", "predict.image=img/none.png"], "img/none.png: not found (looked for "),
+    ]
+    for index, (args, expected) in enumerate(cases):
+        result = run_cli([*args, f"hydra.run.dir={tmp_path / str(index)}"], tmp_path, cache, check=False)
+        assert expected in one_line_error(result), (args, result.stderr[-2000:])
+    shown = run_cli(["finetune", "trainer.max_steps=abc"], tmp_path, cache, check=False, extra_env={"HYDRA_FULL_ERROR": "1"})
+    assert "Traceback" in shown.stderr  # the full story is one setting away
+
+
+def test_a_run_made_with_user_folders_needs_only_its_directory(tmp_path, cache):
+    mine = tmp_path / "mine"
+    (mine / "task").mkdir(parents=True)
+    (mine / "adapters").mkdir()
+    (mine / "task" / "my_shapes.yaml").write_text(
+        "_target_: nvila_ft.data.task.Task\nname: my_shapes\ntrain:\n  _target_: nvila_ft.data.builtin.BuiltinData\n"
+        "  dataset: shapes\n  num_records: 24\nval_fraction: 0.25\nmetrics: [accuracy]\n"
+    )
+    (mine / "adapters" / "my_policy.yaml").write_text(
+        "_target_: nvila_ft.adapters.AdapterPolicy\nname: my_policy\nvision_tower: {method: frozen}\n"
+        "mm_projector: {method: full}\nllm: {method: lora, r: 4, alpha: 8}\n"
+    )
+    run = tmp_path / "run"
+    run_cli(["finetune", f"hydra.searchpath=[file://{mine}]", "task=my_shapes", "adapters=my_policy", "trainer.max_steps=2",
+             "trainer.save_steps=1", "trainer.eval_steps=1", "eval.before_training=false", f"hydra.run.dir={run}"], tmp_path, cache)
+    shutil.rmtree(mine)  # the folders that composed the run are gone: export, evaluate and resume still work
+    run_cli(["export", f"run={run}", f"export.output={tmp_path / 'merged'}", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, cache)
+    assert (tmp_path / "merged" / "llm" / "model.safetensors").is_file()
+    evaluated = run_cli(["evaluate", f"run={run}", f"hydra.run.dir={tmp_path / 'e'}", "eval.max_records=2"], tmp_path, cache)
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["task"] == "my_shapes", evaluated.stdout
+    run_cli(["finetune", f"run={run}", "trainer.resume=true", "trainer.max_steps=3"], tmp_path, cache)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+
+
+def test_console_summary_is_in_cli_log_without_banners(finished_run):
+    run, result = finished_run
+    log = (run / "cli.log").read_text()
+    for line in ("after_training: accuracy", "image-blind baselines", "train: 41 records", "adapter policy lora_vit_lora_llm"):
+        assert line in result.stdout and line in log, line
+    for banner in ("accelerator", "wandb", "DeepSpeed", "[INFO]", "[WARNING]"):
+        assert banner not in result.stdout, banner
+
+
+def test_progress_and_plot_show_the_base_learning_rate(finished_run):
+    run, _ = finished_run
+    state = json.loads((sorted(run.glob("checkpoint-*"))[-1] / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "learning_rate" in entry]
+    assert logged
+    for entry in logged:  # lora_vit_lora_llm: the vision tower at 0.1x the base rate, the LLM at the base rate
+        assert entry["learning_rate"] == pytest.approx(entry["learning_rate/llm"])
+        assert entry["learning_rate/vision_tower"] == pytest.approx(0.1 * entry["learning_rate"])
+        assert entry["learning_rate/mm_projector"] == pytest.approx(entry["learning_rate"])

@@ -207,9 +207,54 @@ def test_paths_escaping_the_root_are_refused(media_root, tmp_path):
 
 
 def test_missing_path_and_no_root(media_root, tmp_path):
-    with pytest.raises(MediaError, match="a/missing.png: not found"):
+    # the message shows where it looked and under which root, so a wrong media root is obvious
+    with pytest.raises(MediaError) as error:
         resolve_media_path("a/missing.png", media_root)
+    resolved = media_root.resolve() / "a" / "missing.png"
+    assert str(error.value) == f"a/missing.png: not found (looked for {resolved} under the media root {media_root.resolve()})"
     assert resolve_media_path(tmp_path / "outside.png", None) == tmp_path / "outside.png"
+
+
+# --- images of more than 8 bits -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grey_keeps_its_grey_levels(tmp_path, suffix):
+    # a 12-bit-range ramp as a CT or X-ray exporter writes it: Pillow's own RGB conversion clips it to white
+    ramp = np.linspace(812, 3921, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / f"scan{suffix}"
+    Image.fromarray(ramp).save(path)
+    assert len(np.unique(np.asarray(Image.open(path).convert("RGB")))) < 20  # what nvila-ft used to do
+    image = load_image(path)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    assert len(np.unique(pixels[..., 0])) > 200
+    expected = np.round((ramp.astype(np.float64) - 812) / (3921 - 812) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(pixels[..., 0], expected)  # its own range -> 0..255, order kept
+    assert "its own range" in image.info["rescaled"]
+
+
+def test_16_bit_grey_with_a_window_and_float_tiff(tmp_path):
+    values = np.array([[0, 1000, 2000, 3000]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(values).save(tmp_path / "w.png")
+    image = load_image(tmp_path / "w.png", intensity_window=[1000, 2000])
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 0, 255, 255]
+    assert "window [1000, 2000]" in image.info["rescaled"]
+    floats = np.linspace(-1.5, 2.5, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(floats).save(tmp_path / "f.tif")
+    pixels = np.asarray(load_image(tmp_path / "f.tif"))[..., 0]
+    assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) > 200
+    flat = np.full((8, 8), 700, dtype=np.uint16)
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    assert np.asarray(load_image(tmp_path / "flat.png")).max() == 0  # no range: black, not a division by zero
+
+
+def test_8_bit_images_are_not_rescaled(tmp_path):
+    grey = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) + 100)
+    grey.save(tmp_path / "g.png")
+    image = load_image(tmp_path / "g.png")
+    assert "rescaled" not in image.info
+    assert np.asarray(image)[..., 0].tolist() == np.asarray(grey).tolist()
 
 
 # --- load_video -----------------------------------------------------------------------------------

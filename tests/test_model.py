@@ -149,18 +149,39 @@ def test_soft_cross_entropy_matches_manual_computation():
 
 
 def test_time_tokens_switch_training_loss_to_soft_ce(model_and_processor):
+    # one supervised target is a time token: training uses the soft (Gaussian over time tokens) loss, evaluation
+    # the plain cross-entropy; both are recomputed here from the logits
     model, processor = model_and_processor
+    time_tokens = [100, 101, 102, 103]
     batch = processor(question(11, "When?", "At the start."))
-    model.config.raw["time_token_ids"] = [100, 101, 102]
+    supervised = (batch["labels"][0] != -100).nonzero().flatten()
+    batch["labels"][0, supervised[1]] = 101
+    model.config.raw["time_token_ids"] = time_tokens
     try:
         model.train()
         with torch.no_grad():
-            soft = model(**batch).loss
+            training = model(**batch).loss
         model.eval()
         with torch.no_grad():
-            plain = model(**batch).loss
+            evaluation = model(**batch).loss
+            _, _, labels, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_grids"])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     finally:
         model.config.raw["time_token_ids"] = []
         model.eval()
-    # no time token among the targets: the soft loss reduces to ordinary cross-entropy
-    torch.testing.assert_close(soft, plain, atol=1e-5, rtol=1e-5)
+    targets = labels[0, 1:]
+    log_probs = torch.log_softmax(logits[0, :-1].float(), -1)
+    kept = (targets != -100).nonzero().flatten()
+    hard = -log_probs[kept, targets[kept]].mean()
+    soft_terms = []
+    for position in kept.tolist():
+        target = int(targets[position])
+        if target in time_tokens:
+            weights = torch.tensor([np.exp(-((target - t) ** 2) / 2) for t in time_tokens], dtype=torch.float32)
+            soft_terms.append(-(weights / weights.sum() * log_probs[position, time_tokens]).sum())
+        else:
+            soft_terms.append(-log_probs[position, target])
+    soft = torch.stack(soft_terms).mean()
+    assert abs(float(soft - hard)) > 1e-3  # 100x the tolerance below: the test tells which loss was used
+    torch.testing.assert_close(training, soft, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(evaluation, hard, atol=1e-5, rtol=1e-5)

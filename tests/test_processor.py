@@ -388,7 +388,7 @@ def test_llava_record_media_at_start_of_first_human_turn_images_before_videos():
             {"from": "gpt", "value": "Nothing."},
         ],
     }
-    assert count_media_tags(record) == {"image": 4, "video": 1}
+    assert count_media_tags(record) == {"image": 3, "video": 1}  # the answer's "<image>" is text, not a tag
     messages = llava_to_messages(record)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == [
@@ -398,7 +398,7 @@ def test_llava_record_media_at_start_of_first_human_turn_images_before_videos():
         {"type": "video", "video": "clip.mp4"},
         {"type": "text", "text": "What happens?"},
     ]
-    assert messages[1]["content"] == [{"type": "text", "text": "A thing."}]
+    assert messages[1]["content"] == [{"type": "text", "text": "<image>A thing."}]
     assert messages[2]["content"] == [{"type": "text", "text": "And then?"}]
 
 

@@ -362,7 +362,7 @@ def test_output_grid():
 
 def test_full_s2_projection_token_raster():
     """split -> STC per 32x32 tile -> re-merge -> raster: token count R*C*256 and global raster order (spec §2.3)."""
-    rows, cols, c = 3, 4, 1
+    rows, cols = 3, 4
     fmap = torch.arange(96 * 128, dtype=torch.float32).reshape(1, 1, 96, 128)
     tiles = split_tiles(fmap, rows, cols)  # [12, 1, 32, 32]
     tok = tiles.flatten(2).transpose(1, 2)  # [12, 1024, 1]

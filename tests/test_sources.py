@@ -117,6 +117,35 @@ def test_malformed_jsonl_line_names_line_number(tmp_path):
     assert (bad.origin, bad.kind) == (f"{path}[1]", "structure") and "line 3" in bad.reason
 
 
+def test_json_lines_named_json_is_said_so(tmp_path):
+    path = write_jsonl(tmp_path / "train.json", LLAVA[:2])
+    with pytest.raises(DataError) as error:
+        LlavaJson(str(path)).records()
+    assert str(error.value) == f"{path}: holds one JSON record per line (JSON Lines) but is named .json; rename it to train.jsonl"
+    path.write_text('[{"a": 1}] trailing')  # plain broken JSON is still called that
+    with pytest.raises(DataError, match="not valid JSON"):
+        LlavaJson(str(path)).records()
+
+
+def test_question_type_field_reaches_the_record(tmp_path):
+    typed = [{**LLAVA[0], "question_type": "colour"}, LLAVA[3]]
+    records = LlavaJson(str(write_json(tmp_path / "d.json", typed))).records()
+    assert [r.question_type for r in records] == ["colour", None]
+    assert [r.question for r in records] == ["What colour?", "Hi"]
+
+
+def test_mixture_reads_its_sources_in_order(tmp_path):
+    from nvila_ft.data.sources import Mixture
+
+    first = write_json(tmp_path / "a.json", LLAVA[:2])
+    second = write_jsonl(tmp_path / "b.jsonl", [LLAVA[2], "{broken"])
+    mixture = Mixture([LlavaJson(str(first)), LlavaJson(str(second), on_error="collect")])
+    assert [r.origin for r in mixture.records()] == [f"{first}[0]", f"{first}[1]", f"{second}[0]"]
+    assert [b.origin for b in mixture.errors] == [f"{second}[1]"]
+    with pytest.raises(DataError, match="at least one source"):
+        Mixture([])
+
+
 @pytest.mark.parametrize(
     ("entry", "field"),
     [
@@ -411,3 +440,37 @@ def test_describe(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [LLAVA[0], "{bad", LLAVA[3]])
     source = LlavaJson(str(path), on_error="collect")
     assert describe(source) == f"LlavaJson {path}: 2 records, 1 malformed"
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+def test_task_validation_is_one_override_for_every_source_type(tmp_path, media_dir):
+    from nvila_ft.data.builtin import BuiltinData
+    from nvila_ft.data.task import Task
+
+    write_json(media_dir / "train.json", LLAVA)
+    (media_dir / "val").mkdir()
+    val = write_json(media_dir / "val" / "val.json", LLAVA[:1])
+    llava = LlavaJson(str(media_dir / "train.json"), limit=2, on_error="collect")
+    # a path: read like train (same type), from its own folder, all of its records
+    task = Task(name="t", train=llava, validation=str(val))
+    assert isinstance(task.validation, LlavaJson) and task.validation.path == str(val)
+    assert task.validation.media_root is None and task.validation.limit is None
+    assert [r.media_root for r in task.load(0).validation] == [str((media_dir / "val").resolve())]
+    # {path, media_root}: the mapping form of the same
+    task = Task(name="t", train=llava, validation={"path": str(val), "media_root": str(media_dir)})
+    assert [r.media_root for r in task.load(0).validation] == [str(media_dir.resolve())]
+    # the null form in every task YAML: no validation file, hold out val_fraction
+    assert Task(name="t", train=llava, validation={"path": None, "media_root": None}).validation is None
+    # a table keeps its column mapping for the validation file
+    table = tmp_path / "t.csv"
+    table.write_text("img,q,a\na.png,What?,red\n")
+    source = TableSource(str(table), image_column="img", question_column="q", answer_column="a")
+    task = Task(name="t", train=source, validation=str(table))
+    assert (task.validation.image_column, task.validation.question_column) == ("img", "q")
+    # built-in training data has no path: a validation file is read as LLaVA JSON
+    task = Task(name="t", train=BuiltinData(num_records=4, cache_dir=str(tmp_path)), validation=str(val))
+    assert isinstance(task.validation, LlavaJson)
+    with pytest.raises(ValueError, match=r"\['colums'\] are not settings of LlavaJson"):
+        Task(name="t", train=llava, validation={"path": str(val), "colums": 3})
+    with pytest.raises(ValueError, match="set task.validation.path"):
+        Task(name="t", train=llava, validation={"path": None, "media_root": "/data"})

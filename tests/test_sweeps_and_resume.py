@@ -37,7 +37,8 @@ def test_two_by_two_multirun_with_wandb_offline(tmp_path, cache):
         assert len(offline) == 1 and list(offline[0].glob("*.wandb")), job
         [table] = offline[0].glob("files/media/table/predictions_after_training_*.table.json")
         logged = json.loads(table.read_text())
-        assert logged["columns"] == ["origin", "id", "question", "reference", "prediction"] and len(logged["data"]) == 2
+        assert logged["columns"] == ["origin", "id", "question", "question_type", "reference", "prediction"]
+        assert len(logged["data"]) == 2
         lora_a = load_file(str(job / "final" / "llm" / "adapter_model.safetensors"))
         rank = next(v for k, v in lora_a.items() if "lora_A" in k).shape[0]
         assert rank == config["llm"]["r"]

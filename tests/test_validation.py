@@ -231,3 +231,45 @@ def test_report_summary_orders_kinds_and_handles_empty():
     assert set(KINDS) >= {"structure", "missing_media", "corrupt_media", "unsafe_path", "no_answer", "too_long",
                           "media_tag_mismatch", "other"}
     assert ValidationReport(total=0, bad=[], good=[], lengths=[]).summary() == "0 records: 0 ok, 0 bad"
+
+
+def test_report_says_how_high_bit_depth_images_were_rescaled(tmp_path, processor):
+    import numpy as np
+
+    Image.fromarray(np.linspace(0, 4000, 40 * 40).reshape(40, 40).astype(np.uint16)).save(tmp_path / "ct.png")
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.png")
+    records = [
+        Record([{"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": "Q"}]},
+                {"role": "assistant", "content": "A"}], f"data.json[{i}]", media_root=str(tmp_path))
+        for i, name in enumerate(["ct.png", "red.png", "ct.png"])
+    ]
+    report = validate_records(records, processor)
+    assert report.ok and report.notes == {"high-bit-depth image rescaled to 8 bits by its own range": 2}
+    assert "2 x high-bit-depth image rescaled to 8 bits by its own range" in report.summary()
+    windowed = validate_records(records, make_processor(model_max_length=MAX_LENGTH, intensity_window=[0, 1000]))
+    assert windowed.notes == {"high-bit-depth image rescaled to 8 bits by the window [0, 1000]": 2}
+
+
+def test_a_media_tag_written_in_an_answer_is_text(tmp_path, processor):
+    # "<image>" in an answer is neither a media tag (no mismatch with the one image) nor removed from the target
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "page.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"image": "page.png", "conversations": turns(
+        "<image>\nWhich HTML tag shows this picture?", "The <image> tag; not <vila/video>.")}]))
+    [record] = LlavaJson(str(data)).records()
+    assert record.meta["media_tags"] == {"image": 1, "video": 0}
+    assert validate_records([record], processor).ok
+    sample = processor.process(record.messages, media_root=record.media_root)
+    assert sample.input_ids.count(processor.token_ids.image) == 1 and processor.token_ids.video not in sample.input_ids
+    target = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
+    assert processor.tokenizer.decode(target) == "The <image> tag; not <vila/video>.<|im_end|>"
+
+
+def test_why_empty_names_the_kinds_and_the_first_bad_record(tmp_path, processor):
+    data = tmp_path / "val.json"
+    data.write_text(json.dumps([{"image": f"img/{i}.png", "conversations": turns()} for i in range(3)]))
+    report = validate_source(LlavaJson(str(data)), processor)
+    assert report.why_empty("validation").startswith(
+        f"all 3 validation records are bad (3 missing_media); first: {data}[0]: missing_media: ")
+    assert f"under the media root {tmp_path}" in report.why_empty("validation")
+    assert validate_records([], processor).why_empty("validation") == "the validation data has no records"

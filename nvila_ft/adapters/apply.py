@@ -121,6 +121,21 @@ def lora_targets(model: Any, name: str, policy: ComponentPolicy) -> dict[str, An
     return {"target_modules": linear_names(module)}
 
 
+def check_targets(module: nn.Module, name: str, policy: ComponentPolicy) -> None:
+    """Every named LoRA target must be a module of the component (PEFT matches names by suffix); the error
+    lists what can be targeted. A regular expression (a string) is left to PEFT."""
+    if policy.target_modules is None or isinstance(policy.target_modules, str):
+        return
+    names = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and n]
+    missing = [t for t in policy.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        valid = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise PolicyError(
+            f"adapters.{name}.target_modules: {', '.join(map(repr, missing))} matches no layer of the {name}; "
+            f"valid names: {', '.join(valid)}"
+        )
+
+
 def lora_config(model: Any, name: str, policy: ComponentPolicy) -> Any:
     from peft import LoraConfig
 
@@ -188,6 +203,7 @@ def _apply_component(model: Any, name: str, policy: ComponentPolicy) -> None:
     elif policy.uses_lora:
         from peft import get_peft_model
 
+        check_targets(module, name, policy)
         config = lora_config(model, name, policy)
         if policy.method == "fp8_lora":
             quantize_float8(module, lora_targets(model, name, policy))

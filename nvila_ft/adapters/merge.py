@@ -27,8 +27,21 @@ class ExportError(RuntimeError):
     """The merged model does not reproduce the adapted one; nothing was written."""
 
 
-def dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A plain copy of a bitsandbytes 4/8-bit or torchao float8 weight (plain tensors are just cast)."""
+def int8_row_scales(module: nn.Module) -> torch.Tensor | None:
+    """The absmax row scales of a bitsandbytes 8-bit linear, wherever bitsandbytes keeps them: on the weight
+    (`weight.SCB`) until the first forward pass, then on the layer (`state.SCB`)."""
+    scales = getattr(getattr(module, "weight", None), "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+    return scales
+
+
+def dequantize(tensor: torch.Tensor, dtype: torch.dtype, row_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """A plain copy of a bitsandbytes 4/8-bit or torchao float8 weight (plain tensors are just cast).
+
+    row_scales: an 8-bit weight's scales when they are not on the tensor (see `int8_row_scales`); an int8
+    weight without any is an error, never a cast of its raw codes.
+    """
     if getattr(tensor, "quant_state", None) is not None:  # bitsandbytes 4-bit, packed
         import bitsandbytes.functional as bnb_functional
 
@@ -36,8 +49,11 @@ def dequantize(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU inference kernel
             data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, state)
         return bnb_functional.dequantize_4bit(data, state).to(dtype)
-    if getattr(tensor, "SCB", None) is not None:  # bitsandbytes 8-bit: int8 rows with absmax scales
-        return (tensor.data.float() * tensor.SCB.float()[:, None] / 127.0).to(dtype)
+    if tensor.dtype == torch.int8:  # bitsandbytes 8-bit: int8 rows with absmax scales
+        scales = row_scales if row_scales is not None else getattr(tensor, "SCB", None)
+        if scales is None:
+            raise ExportError(f"an int8 weight {tuple(tensor.shape)} has no row scales; its raw codes are not weights")
+        return (tensor.data.float() * scales.float()[:, None] / 127.0).to(dtype)
     if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):  # torchao subclass
         return tensor.dequantize().to(dtype)
     return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
@@ -49,8 +65,9 @@ def plain_base_state(peft_module: nn.Module, dtype: torch.dtype) -> dict[str, to
     # state_dict (not named_parameters) so that bitsandbytes unpacks CPU-repacked 4-bit weights; its extra
     # quantization-statistics entries are left out by keeping only real parameter and buffer names
     tensors = {name for name, _ in base.named_parameters()} | {name for name, _ in base.named_buffers()}
+    scales = {f"{name}.weight": int8_row_scales(m) for name, m in base.named_modules() if name}
     return {
-        name.replace(".base_layer.", "."): dequantize(tensor, dtype)
+        name.replace(".base_layer.", "."): dequantize(tensor, dtype, scales.get(name))
         for name, tensor in base.state_dict(keep_vars=True).items()
         if name in tensors and "lora_" not in name
     }
@@ -82,11 +99,41 @@ def sixteen_bit_base(model: Any, name: str, mode: str, dtype: torch.dtype) -> nn
     base = base_module(module)
     fresh = _empty_model(type(base), base.config)
     state = plain_base_state(module, dtype)
+    check_against_checkpoint(state, name, getattr(model, "name_or_path", None))
     result = fresh.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight" or not fresh.config.tie_word_embeddings]
     if missing or result.unexpected_keys:
         raise ExportError(f"cannot rebuild the {name} base: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return fresh.to(device=device, dtype=dtype)
+
+
+# Largest |dequantized - checkpoint| allowed, as a share of the tensor's largest checkpoint value. NF4/FP4 blocks
+# round to within about 0.15 of their absmax and int8 rows within 1/254 of theirs; raw codes are far outside.
+DEQUANTIZATION_LIMIT = 0.25
+
+
+def check_against_checkpoint(state: dict[str, torch.Tensor], name: str, checkpoint: str | None) -> None:
+    """Compare a dequantized base with the 16-bit weights of the checkpoint it was quantized from, tensor by tensor
+    (read from disk one at a time), so that a wrong dequantization can never be merged and exported. Nothing to
+    compare when the checkpoint folder is not on disk."""
+    folder = Path(checkpoint or "") / name
+    if not checkpoint or not (folder / "config.json").is_file():
+        return
+    from nvila_ft.model.checkpoint import iter_safetensors, official_keys
+
+    by_key = {official: local for local, official in zip(state, official_keys(name, dict.fromkeys(state)))}
+    for key, original in iter_safetensors(folder):
+        local = by_key.get(key)
+        if local is None or not original.is_floating_point():
+            continue
+        rebuilt, original = state[local].float().cpu(), original.float()
+        scale = float(original.abs().max()) or 1.0
+        error = float((rebuilt - original).abs().max()) / scale if rebuilt.shape == original.shape else float("inf")
+        if error > DEQUANTIZATION_LIMIT:
+            raise ExportError(
+                f"the dequantized {name} weight {local} differs from the checkpoint's ({folder}) by {error:.3g} of its "
+                f"largest value (limit {DEQUANTIZATION_LIMIT}); nothing was written"
+            )
 
 
 def rewrap(model: Any, name: str, base: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
 from nvila_ft.adapters.artifacts import POLICY_FILE, load_adapters
 from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.data.validation import TaskDataCheck
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.source import ModelSource
 from nvila_ft.training.config import ConfigError, Precision
@@ -25,13 +26,29 @@ FINAL_DIR = "final"
 BASE_DIR = "base"
 
 
-def build(node: Any) -> Any:
-    """Instantiate a config node (`_target_` + arguments); None or an empty node (`adapters=none`) is None."""
+def build(cfg: DictConfig, where: str) -> Any:
+    """Instantiate the config node `cfg.<where>` (`_target_` + arguments); None or an empty node
+    (`adapters=none`) is None. Values are checked against the built object's annotations first, and a
+    constructor's own ValueError/TypeError becomes a ConfigError naming the node."""
+    node = cfg.get(where)
     if node is None or len(node) == 0:
         return None
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(node, _convert_="all")
+    from nvila_ft.commands.config_types import check_node
+
+    check_node(node, where)
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            message = str(cause)
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from cause
+        raise
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
@@ -39,6 +56,8 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed = {seed!r}: expected an integer")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -65,6 +84,19 @@ class Loaded:
     checkpoint: Path
 
 
+def report_data_check(check: TaskDataCheck, report_file: Path, on_bad_record: str) -> None:
+    """Write the data report; show the summaries and the first 20 bad records; stop if data.on_bad_record=stop."""
+    report_file.parent.mkdir(parents=True, exist_ok=True)
+    report_file.write_text(check.text())
+    log.info("\n".join(check.summaries()))
+    if check.bad:
+        lines = [b.line() for b in check.bad]
+        more = f"\n... ({len(lines) - 20} more in {report_file})" if len(lines) > 20 else ""
+        log.warning("%d bad records, skipped:\n%s%s", len(lines), "\n".join(lines[:20]), more)
+        if on_bad_record == "stop":
+            raise ConfigError(f"{len(check.bad)} bad records (data.on_bad_record=stop); see {report_file}")
+
+
 def load_model(
     source: ModelSource,
     run_dir: Path,
@@ -72,9 +104,10 @@ def load_model(
     policy: AdapterPolicy | None = None,
     adapters: Path | None = None,
     trainable: bool = False,
+    processor_options: dict[str, Any] | None = None,
 ) -> Loaded:
     """Base checkpoint (presets are built into `<run_dir>/base` once), quantized as the policy needs, then either
-    fresh adapters (`policy`) or saved ones (`adapters`)."""
+    fresh adapters (`policy`) or saved ones (`adapters`); `processor_options`: NVILAProcessor arguments."""
     checkpoint = source.checkpoint(run_dir / BASE_DIR)
     if adapters is not None:
         policy = AdapterPolicy.from_dict(json.loads((adapters / POLICY_FILE).read_text())["policy"])
@@ -92,7 +125,7 @@ def load_model(
         for param in model.parameters():
             if param.requires_grad and param.is_floating_point():
                 param.data = param.data.float()
-    return Loaded(model, NVILAProcessor.from_pretrained(checkpoint), checkpoint)
+    return Loaded(model, NVILAProcessor.from_pretrained(checkpoint, **(processor_options or {})), checkpoint)
 
 
 def trained_adapters(run: Path) -> Path:
@@ -107,17 +140,61 @@ def trained_adapters(run: Path) -> Path:
     raise ConfigError(f"{run}: no trained adapters (no {FINAL_DIR}/ and no complete checkpoint-*/)")
 
 
-def run_config(run: str | Path, cli_overrides: list[str]) -> DictConfig:
-    """A run's configuration as composed when it ran, with this command's overrides applied on top."""
-    from hydra import compose
+def run_config(run: str | Path, current: DictConfig) -> DictConfig:
+    """A run's configuration as it ran, with this command's own overrides on top.
+
+    The run's `.hydra/config.yaml` holds every group already composed, so a run made with the user's own task or
+    policy folder (`hydra.searchpath`) needs nothing outside its directory. Each key this command overrode on
+    its command line (a group such as `task=...` or a value such as `eval.max_records=4`) is taken from
+    `current`, the configuration Hydra composed for this command.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run = Path(run)
-    saved = run / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{run}: not an nvila-ft run directory (no .hydra/overrides.yaml)")
-    overrides = [str(o) for o in OmegaConf.load(saved)] + cli_overrides  # later ones win
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("run", "run_dir")]
-    return compose(config_name="config", overrides=kept + [f"run_dir={run}", f"run={run}"])
+    saved_file = run / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"{run}: not an nvila-ft run directory (no .hydra/config.yaml)")
+    saved = OmegaConf.load(saved_file)
+    choices = _group_choices(run)
+    OmegaConf.set_struct(saved, False)
+    for override in OverridesParser.create().parse_overrides(cli_overrides()):
+        key = override.key_or_group
+        if key in ("run", "run_dir") or key.startswith("hydra") or override.package:
+            continue
+        if key in choices and override.value() == choices[key]:
+            continue  # the group the run already used, with the run's own settings of it
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(saved, parent) if parent else saved
+            if isinstance(node, DictConfig):
+                node.pop(leaf, None)
+            continue
+        OmegaConf.update(saved, key, OmegaConf.select(current, key), merge=False, force_add=True)
+    _add_missing_settings(saved, current, skip=set(choices))
+    saved.run, saved.run_dir = str(run), str(run)
+    OmegaConf.set_struct(saved, True)
+    return saved
+
+
+def _add_missing_settings(saved: DictConfig, current: DictConfig, skip: set[str]) -> None:
+    """Settings a run made by an older nvila-ft lacks (new in this version) get this version's defaults; the
+    groups it was composed from (`skip`) are the run's own and are left as they are."""
+    for key in current:
+        if key in skip:
+            continue
+        if key not in saved:
+            saved[key] = current[key]
+        elif isinstance(saved[key], DictConfig) and isinstance(current[key], DictConfig):
+            _add_missing_settings(saved[key], current[key], set())
+
+
+def _group_choices(run: Path) -> dict[str, str]:
+    """{group: option} the run was composed from (`task: vqa`, ...), from its `.hydra/hydra.yaml`."""
+    hydra_file = run / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices", default=None) or {}
+    return {str(k): str(v) for k, v in choices.items()}
 
 
 def cli_overrides() -> list[str]:

@@ -7,8 +7,23 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from nvila_ft.atomic import atomic_write_json
-from nvila_ft.commands.common import build, cli_overrides, load_model, run_config, seed_everything, trained_adapters
+from nvila_ft.commands.common import (
+    BASE_DIR,
+    build,
+    load_model,
+    log,
+    report_data_check,
+    run_config,
+    seed_everything,
+    trained_adapters,
+)
+from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.data.validation import check_task_data
+from nvila_ft.training.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
+from nvila_ft.training.config import ConfigError
+from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
+from nvila_ft.training.metrics import format_scores
 
 
 def evaluate(cfg: DictConfig) -> float | None:
@@ -16,29 +31,48 @@ def evaluate(cfg: DictConfig) -> float | None:
     adapters = None
     if cfg.run:
         run = Path(cfg.run).absolute()
-        cfg = run_config(run, cli_overrides())
+        cfg = run_config(run, cfg)
         adapters = trained_adapters(run)
         base_dir = run
     else:
         base_dir = out_dir
-    precision, source, task = build(cfg.precision), build(cfg.model), build(cfg.task)
+    precision, source, task = build(cfg, "precision"), build(cfg, "model"), build(cfg, "task")
+    data_options, eval_options = build(cfg, "data"), build(cfg, "eval")
     precision.check()
     source.check()
+    set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
-    loaded = load_model(source, base_dir, precision, adapters=adapters)
-    records = task.load(cfg.seed).validation
-    if cfg.eval.max_records:
-        records = records[: cfg.eval.max_records]
+
+    # the validation records are checked as finetune checks them: bad ones are listed and skipped
+    data = task.load(cfg.seed)
+    records = data.validation
+    if data_options.validate:
+        processor = NVILAProcessor.from_pretrained(source.checkpoint(base_dir / BASE_DIR), **data_options.processor_options())
+        check = check_task_data(data, processor, progress=True, splits=("validation",))
+        report_data_check(check, out_dir / "data_report.txt", data_options.on_bad_record)
+        records = check.validation.good
+        if not records and check.validation.total:
+            raise ConfigError(f"nothing to evaluate: {check.validation.why_empty('validation')}")
+    records = eval_options.limit(records)
     if not records:
-        raise ValueError(f"task {task.name} has no validation records (set task.val_fraction or task.validation)")
-    result = evaluate_records(loaded.model, loaded.processor, records, task.metrics, cfg.eval.batch_size, task.max_new_tokens)
+        raise ConfigError(f"task {task.name} has no validation records; give a validation file (task.validation=<path>) "
+                          "or hold out part of the training data (task.val_fraction=0.1)")
+
+    loaded = load_model(source, base_dir, precision, adapters=adapters, processor_options=data_options.processor_options())
+    result = evaluate_records(loaded.model, loaded.processor, records, task.metrics, eval_options.batch_size, task.max_new_tokens)
+    baselines = baseline_scores(data.train, records, task.metrics)
+    by_type = scores_by_question_type(result.rows, task.objective_metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "predictions.jsonl", result.rows)
     atomic_write_json(
         out_dir / "metrics.json",
         {"task": task.name, "model": str(loaded.checkpoint), "adapters": str(adapters) if adapters else None,
-         "records": len(records), "metrics": result.scores},
+         "records": len(records), "metrics": result.scores, "metrics_by_question_type": by_type,
+         "image_blind_baselines": baselines},
     )
-    print(", ".join(f"{k} {v:.4f}" for k, v in result.scores.items()))
-    print(f"predictions and metrics: {out_dir}")
+    log.info("%s%s", format_scores(result.scores),
+             describe_baselines(baselines, task.objective_metric))
+    if by_type:
+        log.info("by question type: %s", describe_by_question_type(by_type, task.objective_metric))
+    log.info("predictions and metrics: %s", out_dir)
     return result.scores.get(task.objective_metric)

@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 
 from nvila_ft.adapters.merge import export_merged
 from nvila_ft.atomic import atomic_directory
-from nvila_ft.commands.common import build, cli_overrides, load_model, run_config, trained_adapters
+from nvila_ft.commands.common import build, load_model, log, run_config, trained_adapters
 from nvila_ft.training.config import ConfigError
+from nvila_ft.training.cpu_threads import set_cpu_threads
 
 
 def probe_batch(processor, task, seed: int):
@@ -38,7 +39,7 @@ def export(cfg: DictConfig) -> str:
         raise ConfigError("export needs run=<run directory>")
     run = Path(cfg.run).absolute()
     options = cfg.export
-    cfg = run_config(run, cli_overrides())
+    cfg = run_config(run, cfg)
     adapters = trained_adapters(run)
     default_name = "export-merged" if options.merge else "export-adapters"
     output = Path(options.output or run / default_name).absolute()
@@ -47,10 +48,11 @@ def export(cfg: DictConfig) -> str:
     if not options.merge:
         with atomic_directory(output, overwrite=options.overwrite) as staging:
             shutil.copytree(adapters, staging, dirs_exist_ok=True)
-        print(f"adapters written to {output}")
+        log.info("adapters written to %s", output)
         return str(output)
-    precision, source, task = build(cfg.precision), build(cfg.model), build(cfg.task)
-    loaded = load_model(source, run, precision, adapters=adapters)
+    precision, source, task = build(cfg, "precision"), build(cfg, "model"), build(cfg, "task")
+    set_cpu_threads(cfg.cpu_threads)
+    loaded = load_model(source, run, precision, adapters=adapters, processor_options=build(cfg, "data").processor_options())
     dtype = getattr(torch, options.dtype) if options.dtype else None
     report = export_merged(
         loaded.model,
@@ -61,7 +63,7 @@ def export(cfg: DictConfig) -> str:
         tolerance=options.tolerance,
         overwrite=options.overwrite,
     )
-    print(
+    log.info(
         f"merged model written to {report.path}\n"
         f"probe check: max |logit difference| {report.max_abs_diff:.3g} vs the {report.reference} "
         f"(tolerance {report.tolerance:.3g})"

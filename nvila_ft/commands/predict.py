@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from nvila_ft.commands.common import build, cli_overrides, load_model, run_config, seed_everything, trained_adapters
+from nvila_ft.commands.common import build, load_model, log, run_config, seed_everything, trained_adapters
 from nvila_ft.training.config import ConfigError
+from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import write_jsonl
 
 
@@ -33,6 +34,8 @@ def read_prompts(cfg: DictConfig) -> list[tuple[str, list[dict[str, Any]]]]:
     options = cfg.predict
     if options.prompts:
         path = Path(options.prompts)
+        if not path.is_file():
+            raise ConfigError(f"predict.prompts = {path}: no such file")
         items = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if line.strip():
@@ -55,13 +58,14 @@ def predict(cfg: DictConfig) -> None:
     options = cfg.predict
     if cfg.run:
         run = Path(cfg.run).absolute()
-        cfg = run_config(run, cli_overrides())
+        cfg = run_config(run, cfg)
         adapters, base_dir = trained_adapters(run), run
-    precision, source = build(cfg.precision), build(cfg.model)
+    precision, source = build(cfg, "precision"), build(cfg, "model")
     precision.check()
     source.check()
+    set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
-    loaded = load_model(source, base_dir, precision, adapters=adapters)
+    loaded = load_model(source, base_dir, precision, adapters=adapters, processor_options=build(cfg, "data").processor_options())
     model, processor = loaded.model, loaded.processor
     rows = []
     for where, messages in prompts:
@@ -75,7 +79,7 @@ def predict(cfg: DictConfig) -> None:
                 temperature=options.temperature if options.do_sample else None,
             )
         answer = processor.batch_decode(output)[0]
-        print(f"{where}: {answer}")
+        log.info("%s: %s", where, answer)
         rows.append({"source": where, "answer": answer})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "predictions.jsonl", rows)

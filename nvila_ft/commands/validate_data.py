@@ -6,20 +6,22 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nvila_ft.commands.common import BASE_DIR, build
+from nvila_ft.commands.common import BASE_DIR, build, log
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
+from nvila_ft.training.cpu_threads import set_cpu_threads
 
 
 def validate_data(cfg: DictConfig) -> int:
     """Returns the number of bad records (the CLI exits with 1 when there are any)."""
     out_dir = Path(cfg.run_dir).absolute()
-    source, task = build(cfg.model), build(cfg.task)
+    source, task = build(cfg, "model"), build(cfg, "task")
     source.check()
-    processor = NVILAProcessor.from_pretrained(source.checkpoint(out_dir / BASE_DIR))
+    set_cpu_threads(cfg.cpu_threads)
+    processor = NVILAProcessor.from_pretrained(source.checkpoint(out_dir / BASE_DIR), **build(cfg, "data").processor_options())
     check = check_task_data(task.load(cfg.seed), processor, progress=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "data_report.txt").write_text(check.text())
-    print(check.text(), end="")
-    print(f"report: {out_dir / 'data_report.txt'}")
+    log.info("%s", check.text().rstrip("\n"))
+    log.info("report: %s", out_dir / "data_report.txt")
     return len(check.bad)

@@ -47,6 +47,7 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 SHAPES = ("circle", "square", "triangle")
 SIDES = ("left", "right")
 DIRECTIONS = ("left", "right", "up", "down")
+COUNTS = ("one", "two", "three")
 
 QUESTIONS: dict[str, str] = {
     "color": "What color is the shape?",
@@ -55,6 +56,13 @@ QUESTIONS: dict[str, str] = {
     "lesion": "Is there a lesion?",
     "side": "Which side is the lesion on?",
     "direction": "Which way does the block move?",
+    "block_color": "What color is the block?",
+    "count": "How many shapes are there?",
+    "exists": "Is there a {color} {shape}?",
+    "color_at": "What color is the shape in the {position}?",
+    "shape_at": "What shape is in the {position}?",
+    "where": "Where is the {color} {shape}?",
+    "describe": "Describe the image.",
 }
 ANSWERS: dict[str, list[str]] = {
     "color": list(COLORS),
@@ -63,7 +71,13 @@ ANSWERS: dict[str, list[str]] = {
     "lesion": ["yes", "no"],
     "side": list(SIDES),
     "direction": list(DIRECTIONS),
-}
+    "block_color": list(COLORS),
+    "count": list(COUNTS),
+    "exists": ["yes", "no"],
+    "color_at": list(COLORS),
+    "shape_at": list(SHAPES),
+    "where": list(POSITIONS),
+}  # "describe" has free-text answers
 
 DATA_FILE, ANSWERS_FILE, MANIFEST_FILE = "data.json", "answers.json", "manifest.json"
 
@@ -94,25 +108,67 @@ def make_shapes_dataset(
         answer = {"color": color, "position": position, "shape": shape}[question]
         background = tuple(int(c) for c in rng.integers(235, 256, size=3))
         image = Image.new("RGB", (image_size, image_size), background)
-        quadrant = image_size // 2
-        extent = int(rng.integers(quadrant // 2, int(quadrant * 0.8) + 1))
-        # At least 1 px from the image border and from the quadrant's inner edges.
-        left = int(rng.integers(1, max(quadrant - extent - 1, 1) + 1))
-        top = int(rng.integers(1, max(quadrant - extent - 1, 1) + 1))
-        row, column = position.split()
-        left += quadrant if column == "right" else 0
-        top += quadrant if row == "bottom" else 0
-        box = (left, top, left + extent - 1, top + extent - 1)
-        draw = ImageDraw.Draw(image)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLORS[color])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLORS[color])
-        else:
-            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[color])
+        _draw_shape(ImageDraw.Draw(image), shape, _box_in_quadrant(rng, image_size, position), COLORS[color])
         return _llava_record("shapes", index, "image", question, answer), image
 
     return _build(out_dir, "shapes", params, questions, record, _save_png)
+
+
+def make_scenes_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int = 0,
+    image_size: int = 64,
+    questions: Sequence[str] = ("count", "exists", "color_at", "shape_at", "where", "describe"),
+) -> Path:
+    """One to three shapes, each in its own quadrant, on a light or a dark background: the broad image part of
+    the tiny models' pretraining mixture (counting, presence, attributes at a place, places of an object, and a
+    one-line description).
+
+    "How many shapes are there?" -> "two"; "Is there a red circle?" -> "yes"/"no" (balanced: half ask about
+    an object that is there); "What color is the shape in the top left?" / "What shape is in the top left?"
+    name an occupied quadrant; "Where is the blue square?" names an object that is there; "Describe the image."
+    -> "a red circle in the top left and a blue square in the bottom right" (quadrants in reading order).
+    No two shapes share both colour and shape, so every question has one answer. Returns the path of data.json.
+    """
+    questions = _check_questions(questions, ("count", "exists", "color_at", "shape_at", "where", "describe"))
+    _check_at_least("num_records", num_records, 1)
+    _check_at_least("image_size", image_size, 32)
+    params = {"num_records": num_records, "seed": seed, "image_size": image_size, "questions": list(questions)}
+    kinds = [(c, s) for c in COLORS for s in SHAPES]
+
+    def record(rng: np.random.Generator, index: int) -> tuple[dict[str, Any], Image.Image]:
+        count = int(rng.integers(1, 4))
+        places = sorted(rng.choice(len(POSITIONS), size=count, replace=False).tolist())
+        objects = {POSITIONS[p]: kinds[k] for p, k in zip(places, rng.choice(len(kinds), size=count, replace=False))}
+        light = bool(rng.integers(2))
+        background = tuple(int(c) for c in rng.integers(*((235, 256) if light else (15, 61)), size=3))
+        image = Image.new("RGB", (image_size, image_size), background)
+        draw = ImageDraw.Draw(image)
+        for position, (color, shape) in objects.items():
+            _draw_shape(draw, shape, _box_in_quadrant(rng, image_size, position), COLORS[color])
+
+        question_type = str(rng.choice(questions))
+        fields: dict[str, str] = {}
+        if question_type == "count":
+            answer = COUNTS[count - 1]
+        elif question_type == "exists":
+            present = bool(rng.integers(2))
+            absent = [k for k in kinds if k not in objects.values()]
+            color, shape = objects[str(rng.choice(list(objects)))] if present else absent[int(rng.integers(len(absent)))]
+            fields, answer = {"color": color, "shape": shape}, "yes" if present else "no"
+        elif question_type in ("color_at", "shape_at"):
+            position = str(rng.choice(list(objects)))
+            fields = {"position": position}
+            answer = objects[position][0 if question_type == "color_at" else 1]
+        elif question_type == "where":
+            position = str(rng.choice(list(objects)))
+            fields, answer = dict(zip(("color", "shape"), objects[position])), position
+        else:
+            answer = " and ".join(f"a {c} {s} in the {p}" for p, (c, s) in objects.items())
+        return _llava_record("scenes", index, "image", question_type, answer, fields), image
+
+    return _build(out_dir, "scenes", params, questions, record, _save_png)
 
 
 def make_scan_dataset(
@@ -172,21 +228,27 @@ def make_robot_video_dataset(
     frames: int = 16,
     size: int = 48,
     fps: int = 8,
+    questions: Sequence[str] = ("direction",),
 ) -> Path:
     """Short H.264 clips of a coloured block sliding left, right, up or down over a dark background.
 
     "Which way does the block move?" -> "left"/"right"/"up"/"down". The block travels 40-60% of the free
     span in a straight line at constant speed from a random start, so where it starts does not give the
-    direction away: the model has to compare frames. Returns the path of data.json.
+    direction away: the model has to compare frames. With "block_color" among `questions`, some records ask
+    "What color is the block?" instead. Returns the path of data.json.
     """
+    questions = _check_questions(questions, ("direction", "block_color"))
     _check_at_least("num_records", num_records, 1)
     _check_at_least("frames", frames, 2)
     _check_at_least("size", size, 16)
     params = {"num_records": num_records, "seed": seed, "frames": frames, "size": size, "fps": fps}
+    if questions != ("direction",):  # the default keeps the parameters (and so the cache) of earlier versions
+        params["questions"] = list(questions)
 
     def record(rng: np.random.Generator, index: int) -> tuple[dict[str, Any], list[Image.Image]]:
         direction = str(rng.choice(DIRECTIONS))
-        color = COLORS[str(rng.choice(list(COLORS)))]
+        color_name = str(rng.choice(list(COLORS)))
+        color = COLORS[color_name]
         background = int(rng.integers(25, 61))
         block = int(rng.integers(size // 6, size // 4 + 1))
         lowest, highest = 2, size - block - 2  # block's top-left corner stays 2 px inside the frame
@@ -202,45 +264,24 @@ def make_robot_video_dataset(
             frame = Image.new("RGB", (size, size), (background,) * 3)
             ImageDraw.Draw(frame).rectangle((x, y, x + block - 1, y + block - 1), fill=color)
             clip.append(frame)
-        return _llava_record("robot", index, "video", "direction", direction), clip
+        question = str(rng.choice(questions)) if len(questions) > 1 else "direction"
+        answer = direction if question == "direction" else color_name
+        return _llava_record("robot", index, "video", question, answer), clip
 
     def save(clip: list[Image.Image], path: Path) -> None:
         from nvila_ft.data.media import write_video
 
         write_video(clip, path, fps=fps)
 
-    return _build(out_dir, "robot_video", params, ("direction",), record, save)
+    return _build(out_dir, "robot_video", params, questions, record, save)
 
 
 BUILTIN_DATASETS: dict[str, Callable[..., Path]] = {
     "shapes": make_shapes_dataset,
     "scan": make_scan_dataset,
     "robot_video": make_robot_video_dataset,
+    "scenes": make_scenes_dataset,
 }
-
-
-def chance_accuracy(json_path: str | os.PathLike) -> float:
-    """Expected `accuracy` of guessing uniformly among each record's possible answers.
-
-    The mean over records of 1 / (number of answers for the record's "question_type"), with the answer sets
-    read from answers.json beside `json_path`. E.g. shapes with colour, position and shape questions in
-    equal numbers: (1/4 + 1/4 + 1/3) / 3 = 5/18.
-    """
-    json_path = Path(json_path)
-    records = json.loads(json_path.read_text())
-    answers = json.loads((json_path.parent / ANSWERS_FILE).read_text())
-    if not records:
-        raise ValueError(f"{json_path}: has no records")
-    total = 0.0
-    for index, record in enumerate(records):
-        question_type = record.get("question_type")
-        if question_type not in answers:
-            raise ValueError(
-                f"{json_path}[{index}]: question_type {question_type!r} is not one of {sorted(answers)} "
-                f"in {json_path.parent / ANSWERS_FILE}"
-            )
-        total += 1 / len(answers[question_type])
-    return total / len(records)
 
 
 def _check_questions(questions: Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -258,17 +299,42 @@ def _check_at_least(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _llava_record(prefix: str, index: int, kind: str, question_type: str, answer: str) -> dict[str, Any]:
+def _llava_record(
+    prefix: str, index: int, kind: str, question_type: str, answer: str, fields: dict[str, str] | None = None
+) -> dict[str, Any]:
     folder, suffix = ("images", "png") if kind == "image" else ("videos", "mp4")
     return {
         "id": f"{prefix}-{index:06d}",
         kind: f"{folder}/{prefix}_{index:06d}.{suffix}",
         "conversations": [
-            {"from": "human", "value": f"<{kind}>\n{QUESTIONS[question_type]}"},
+            {"from": "human", "value": f"<{kind}>\n{QUESTIONS[question_type].format(**(fields or {}))}"},
             {"from": "gpt", "value": answer},
         ],
         "question_type": question_type,
     }
+
+
+def _box_in_quadrant(rng: np.random.Generator, image_size: int, position: str) -> tuple[int, int, int, int]:
+    """A square spanning 50-80% of a quadrant ("top left", ...), with jittered placement, at least 1 px from the
+    image border and from the quadrant's inner edges."""
+    quadrant = image_size // 2
+    extent = int(rng.integers(quadrant // 2, int(quadrant * 0.8) + 1))
+    left = int(rng.integers(1, max(quadrant - extent - 1, 1) + 1))
+    top = int(rng.integers(1, max(quadrant - extent - 1, 1) + 1))
+    row, column = position.split()
+    left += quadrant if column == "right" else 0
+    top += quadrant if row == "bottom" else 0
+    return left, top, left + extent - 1, top + extent - 1
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+    """A filled circle, square or (upward) triangle inside `box`, without anti-aliasing."""
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -302,7 +368,7 @@ def _build(
         save_media(media, path)
         records.append(record)
     atomic_write_json(data_path, records)
-    atomic_write_json(out_dir / ANSWERS_FILE, {q: ANSWERS[q] for q in question_types})
+    atomic_write_json(out_dir / ANSWERS_FILE, {q: ANSWERS[q] for q in question_types if q in ANSWERS})
     atomic_write_json(out_dir / MANIFEST_FILE, manifest)
     return data_path
 

@@ -77,7 +77,8 @@ def normalize_messages(messages: Any) -> list[Turn]:
                 text = item.get("text")
                 if not isinstance(text, str):
                     raise ConversationError(f"{part_where}: a text part needs a string under 'text'")
-                parts.append(Part("text", _strip_media_tags(text, part_where)))
+                # media tags in a question stand for media given as parts; in an answer they are text
+                parts.append(Part("text", text if ROLE_ALIASES[role] == "assistant" else _strip_media_tags(text, part_where)))
             elif kind in ("image", "video"):
                 parts.append(Part(kind, _media_source(item, kind, part_where)))
             else:
@@ -102,8 +103,8 @@ def llava_to_messages(record: dict[str, Any], where: str = "record") -> list[dic
     """A LLaVA/NVILA JSON record -> chat messages, placing media as the official datasets do.
 
     Fields: `image` (path or list), `images`, `video`, `conversations` ([{"from": "human"|"gpt", "value": ...}]).
-    `<image>`/`<video>` tags are removed from the text and every medium is put at the start of the first
-    human message, images before videos, with no separator.
+    `<image>`/`<video>` tags are removed from the questions (an answer keeps them: there they are text) and
+    every medium is put at the start of the first human message, images before videos, with no separator.
     """
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -124,7 +125,8 @@ def llava_to_messages(record: dict[str, Any], where: str = "record") -> list[dic
             raise ConversationError(f"{where}: conversations[{index}].from = {turn['from']!r} (use human, gpt or system)")
         if not isinstance(turn["value"], str):
             raise ConversationError(f"{where}: conversations[{index}].value must be a string")
-        text = remove_llava_media_tags(turn["value"])
+        # tags in a question stand for the record's media; in an answer they are text to learn
+        text = turn["value"].strip() if role == "assistant" else remove_llava_media_tags(turn["value"])
         content: list[dict[str, Any]] = []
         if role == "user" and not placed:
             content, placed = list(media), True
@@ -143,11 +145,11 @@ def remove_llava_media_tags(text: str) -> str:
 
 
 def count_media_tags(record: dict[str, Any]) -> dict[str, int]:
-    """How many `<image>` / `<video>` tags the text of a LLaVA record contains."""
+    """How many `<image>` / `<video>` tags the questions of a LLaVA record contain (an answer's are text)."""
     counts = {"image": 0, "video": 0}
     for turn in record.get("conversations") or []:
         value = turn.get("value") if isinstance(turn, dict) else None
-        if isinstance(value, str):
+        if isinstance(value, str) and ROLE_ALIASES.get(turn.get("from")) != "assistant":
             counts["image"] += value.count("<image>")
             counts["video"] += value.count("<video>") + value.count("<vila/video>")
     return counts

@@ -59,12 +59,22 @@ def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | 
         if not resolved.is_relative_to(root):
             raise MediaError(f"{path}: escapes the media root {root}", kind="unsafe_path")
     if not resolved.exists():
-        raise MediaError(f"{path}: not found", kind="missing_media")
+        under = f" under the media root {pathlib.Path(media_root).resolve()}" if media_root is not None else ""
+        raise MediaError(f"{path}: not found (looked for {resolved.absolute()}{under})", kind="missing_media")
     return resolved
 
 
-def load_image(source: ImageSource, media_root: str | os.PathLike | None = None) -> Image.Image:
-    """Return `source` (a path, encoded bytes or a PIL image) as a fully decoded RGB image."""
+def load_image(
+    source: ImageSource,
+    media_root: str | os.PathLike | None = None,
+    intensity_window: Sequence[float] | None = None,
+) -> Image.Image:
+    """Return `source` (a path, encoded bytes or a PIL image) as a fully decoded RGB image.
+
+    Images of more than 8 bits per pixel (16-bit or 32-bit grey PNG/TIFF, float TIFF, as medical and
+    scientific images often are) are rescaled to 8 bits by their own range, or by `intensity_window`
+    ([low, high] stored values -> 0..255), instead of being clipped; `image.info["rescaled"]` then says how.
+    """
     if isinstance(source, Image.Image):
         name, fp = "<PIL image>", None
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -78,7 +88,10 @@ def load_image(source: ImageSource, media_root: str | os.PathLike | None = None)
         with contextlib.nullcontext(source) if fp is None else Image.open(fp) as opened:
             # Decode now, so a truncated file fails here rather than somewhere in the processor.
             opened.load()
-            image = opened.convert("RGB")
+            if opened.mode in HIGH_BIT_DEPTH_MODES:
+                image = _to_8_bits(opened, intensity_window)
+            else:
+                image = opened.convert("RGB")
     except Image.DecompressionBombError as e:
         raise MediaError(f"{name}: refused as a decompression bomb ({e})") from e
     except _IMAGE_DECODE_ERRORS as e:
@@ -86,6 +99,27 @@ def load_image(source: ImageSource, media_root: str | os.PathLike | None = None)
     if image.width == 0 or image.height == 0:
         raise MediaError(f"{name}: image has zero size {image.size}")
     return image
+
+
+# Pillow modes holding more than 8 bits per grey pixel; `convert("RGB")` would clip them at 255.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8_bits(image: Image.Image, window: Sequence[float] | None) -> Image.Image:
+    """A grey image of more than 8 bits as 8-bit RGB: `window` [low, high] or its own range maps to 0..255."""
+    values = np.asarray(image, dtype=np.float64)
+    if window is not None:
+        low, high = (float(v) for v in window)
+        how = f"high-bit-depth image rescaled to 8 bits by the window [{low:g}, {high:g}]"
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        how = "high-bit-depth image rescaled to 8 bits by its own range"
+    scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+    scaled = np.nan_to_num(np.clip(scaled, 0, 255))
+    result = Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
+    result.info["rescaled"] = how
+    return result
 
 
 def is_dicom(path: pathlib.Path) -> bool:
@@ -147,7 +181,10 @@ def sample_frame_indices(frame_count: int, num_frames: int) -> list[int]:
 
 
 def load_video(
-    source: VideoSource, num_frames: int, media_root: str | os.PathLike | None = None
+    source: VideoSource,
+    num_frames: int,
+    media_root: str | os.PathLike | None = None,
+    intensity_window: Sequence[float] | None = None,
 ) -> list[Image.Image]:
     """Return `num_frames` uniformly sampled RGB frames of a video file, a frame directory or a frame list.
 
@@ -156,7 +193,7 @@ def load_video(
     (so `frame_10.png` comes before `frame_2.png`). A video file's frames are counted by decoding them,
     since containers often misreport their count; frames that fail to decode are skipped with a warning
     and not counted. A video file may still return fewer frames if a sampled frame cannot be converted to
-    RGB, so callers check the length.
+    RGB, so callers check the length. Frames of more than 8 bits are rescaled as `load_image` does.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -166,7 +203,7 @@ def load_video(
         frames = []
         for index in sample_frame_indices(len(source), num_frames):
             try:
-                frames.append(load_image(source[index], media_root))
+                frames.append(load_image(source[index], media_root, intensity_window))
             except MediaError as e:
                 raise MediaError(f"<frames list> item {index}: {e}") from e
         return frames
@@ -177,7 +214,7 @@ def load_video(
         if not files:
             raise MediaError(f"{source}: frame directory is empty")
         # Each frame goes through the media-root check again: a frame may be a symlink pointing out.
-        return [load_image(files[i], media_root) for i in sample_frame_indices(len(files), num_frames)]
+        return [load_image(files[i], media_root, intensity_window) for i in sample_frame_indices(len(files), num_frames)]
     return _load_video_file(path, num_frames)
 
 

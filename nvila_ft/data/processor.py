@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from nvila_ft.data.conversation import Part, Turn, normalize_messages
+from nvila_ft.data.conversation import Part, normalize_messages
 from nvila_ft.data.media import MediaError, load_image, load_video
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
@@ -34,6 +34,7 @@ from nvila_ft.model.tokenizer import (
     MEDIA_TOKENS,
     add_runtime_tokens,
     encode,
+    escape_runtime_tokens,
     load_tokenizer,
     render,
     supervised_labels,
@@ -69,6 +70,7 @@ class ProcessedSample:
     images: list[ImageItem] = field(default_factory=list)
     videos: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # LLM positions after media expansion
+    notes: list[str] = field(default_factory=list)  # how media were converted (e.g. 16-bit rescaled), for reports
 
 
 class NVILAProcessor:
@@ -83,8 +85,10 @@ class NVILAProcessor:
         media_root: str | os.PathLike | None = None,
         multi_image_tiling: bool | None = None,
         official_label_matching: bool = False,
+        intensity_window: list[float] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.intensity_window = intensity_window
         self.official_label_matching = official_label_matching
         self.config = config
         self.token_ids = add_runtime_tokens(tokenizer)
@@ -134,7 +138,7 @@ class NVILAProcessor:
 
     def video_frames(self, source: Any, media_root: Path | None = None) -> torch.Tensor:
         """[T, 3, S, S] for a video file, a folder of frames or a list of frames."""
-        frames = load_video(source, self.num_video_frames, media_root=media_root or self.media_root)
+        frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.intensity_window)
         return torch.cat([self._single_tile(frame) for frame in frames])
 
     def image_item_length(self, item: ImageItem) -> int:
@@ -199,10 +203,13 @@ class NVILAProcessor:
 
     def _part_text(self, part: Part, sample: ProcessedSample, tile: bool, where: str, root: Path | None) -> str:
         if part.kind == "text":
-            return part.value
+            return escape_runtime_tokens(part.value)
         try:
             if part.kind == "image":
-                items = self.image_items(load_image(part.value, media_root=root), tile)
+                image = load_image(part.value, root, self.intensity_window)
+                if "rescaled" in image.info:
+                    sample.notes.append(image.info["rescaled"])
+                items = self.image_items(image, tile)
                 sample.images += items
                 if self.config.image_aspect_ratio == "dynamic" and tile:
                     return (MEDIA_TOKENS["image"] + "\n") * len(items)

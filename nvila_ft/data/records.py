@@ -32,6 +32,21 @@ class Record:
                 return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         return None
 
+    @property
+    def question(self) -> str:
+        """Text of the message the answer replies to (the last one before the last assistant message)."""
+        prompt = self.prompt()
+        content = prompt[-1].get("content") if prompt else ""
+        if isinstance(content, str):
+            return content
+        return " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
+
+    @property
+    def question_type(self) -> str | None:
+        """The record's question type when its data gives one (a `question_type` field or column)."""
+        value = self.meta.get("question_type")
+        return None if value is None else str(value)
+
     def prompt(self) -> list[dict[str, Any]]:
         """The conversation up to (not including) the last assistant message: what the model must answer."""
         last = max((i for i, m in enumerate(self.messages) if m.get("role") == "assistant"), default=len(self.messages))

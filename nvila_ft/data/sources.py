@@ -114,10 +114,23 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and _first_line_is_json(text):
+            raise DataError(
+                f"{name}: holds one JSON record per line (JSON Lines) but is named {file.suffix}; rename it to "
+                f"{file.with_suffix('.jsonl').name}"
+            ) from e
         raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
     if not isinstance(data, list):
         raise DataError(f"{name}: expected a JSON list of records, got a {type(data).__name__}")
     yield from enumerate(data)
+
+
+def _first_line_is_json(text: str) -> bool:
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _is_json_lines(file: Path, text: str) -> bool:
@@ -148,7 +161,7 @@ def _llava_record(entry: Any, origin: str, media_root: str) -> Record:
         origin=origin,
         id=_record_id(entry.get("id")),
         media_root=media_root,
-        meta=_media_meta(count_media_tags(entry), counts),
+        meta=_media_meta(count_media_tags(entry), counts) | _question_type(entry),
     )
 
 
@@ -158,6 +171,12 @@ def _llava_messages(entry: dict[str, Any], origin: str) -> list[dict[str, Any]]:
     except ConversationError as e:
         # llava_to_messages names the field ('conversations', conversations[i].value, ...) after `where: `.
         raise _RecordProblem(str(e).removeprefix(f"{origin}: ")) from e
+
+
+def _question_type(entry: Any) -> dict[str, Any]:
+    """{"question_type": ...} when a record (or row) has one, for per-type scores and baselines."""
+    value = entry.get("question_type") if isinstance(entry, dict) else None
+    return {} if value in (None, "") else {"question_type": str(value)}
 
 
 def _media_meta(tags: dict[str, int], media: dict[str, int]) -> dict[str, Any]:
@@ -224,6 +243,7 @@ class HFDataset:
                 messages, meta = convert(row, origin)
                 messages = _with_system_prompt(messages, self.system_prompt)
                 record_id = _record_id(row.get("id"))
+                meta = meta | _question_type(row)
                 out.append(Record(messages=messages, origin=origin, id=record_id, media_root=root, meta=meta))
             except _RecordProblem as problem:
                 _report(self, origin, problem)
@@ -501,7 +521,7 @@ class TableSource:
             try:
                 messages = _with_system_prompt(self._messages(row), self.system_prompt)
                 record_id = _record_id(row.get(self.id_column)) if self.id_column else None
-                out.append(Record(messages=messages, origin=origin, id=record_id, media_root=root))
+                out.append(Record(messages, origin, record_id, root, _question_type(row)))
             except _RecordProblem as problem:
                 _report(self, origin, problem)
         return out
@@ -561,6 +581,41 @@ def _table_media(value: Any, column: str) -> list[str]:
     if not all(isinstance(item, str) for item in items):
         raise _RecordProblem(f"column {column!r}: expected a path or a list of paths, got {_describe_value(value)}")
     return [item.strip() for item in items if item.strip()]
+
+
+# ----------------------------------------------------------------------------------------------- mixtures
+class Mixture:
+    """Several sources read as one: their records one after another, in the order given (training shuffles).
+
+        train:
+          _target_: nvila_ft.data.sources.Mixture
+          sources:
+            - {_target_: nvila_ft.data.sources.LlavaJson, path: /data/a.json}
+            - {_target_: nvila_ft.data.sources.TableSource, path: /data/b.csv}
+    """
+
+    def __init__(self, sources: Sequence[Any]) -> None:
+        if not sources:
+            raise DataError("Mixture: give at least one source")
+        self.sources = list(sources)
+        self.errors: list[BadRecord] = []
+
+    @property
+    def on_error(self) -> str | None:
+        return getattr(self.sources[0], "on_error", None)
+
+    @on_error.setter
+    def on_error(self, value: str) -> None:
+        for source in self.sources:
+            if hasattr(source, "on_error"):
+                source.on_error = value
+
+    def records(self) -> list[Record]:
+        out, self.errors = [], []
+        for source in self.sources:
+            out += source.records()
+            self.errors += list(getattr(source, "errors", []))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- shared

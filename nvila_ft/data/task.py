@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +22,11 @@ class TaskData:
 
 @dataclass
 class Task:
-    """train / validation: data sources (objects with `records()`); without `validation`, `val_fraction` of
-    `train` is held out (by seed). system_prompt / instruction are applied to every record, for training and
-    evaluation alike; `objective` is the metric a sweep optimises (default: the first of `metrics`)."""
+    """train: a data source (an object with `records()`). validation: another source, or where to read one
+    like `train` (a path, or a mapping of the train source's arguments such as {path, media_root}); when it is
+    not given, `val_fraction` of `train` is held out (by seed). system_prompt / instruction are applied to
+    every record, for training and evaluation alike; `objective` is the metric a sweep optimises (default:
+    the first of `metrics`)."""
 
     name: str
     train: Any
@@ -42,6 +47,7 @@ class Task:
             raise ValueError(f"task.metrics: unknown {unknown} (known: {', '.join(METRICS)})")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"task.val_fraction = {self.val_fraction}: must be in [0, 1)")
+        self.validation = validation_source(self.validation, self.train)
 
     @property
     def objective_metric(self) -> str:
@@ -64,6 +70,11 @@ class Task:
                     first_user["content"] = list(content) + [{"type": "text", "text": "\n" + self.instruction}]
         return Record(messages, record.origin, record.id, record.media_root, dict(record.meta))
 
+    @property
+    def wants_validation(self) -> bool:
+        """Whether evaluation was asked for: a validation source, or a share of train to hold out."""
+        return self.validation is not None or self.val_fraction > 0
+
     def load(self, seed: int) -> TaskData:
         train = self.train.records()
         errors = list(getattr(self.train, "errors", []))
@@ -73,3 +84,32 @@ class Task:
         else:
             train, validation = split_records(train, self.val_fraction, seed)
         return TaskData([self.format(r) for r in train], [self.format(r) for r in validation], errors)
+
+
+def validation_source(spec: Any, train: Any) -> Any | None:
+    """The validation source a task config gives: a built source as is; a path, or a mapping of arguments
+    ({path, media_root, ...}), read like `train` (same source type and options, other file); a mapping whose
+    path is null means none. A train source without a `path` (built-in data) reads validation files as
+    LLaVA JSON."""
+    if spec is None or hasattr(spec, "records"):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        spec = {"path": str(spec)}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"task.validation: expected a path or {{path, media_root}}, got {spec!r}")
+    if spec.get("path") is None:
+        if any(v is not None for k, v in spec.items() if k != "path"):
+            raise ValueError("task.validation: set task.validation.path (the validation file) as well")
+        return None
+    from nvila_ft.data.sources import LlavaJson
+
+    like_train = "path" in inspect.signature(type(train)).parameters
+    cls = type(train) if like_train else LlavaJson
+    parameters = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(spec) - parameters)
+    if unknown:
+        raise ValueError(f"task.validation: {unknown} are not settings of {cls.__name__} (it takes {sorted(parameters)})")
+    arguments = {name: getattr(train, name) for name in parameters if like_train and hasattr(train, name)}
+    # the validation file's own media folder and all of its records; malformed ones are reported, not fatal
+    arguments.update({k: v for k, v in (("media_root", None), ("limit", None), ("on_error", "collect")) if k in parameters})
+    return cls(**{**arguments, **spec})

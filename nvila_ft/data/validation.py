@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nvila_ft.data.records import Record
@@ -62,6 +62,7 @@ class ValidationReport:
     lengths: list[int]  # LLM positions of each good record after media expansion (text only if media unchecked)
     model_max_length: int | None = None
     media_checked: bool = True
+    notes: Counter = field(default_factory=Counter)  # media conversions worth knowing ("... rescaled to 8 bits ...")
 
     @property
     def ok(self) -> bool:
@@ -85,7 +86,17 @@ class ValidationReport:
                 text += f" (model_max_length {self.model_max_length})"
         if not self.media_checked:
             text += "; media not checked"
+        for note, count in sorted(self.notes.items()):
+            text += f"; {count} x {note}"
         return text
+
+    def why_empty(self, what: str) -> str:
+        """Why no record is usable, in one line, e.g. "all 50 validation records are bad (50 missing_media);
+        first: val.json[0]: missing_media: img/1.png: not found (looked for ... under the media root ...)"."""
+        if not self.total:
+            return f"the {what} data has no records"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
+        return f"all {self.total} {what} records are bad ({kinds}); first: {self.bad[0].line()}"
 
     def lines(self) -> list[str]:
         return [b.line() for b in self.bad]
@@ -144,7 +155,11 @@ def media_tag_mismatch(record: Record) -> str | None:
 
 
 def validate_records(
-    records: list[Record], processor: Any, check_media: bool = True, progress: bool = False
+    records: list[Record],
+    processor: Any,
+    check_media: bool = True,
+    progress: bool = False,
+    description: str = "checking records",
 ) -> ValidationReport:
     """Run every record through `processor.process` as training would (no truncation) and report.
 
@@ -156,7 +171,8 @@ def validate_records(
     bad: list[BadRecord] = []
     good: list[Record] = []
     lengths: list[int] = []
-    for record in tqdm(records, desc="validating", unit="record", disable=not progress or not records):
+    notes: Counter = Counter()
+    for record in tqdm(records, desc=description, unit="record", disable=not progress or not records, leave=False):
         mismatch = media_tag_mismatch(record)
         if mismatch:
             bad.append(BadRecord(record.origin, mismatch, "media_tag_mismatch"))
@@ -171,6 +187,7 @@ def validate_records(
             continue
         good.append(record)
         lengths.append(sample.length)
+        notes.update(sample.notes)
     return ValidationReport(
         total=len(records),
         bad=bad,
@@ -178,6 +195,7 @@ def validate_records(
         lengths=lengths,
         model_max_length=getattr(processor, "model_max_length", None),
         media_checked=check_media,
+        notes=notes,
     )
 
 
@@ -233,22 +251,34 @@ def _without_media(messages: Any) -> Any:
 
 @dataclass
 class TaskDataCheck:
-    """Both splits of a task checked; `bad` lists the sources' structural problems, then each split's."""
+    """The checked splits of a task ({"train": report, "validation": report}); `bad` lists the sources' structural
+    problems, then each split's bad records."""
 
-    train: ValidationReport
-    validation: ValidationReport
+    reports: dict[str, ValidationReport]
     bad: list[BadRecord]
 
+    @property
+    def train(self) -> ValidationReport:
+        return self.reports["train"]
+
+    @property
+    def validation(self) -> ValidationReport:
+        return self.reports["validation"]
+
     def summaries(self) -> list[str]:
-        return [f"train: {self.train.summary()}", f"validation: {self.validation.summary()}"]
+        return [f"{split}: {report.summary()}" for split, report in self.reports.items()]
 
     def text(self) -> str:
-        """The data report: one line per bad record, then the two summaries."""
+        """The data report: one line per bad record, then the summaries."""
         return "\n".join([b.line() for b in self.bad] + self.summaries()) + "\n"
 
 
-def check_task_data(data: Any, processor: Any, progress: bool = False) -> TaskDataCheck:
-    """Validate a task's train and validation records (a `TaskData`), keeping the sources' own errors."""
-    train = validate_records(data.train, processor, progress=progress)
-    validation = validate_records(data.validation, processor, progress=progress)
-    return TaskDataCheck(train, validation, list(data.errors) + train.bad + validation.bad)
+def check_task_data(
+    data: Any, processor: Any, progress: bool = False, splits: tuple[str, ...] = ("train", "validation")
+) -> TaskDataCheck:
+    """Validate the records of a task's splits (a `TaskData`), keeping the sources' own errors."""
+    reports = {
+        split: validate_records(getattr(data, split), processor, progress=progress, description=f"checking {split}")
+        for split in splits
+    }
+    return TaskDataCheck(reports, list(data.errors) + [b for r in reports.values() for b in r.bad])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,19 +142,23 @@ def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str =
     return _load_transformers_model(SiglipVisionModel, root / "vision_tower", dtype, attn_implementation, **kwargs)
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's `model.safetensors` or sharded `model-*.safetensors` (via the index)."""
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of a folder's `model.safetensors` or sharded `model-*.safetensors` (via the index), one
+    tensor in memory at a time."""
     index = folder / "model.safetensors.index.json"
     files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
     for name in files:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: not found")
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-    return tensors
+                yield key, handle.get_tensor(key)
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's `model.safetensors` or sharded `model-*.safetensors`."""
+    return dict(iter_safetensors(folder))
 
 
 def load_projector(root: Path, config: NVILAConfig, dtype: torch.dtype) -> MultimodalProjector:
@@ -266,6 +271,8 @@ def save_checkpoint(
         for name in COMPONENTS:
             if isinstance(top.get(f"{name}_cfg"), dict) and sub_configs[name] is not getattr(config, name):
                 top[f"{name}_cfg"] = _with_dtype(top[f"{name}_cfg"], dtype)
+        if dtype != config.model_dtype:
+            top["model_dtype"] = str(dtype)  # the dtype the official loader casts the model to
         if "_name_or_path" in top:
             top["_name_or_path"] = str(final)
         write_json(staging / "config.json", top)

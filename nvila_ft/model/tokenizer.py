@@ -7,6 +7,7 @@ NVILA adds three tokens at load time, in this order, after the on-disk vocabular
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 SENTINEL_TOKEN = "<vila/sentinel>"
 MEDIA_TOKENS = {"image": "<image>", "video": "<vila/video>"}
+RUNTIME_TOKENS = (SENTINEL_TOKEN, *MEDIA_TOKENS.values())
 IGNORE_INDEX = -100
+# A runtime token's string written in a message's text ("<image>" in an answer about HTML) is text, not a
+# placeholder: `escape_runtime_tokens` marks it with private-use characters and `encode` turns it into the ids
+# of its characters. The markers split the text exactly where the added token would have split it.
+_LITERAL_MARKERS = {token: f"\ue000{index}\ue001" for index, token in enumerate(RUNTIME_TOKENS)}
+_MARKER_PATTERN = re.compile("(\ue000\\d\ue001)")
 
 # A conversation long enough to show every token that follows an assistant reply (official stop-token rule).
 _DUMMY_CONVERSATION = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}] * 10
@@ -59,7 +66,7 @@ def load_tokenizer(llm_dir: str | Path, chat_template: str | None = None) -> Pre
 
 def add_runtime_tokens(tokenizer: PreTrainedTokenizerBase) -> TokenIds:
     """Add sentinel, image and video tokens (idempotent) and return the ids NVILA uses."""
-    for token in (SENTINEL_TOKEN, *MEDIA_TOKENS.values()):
+    for token in RUNTIME_TOKENS:
         if token not in tokenizer.get_vocab():
             tokenizer.add_tokens([token], special_tokens=True)
     return token_ids(tokenizer)
@@ -84,9 +91,26 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generat
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def escape_runtime_tokens(text: str) -> str:
+    """Mark runtime-token strings written in text so that `encode` keeps them as text."""
+    for token, marker in _LITERAL_MARKERS.items():
+        text = text.replace(token, marker)
+    return text
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Plain tokenisation, as the official code does (Qwen2 adds no BOS/EOS)."""
-    return list(tokenizer(text, verbose=False).input_ids)  # length is checked after media expansion, not here
+    """Plain tokenisation, as the official code does (Qwen2 adds no BOS/EOS); escaped runtime-token strings
+    (see `escape_runtime_tokens`) become the ids of their characters."""
+    if "\ue000" not in text:
+        return list(tokenizer(text, verbose=False).input_ids)  # length is checked after media expansion, not here
+    literal = {marker: token for token, marker in _LITERAL_MARKERS.items()}
+    ids: list[int] = []
+    for piece in _MARKER_PATTERN.split(text):
+        if piece in literal:
+            ids += tokenizer(literal[piece], split_special_tokens=True, verbose=False).input_ids
+        elif piece:
+            ids += tokenizer(piece, verbose=False).input_ids
+    return ids
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

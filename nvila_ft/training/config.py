@@ -44,6 +44,57 @@ class Precision:
 
 
 @dataclass
+class DataOptions:
+    """How a run treats its data (the `data:` section).
+
+    on_bad_record: "skip" (drop, list in data_report.txt) or "stop" (refuse to train); validate: check every
+    record before training; intensity_window: [low, high] stored values of >8-bit grey images mapped to 0..255
+    (None: each image's own range).
+    """
+
+    on_bad_record: str = "skip"
+    validate: bool = True
+    intensity_window: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.on_bad_record not in ("skip", "stop"):
+            raise ConfigError(f"data.on_bad_record = {self.on_bad_record!r}; use skip or stop")
+        window = self.intensity_window
+        if window is not None and (len(window) != 2 or not float(window[0]) < float(window[1])):
+            raise ConfigError(f"data.intensity_window = {list(window)}: give [low, high] with low < high, or null")
+
+    def processor_options(self) -> dict[str, Any]:
+        """The NVILAProcessor arguments these options set."""
+        window = None if self.intensity_window is None else [float(v) for v in self.intensity_window]
+        return {"intensity_window": window}
+
+
+@dataclass
+class EvalOptions:
+    """Generation metrics of a run (the `eval:` section).
+
+    before_training: also evaluate before training; max_records: cap on validation records evaluated; on_empty:
+    when no validation record is usable, "stop" before training or "train" without evaluation.
+    """
+
+    before_training: bool = True
+    batch_size: int = 16
+    max_records: int | None = None
+    on_empty: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size = {self.batch_size}: must be >= 1")
+        if self.max_records is not None and self.max_records < 1:
+            raise ConfigError(f"eval.max_records = {self.max_records}: must be >= 1, or null for every record")
+        if self.on_empty not in ("stop", "train"):
+            raise ConfigError(f"eval.on_empty = {self.on_empty!r}; use stop or train")
+
+    def limit(self, records: list) -> list:
+        return records[: self.max_records] if self.max_records else records
+
+
+@dataclass
 class TrainerConfig:
     """The knobs of a fine-tuning run; `extra` passes any other `transformers.TrainingArguments` field."""
 
@@ -103,7 +154,7 @@ class TrainerConfig:
         if evaluate and self.load_best_model_at_end and self.save_steps % self.eval_steps:
             # the best checkpoint can only be tracked when every save coincides with an evaluation
             steps["save_steps"] = self.eval_steps
-        return TrainingArguments(
+        arguments = dict(
             output_dir=str(output_dir),
             learning_rate=self.learning_rate,
             max_steps=self.max_steps,
@@ -135,5 +186,9 @@ class TrainerConfig:
             disable_tqdm=False,
             **steps,
             **checkpointing,
-            **self.extra,
         )
+        arguments.update(self.extra)  # any other TrainingArguments field, or one of the above on purpose
+        try:
+            return TrainingArguments(**arguments)
+        except (ValueError, TypeError) as err:  # transformers' own checks of these settings
+            raise ConfigError(f"trainer: {err}") from err

@@ -18,15 +18,7 @@ from nvila_ft.training.metrics import compute_metrics
 @dataclass
 class Evaluation:
     scores: dict[str, float]
-    rows: list[dict[str, Any]]  # one per record: origin, id, question, reference, prediction
-
-
-def question_text(record: Record) -> str:
-    prompt = record.prompt()
-    content = prompt[-1]["content"] if prompt else ""
-    if isinstance(content, str):
-        return content
-    return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    rows: list[dict[str, Any]]  # one per record: origin, id, question, question_type, reference, prediction
 
 
 @torch.no_grad()
@@ -70,7 +62,8 @@ def evaluate_records(
     predictions = generate_answers(model, processor, records, batch_size, max_new_tokens, progress)
     references = [r.answer or "" for r in records]
     rows = [
-        {"origin": r.origin, "id": r.id, "question": question_text(r), "reference": ref, "prediction": pred}
+        {"origin": r.origin, "id": r.id, "question": r.question, "question_type": r.question_type,
+         "reference": ref, "prediction": pred}
         for r, ref, pred in zip(records, references, predictions)
     ]
     return Evaluation(compute_metrics(metrics, predictions, references), rows)

@@ -66,6 +66,24 @@ class NVILATrainer(Trainer):
         zero = config.config.get("zero_optimization", {}) if config is not None else {}
         return bool(zero.get("offload_optimizer"))
 
+    # ------------------------------------------------------------------ learning rates
+    def _get_learning_rate(self) -> float:
+        """The scheduled base learning rate (the LLM's unless it has its own), not the first group's (the vision
+        tower's, often 10x smaller): every group follows the same schedule, so one group's ratio gives it."""
+        for group in self.optimizer.param_groups:
+            if group.get("initial_lr"):
+                return self.args.learning_rate * float(group["lr"]) / float(group["initial_lr"])
+        return super()._get_learning_rate()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds each component's current learning rate (`learning_rate/<component>`) beside the base one."""
+        if "learning_rate" in logs and self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                component = str(group.get("name", "")).split("/")[0]
+                if component and f"learning_rate/{component}" not in logs:
+                    logs[f"learning_rate/{component}"] = float(group["lr"])
+        super().log(logs, *args, **kwargs)
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
         positions = inputs.pop("num_positions", None)
         if positions is not None and model.training:
