@@ -2,7 +2,7 @@
 
 A random tiny model cannot show what nvila-ft is for: starting from a pretrained NVILA and adapting it with
 LayerNorm / LoRA / QLoRA policies. So each tiny preset also ships pretrained, in the official checkpoint layout,
-under `assets/pretrained/<preset>/` (1.7 MB each, float32). They are made with nvila-ft itself: the randomly
+under `assets/pretrained/<preset>/` (1.3-1.8 MB each, float32). They are made with nvila-ft itself: the randomly
 initialised preset is fully fine-tuned (`ft_vit_ft_llm`) on the built-in `pretrain_tiny` mixture (single shapes;
 scenes of one to three shapes asked about count, presence, colour, shape, place, or described; moving blocks
 asked about direction and colour), then exported merged. `demo_scan` (synthetic scans: is there a lesion, on
