@@ -185,3 +185,22 @@ def test_time_tokens_switch_training_loss_to_soft_ce(model_and_processor):
     assert abs(float(soft - hard)) > 1e-3  # 100x the tolerance below: the test tells which loss was used
     torch.testing.assert_close(training, soft, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(evaluation, hard, atol=1e-5, rtol=1e-5)
+
+def test_right_padded_prompts_generate_like_left_padded(model_and_processor):
+    model, processor = model_and_processor
+    prompts = [question(4, "Describe the image."), question(5, "What is in the top left corner of this picture?")]
+    left = processor(prompts, add_generation_prompt=True)
+    right = processor(prompts, add_generation_prompt=True, padding_side="right")
+    assert not right["attention_mask"][:, -1].all()
+    assert model.generate(**right, max_new_tokens=8).tolist() == model.generate(**left, max_new_tokens=8).tolist()
+
+
+def test_public_api_names_load_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, nvila_ft; assert 'torch' not in sys.modules; "
+            "from nvila_ft import NVILAForConditionalGeneration, NVILAProcessor, AdapterPolicy, MediaLayout, apply_policy; "
+            "print(NVILAForConditionalGeneration.__name__, NVILAProcessor.__name__, AdapterPolicy.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["NVILAForConditionalGeneration", "NVILAProcessor", "AdapterPolicy"]
