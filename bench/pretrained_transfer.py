@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["ln_vit_lora_llm", "lora_vit_lora_llm", "ln_vit_qlora_llm"])
     parser.add_argument("--steps", type=int, default=500)
     args = parser.parse_args()
-    print(f"| preset | weights | held-out accuracy before -> after | question prior | wall time (s) |\n|---|---|---|---|---|")
+    print("| preset | weights | held-out accuracy before -> after | question prior | wall time (s) |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for preset in args.presets:
             for weights, model in (("pretrained", args.model), ("random", f"{args.model}_random")):

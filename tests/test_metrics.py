@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nvila_ft.training.metrics import (
+from nvila_ft.metrics import (
     METRICS,
     accuracy,
     bleu,

@@ -36,7 +36,7 @@ def test_loss_is_mean_cross_entropy_over_supervised_tokens(model_and_processor):
     batch = processor([question(1, "Colour?", "Red and blue."), [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]])
     with torch.no_grad():
         output = model(**batch)
-        _, _, labels, _ = model.embed(**batch)
+    labels = batch["labels"]  # aligned with the LLM sequence: the processor expanded every media item
     logits = output.logits[:, :-1].reshape(-1, output.logits.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     expected = F.cross_entropy(logits.float(), targets, ignore_index=-100)
@@ -53,7 +53,7 @@ def test_right_and_left_padding_give_the_same_logits(model_and_processor):
     right, left = processor(conversations, padding_side="right"), processor(conversations, padding_side="left")
     with torch.no_grad():
         a, b = model(**right), model(**left)
-        mask_a, mask_b = model.embed(**right)[1].bool(), model.embed(**left)[1].bool()
+        mask_a, mask_b = right["attention_mask"].bool(), left["attention_mask"].bool()
     for i in range(2):
         torch.testing.assert_close(a.logits[i][mask_a[i]], b.logits[i][mask_b[i]], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
@@ -96,10 +96,10 @@ def test_media_count_mismatch_is_an_error(model_and_processor):
     model, processor = model_and_processor
     batch = dict(processor(question(8, "Q", "A.")))
     without = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grids")}
-    with pytest.raises(ValueError, match="more image tokens than image inputs"):
+    with pytest.raises(ValueError, match=r"has 48 image placeholder positions but its images give 0 feature tokens"):
         model(**without)
     extra = dict(batch, pixel_values=torch.cat([batch["pixel_values"]] * 2), image_grids=torch.cat([batch["image_grids"]] * 2))
-    with pytest.raises(ValueError, match="left over"):
+    with pytest.raises(ValueError, match=r"has 48 image placeholder positions but its images give 96 feature tokens"):
         model(**extra)
 
 
@@ -164,7 +164,7 @@ def test_time_tokens_switch_training_loss_to_soft_ce(model_and_processor):
         model.eval()
         with torch.no_grad():
             evaluation = model(**batch).loss
-            _, _, labels, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_grids"])
+            labels = batch["labels"]
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     finally:
         model.config.raw["time_token_ids"] = []
@@ -185,3 +185,22 @@ def test_time_tokens_switch_training_loss_to_soft_ce(model_and_processor):
     assert abs(float(soft - hard)) > 1e-3  # 100x the tolerance below: the test tells which loss was used
     torch.testing.assert_close(training, soft, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(evaluation, hard, atol=1e-5, rtol=1e-5)
+
+def test_right_padded_prompts_generate_like_left_padded(model_and_processor):
+    model, processor = model_and_processor
+    prompts = [question(4, "Describe the image."), question(5, "What is in the top left corner of this picture?")]
+    left = processor(prompts, add_generation_prompt=True)
+    right = processor(prompts, add_generation_prompt=True, padding_side="right")
+    assert not right["attention_mask"][:, -1].all()
+    assert model.generate(**right, max_new_tokens=8).tolist() == model.generate(**left, max_new_tokens=8).tolist()
+
+
+def test_public_api_names_load_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, nvila_ft; assert 'torch' not in sys.modules; "
+            "from nvila_ft import NVILAForConditionalGeneration, NVILAProcessor, AdapterPolicy, MediaLayout, apply_policy; "
+            "print(NVILAForConditionalGeneration.__name__, NVILAProcessor.__name__, AdapterPolicy.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["NVILAForConditionalGeneration", "NVILAProcessor", "AdapterPolicy"]

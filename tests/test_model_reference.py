@@ -101,14 +101,22 @@ def reference_s2_image(model, pixel_values: torch.Tensor, rows: int, cols: int) 
 
 
 def reference_logits(model, input_ids: torch.Tensor, runs: list[torch.Tensor]) -> torch.Tensor:
+    """The LLM on a hand-built sequence: the rows of the media runs ([features; "\n"] per item or frame, as the
+    official encoders build them) at the processor's placeholders, in order; a "\n" row sits where the processor
+    wrote the boundary id after a placeholder run, and must be that id's embedding."""
     embed = model.get_input_embeddings().weight
-    pieces, queue = [], list(runs)
-    for token in input_ids.tolist():
-        if token in (model.token_ids.image, model.token_ids.video):
-            pieces.append(queue.pop(0))
+    placeholders = (model.token_ids.image, model.token_ids.video)
+    rows, pieces, ids = iter([row for run in runs for row in run]), [], input_ids.tolist()
+    for position, token in enumerate(ids):
+        if token in placeholders:
+            pieces.append(next(rows)[None])
+        elif position and ids[position - 1] in placeholders:
+            boundary = next(rows)
+            torch.testing.assert_close(boundary, embed[token])
+            pieces.append(boundary[None])
         else:
             pieces.append(embed[token][None])
-    assert not queue
+    assert next(rows, None) is None
     sequence = torch.cat(pieces)[None]
     return model.llm(inputs_embeds=sequence).logits[0]
 
@@ -124,7 +132,8 @@ def test_dynamic_s2_image_matches_reference():
     assert run.shape[0] == rows * cols * 4 + 1
     expected = reference_logits(model, batch["input_ids"][0], [run])
     actual = model(**batch).logits[0]
-    assert actual.shape == expected.shape == (batch["input_ids"].shape[1] - 1 + run.shape[0], 2048)
+    assert int((batch["input_ids"][0] == model.token_ids.image).sum()) == run.shape[0] - 1  # one placeholder per token
+    assert actual.shape == expected.shape == (batch["input_ids"].shape[1], 2048)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
 
 

@@ -34,6 +34,10 @@ from nvila_ft.model.tokenizer import load_tokenizer, stop_token_ids
 IGNORE = -100
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
 TOKENS_PER_TILE = 4  # tiny presets: 32px tile / 8px patch = 4x4 patches; 2x2 STC -> 2x2, 3x3 STC on 4 padded to 6 -> 2x2
+NL = 198  # "\n", the default end token of every image item and (pooled) video frame (spec §2.8), tiny and Qwen2 alike
+# solid() is 96x64: Dynamic-S2 tiny grid 3 rows x 4 cols at the last scale (aspect 1.5, spec §2.2-2.3) -> 12 tiles
+S2_SOLID_TOKENS = 12 * TOKENS_PER_TILE
+S2_SOLID_RUN = "<image>" * S2_SOLID_TOKENS + "\n"  # the decoded run of that item
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -146,25 +150,71 @@ def supervised_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
     return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
 
 
-def expanded_labels(processor: NVILAProcessor, sample) -> list[int]:
-    """Labels after media expansion, derived independently: every media position -> -100 (spec §2.9 step 4)."""
-    ids = processor.token_ids
-    images = iter(sample.images)
-    videos = iter(sample.videos)
-    out = []
-    for token, label in zip(sample.input_ids, sample.labels):
-        if token == ids.image:
-            out += [IGNORE] * processor.image_item_length(next(images))
-        elif token == ids.video:
-            out += [IGNORE] * processor.video_item_length(next(videos).shape[0])
+def expand(ids: list[int], labels: list[int] | None, runs: dict[int, list[list[int]]]) -> tuple[list[int], list[int] | None]:
+    """Media expansion by hand (spec §2.9 step 4): the k-th text token `t` of a media kind becomes `runs[t][k]`;
+    every run position is unsupervised. Every given run must be used."""
+    queues = {token: list(token_runs) for token, token_runs in runs.items()}
+    out_ids, out_labels = [], []
+    for k, token in enumerate(ids):
+        if token in queues:
+            run = queues[token].pop(0)
+            out_ids += run
+            out_labels += [IGNORE] * len(run)
         else:
-            out.append(label)
-    return out
+            out_ids.append(token)
+            out_labels.append(None if labels is None else labels[k])
+    assert all(not left for left in queues.values()), queues
+    return out_ids, (out_labels if labels is not None else None)
+
+
+def run_text(token: str, tokens: int) -> str:
+    """The decoded run of one media item: a placeholder per feature token, then the end "\n" (spec §2.8)."""
+    return token * tokens + "\n"
+
+
+def placeholder_runs(ids: list[int], placeholder: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of `placeholder` in `ids`."""
+    runs, k = [], 0
+    while k < len(ids):
+        if ids[k] == placeholder:
+            start = k
+            while k < len(ids) and ids[k] == placeholder:
+                k += 1
+            runs.append((start, k - start))
+        else:
+            k += 1
+    return runs
+
+
+def embed_inputs(batch) -> dict:
+    """The batch entries `model.embed` takes: the ids and the media tensors."""
+    keys = ("input_ids", "pixel_values", "image_grids", "video_pixel_values", "video_frame_counts")
+    return {k: v for k, v in batch.items() if k in keys}
 
 
 def embed_length(model, batch) -> list[int]:
-    _, mask, _, _ = model.embed(**batch)
-    return mask.sum(dim=1).tolist()
+    """LLM positions per row; `embed` raises unless the placeholders equal the feature tokens of the batch's media."""
+    with torch.no_grad():
+        embeds = model.embed(**embed_inputs(batch))
+    assert embeds.shape[:2] == batch["input_ids"].shape
+    return batch["attention_mask"].sum(dim=1).tolist()
+
+
+def llm_position_ids(model, batch) -> torch.Tensor:
+    """The position_ids `model(**batch)` hands to the LLM."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["position_ids"] = kwargs.get("position_ids")
+
+    handle = model.llm.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    assert seen["position_ids"] is not None
+    return seen["position_ids"]
 
 
 def colour_value(channel: int) -> float:
@@ -177,26 +227,34 @@ SPEC_31_EXAMPLE = (
     "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
     "<|im_start|>user\n<image>What is this?<|im_end|>\n<|im_start|>assistant\n"
 )
+# the LLM sequence of that prompt with solid(): the "<image>" token expanded into its run
+SPEC_31_EXPANDED = SPEC_31_EXAMPLE.replace("<image>", S2_SOLID_RUN)
 
 
 def test_spec_example_prompt_single_image_dynamic_s2(s2):
     sample = s2.process([user(solid(), "What is this?")], add_generation_prompt=True)
-    assert s2.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == SPEC_31_EXAMPLE
-    assert sample.input_ids == s2.tokenizer(SPEC_31_EXAMPLE).input_ids
+    assert s2.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == SPEC_31_EXPANDED
+    image = s2.token_ids.image
+    run = [image] * S2_SOLID_TOKENS + [NL]
+    assert sample.input_ids == expand(s2.tokenizer(SPEC_31_EXAMPLE).input_ids, None, {image: [run]})[0]
+    assert sample.length == len(sample.input_ids)
     assert sample.labels is None
 
 
 def test_spec_example_prompt_real_qwen2_ids(s2_qwen2, qwen2_tokenizer):
     sample = s2_qwen2.process([user(solid(), "What is this?")], add_generation_prompt=True)
     ids = sample.input_ids
-    assert qwen2_tokenizer.decode(ids, skip_special_tokens=False) == SPEC_31_EXAMPLE
-    assert ids == qwen2_tokenizer(SPEC_31_EXAMPLE).input_ids
-    # spec §3.2 ids
-    assert ids.count(151649) == 1 and 151650 not in ids and 151648 not in ids
+    assert qwen2_tokenizer.decode(ids, skip_special_tokens=False) == SPEC_31_EXPANDED
+    run = [151649] * S2_SOLID_TOKENS + [198]
+    assert ids == expand(qwen2_tokenizer(SPEC_31_EXAMPLE).input_ids, None, {151649: [run]})[0]
+    # spec §3.2 ids; the image placeholder is the `<image>` id, one per feature token
+    assert ids.count(151649) == S2_SOLID_TOKENS and 151650 not in ids and 151648 not in ids
     assert ids[0] == 151644 and ids.count(151645) == 2
     image_at = ids.index(151649)
+    assert placeholder_runs(ids, 151649) == [(image_at, S2_SOLID_TOKENS)]
     assert ids[image_at - 1] == 198  # the "\n" after "user"
-    assert qwen2_tokenizer.decode(ids[image_at + 1 :]).startswith("What is this?")
+    assert ids[image_at + S2_SOLID_TOKENS] == 198  # the image's end token
+    assert qwen2_tokenizer.decode(ids[image_at + S2_SOLID_TOKENS + 1 :]).startswith("What is this?")
     assert ids[-1] == 198 and qwen2_tokenizer.decode(ids[-3:]) == "<|im_start|>assistant\n"
 
 
@@ -209,7 +267,7 @@ def test_real_qwen2_runtime_ids(qwen2_tokenizer, s2_qwen2):
     ids = s2_qwen2.token_ids
     assert (ids.image, ids.video, ids.sentinel, ids.pad, ids.eos, ids.stop) == (151649, 151650, 151648, 151647, 151645, (151645,))
     # the boundary "\n" after each image is one token (spec §2.8)
-    assert s2_qwen2.boundary_lengths["image"] == {"start": 0, "end": 1, "sep": 0}
+    assert s2_qwen2.layout.boundary_ids["image"] == {"start": [], "end": [198], "sep": []}
 
 
 def test_own_system_message_replaces_default(s2):
@@ -259,6 +317,8 @@ def test_labels_supervise_exactly_replies_and_their_im_end(name, which, s2, s2_q
     replies = [a for _, a in turns]
 
     ids, labels = expected_labels(tok, text, replies)
+    image = processor.token_ids.image
+    ids, labels = expand(ids, labels, {image: [[image] * S2_SOLID_TOKENS + [NL]]})
     assert sample.input_ids == ids
     assert sample.labels == labels
     assert supervised_runs(tok, sample.input_ids, sample.labels) == [r + "<|im_end|>" for r in replies]
@@ -274,13 +334,20 @@ def test_labels_supervise_exactly_replies_and_their_im_end(name, which, s2, s2_q
 
 
 def test_labels_of_media_runs_are_ignored_after_expansion(s2_model, s2):
-    messages, _ = _conversation(None, CONVERSATIONS["default-system-2-turns"][1], solid())
+    turns = CONVERSATIONS["default-system-2-turns"][1]
+    messages, chat = _conversation(None, turns, solid())
     sample = s2.process(messages)
     batch = s2.collate([sample])
-    embeds, mask, labels, positions = s2_model.embed(**batch)
+    with torch.no_grad():
+        embeds = s2_model.embed(**embed_inputs(batch))
+    mask, labels = batch["attention_mask"], batch["labels"]
     assert embeds.shape[1] == sample.length == mask.sum().item()
-    assert labels[0].tolist() == expanded_labels(s2, sample)
-    assert positions[0].tolist() == list(range(sample.length))
+    image = s2.token_ids.image
+    ids, expected = expected_labels(s2.tokenizer, render_expected(chat), [a for _, a in turns])
+    ids, expected = expand(ids, expected, {image: [[image] * S2_SOLID_TOKENS + [NL]]})
+    assert batch["input_ids"][0].tolist() == ids
+    assert labels[0].tolist() == expected
+    assert llm_position_ids(s2_model, batch)[0].tolist() == list(range(sample.length))
 
 
 def test_reply_whitespace_is_stripped_before_templating(s2, s2_qwen2):
@@ -294,7 +361,7 @@ def test_reply_whitespace_is_stripped_before_templating(s2, s2_qwen2):
         ]
         sample = processor.process(messages)
         text = render_expected(
-            [("user", "<image>What is this?"), ("assistant", "A red square."), ("user", "Sure?"), ("assistant", "Yes.")]
+            [("user", S2_SOLID_RUN + "What is this?"), ("assistant", "A red square."), ("user", "Sure?"), ("assistant", "Yes.")]
         )
         assert tok.decode(sample.input_ids, skip_special_tokens=False) == text
         assert supervised_runs(tok, sample.input_ids, sample.labels) == ["A red square.<|im_end|>", "Yes.<|im_end|>"]
@@ -305,7 +372,7 @@ def test_whitespace_between_media_and_text_is_kept_like_generate_content(s2):
     whole message value is .strip()-ed, so whitespace right after the media survives (LLaVA records are stripped
     per text earlier, by _remove_media_tokens)."""
     sample = s2.process([user(solid(), "  \n What is this?\t ")], add_generation_prompt=True)
-    text = render_expected([("user", "<image>  \n What is this?")], add_generation_prompt=True)
+    text = render_expected([("user", S2_SOLID_RUN + "  \n What is this?")], add_generation_prompt=True)
     assert s2.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == text
 
 
@@ -412,7 +479,7 @@ def test_llava_record_single_image_string_and_processor_prompt(s2, tmp_path):
     assert messages[0]["content"] == [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}]
     processor = NVILAProcessor(s2.tokenizer, s2.config, media_root=tmp_path)
     sample = processor.process(messages)
-    text = render_expected([("user", "<image>What is this?"), ("assistant", "A cat.")])
+    text = render_expected([("user", S2_SOLID_RUN + "What is this?"), ("assistant", "A cat.")])
     assert processor.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == text
     assert len(sample.images) == 1 and sample.images[0].grid == (3, 4)
 
@@ -431,8 +498,9 @@ def test_llava_record_without_media_and_bad_records():
 
 def test_media_tags_inside_chat_text_are_removed(s2):
     sample = s2.process([user(solid(), "<image> What is this?")], add_generation_prompt=True)
-    assert s2.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == SPEC_31_EXAMPLE
-    assert sample.input_ids.count(s2.token_ids.image) == 1
+    assert s2.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == SPEC_31_EXPANDED
+    image_at = sample.input_ids.index(s2.token_ids.image)
+    assert placeholder_runs(sample.input_ids, s2.token_ids.image) == [(image_at, S2_SOLID_TOKENS)]  # one item
 
 
 def test_normalize_messages_roles_and_parts():
@@ -476,9 +544,16 @@ def test_dynamic_s2_tiny_grid_and_positions(size, cols_rows, s2_model, s2):
     (item,) = sample.images
     assert item.grid == (rows, cols)
     assert item.tiles.shape == (1 + 4 + rows * cols, 3, 32, 32)
-    positions = rows * cols * TOKENS_PER_TILE + 1
-    assert s2.image_item_length(item) == positions
-    assert sample.length == len(sample.input_ids) - 1 + positions
+    tokens = rows * cols * TOKENS_PER_TILE
+    positions = tokens + 1
+    image = s2.token_ids.image
+    run = [image] * tokens + [NL]
+    assert s2.layout.image_run(item.grid) == run
+    plan = s2.layout.image(*size)
+    assert (plan.tiles, plan.grid, plan.items, plan.tokens, plan.positions) == (1 + 4 + rows * cols, (rows, cols), 1, tokens, positions)
+    text_ids = s2.tokenizer(render_expected([("user", "<image>What is this?")], add_generation_prompt=True)).input_ids
+    assert sample.input_ids == expand(text_ids, None, {image: [run]})[0]
+    assert sample.length == len(text_ids) - 1 + positions
     batch = s2(messages, add_generation_prompt=True)
     assert batch["image_grids"].tolist() == [[rows, cols]]
     assert embed_length(s2_model, batch) == [sample.length]
@@ -494,16 +569,24 @@ def test_lite_single_image_3x2_grid_gives_seven_image_newline_pairs(lite_model, 
     tok, ids = lite.tokenizer, sample.input_ids
     image, nl = lite.token_ids.image, tok("\n").input_ids
     assert nl == [198]
-    text = render_expected([("user", "<image>\n" * 7 + "What is this?")], add_generation_prompt=True)
+    # each item: 4 placeholders and its end "\n", then the literal "\n" of the prompt
+    item_text = run_text("<image>", TOKENS_PER_TILE) + "\n"
+    text = render_expected([("user", item_text * 7 + "What is this?")], add_generation_prompt=True)
     assert tok.decode(ids, skip_special_tokens=False) == text
-    at = [k for k, t in enumerate(ids) if t == image]
-    assert len(at) == 7 and all(ids[k + 1] == 198 for k in at)
-    assert at == list(range(at[0], at[0] + 14, 2))
+    runs = placeholder_runs(ids, image)
+    assert [length for _, length in runs] == [TOKENS_PER_TILE] * 7
+    assert all(ids[k + TOKENS_PER_TILE : k + TOKENS_PER_TILE + 2] == [198, 198] for k, _ in runs)  # end, literal
+    at = [k for k, _ in runs]
+    assert at == list(range(at[0], at[0] + 7 * (TOKENS_PER_TILE + 2), TOKENS_PER_TILE + 2))
     assert len(sample.images) == 7 and all(i.tiles.shape == (1, 3, 32, 32) and i.grid is None for i in sample.images)
     # analogue of spec §2.12's 861: 7 tiles * (4 tokens + 1 end) + 7 literal "\n"
     media_positions = 7 * (TOKENS_PER_TILE + 1) + 7
     assert media_positions == 42
-    text_outside = len(ids) - 7 - 7
+    plan = lite.layout.image(96, 64)
+    assert (plan.tiles, plan.grid, plan.items, plan.tokens, plan.positions) == (7, (2, 3), 7, 7 * TOKENS_PER_TILE, 42)
+    text_ids = tok(render_expected([("user", "<image>\n" * 7 + "What is this?")], add_generation_prompt=True)).input_ids
+    assert ids == expand(text_ids, None, {image: [[image] * TOKENS_PER_TILE + [NL]] * 7})[0]
+    text_outside = len(text_ids) - 7 - 7
     assert sample.length == text_outside + media_positions
     batch = lite(messages, add_generation_prompt=True)
     assert batch["image_grids"].tolist() == [[0, 0]] * 7
@@ -513,14 +596,16 @@ def test_lite_single_image_3x2_grid_gives_seven_image_newline_pairs(lite_model, 
 def test_lite_image_only_message_loses_trailing_newline_like_official(lite):
     """dynamic_process_images_and_prompt adds "<image>\\n" per tile, then tokenize_conversation .strip()s the value."""
     sample = lite.process([user(solid())], add_generation_prompt=True)
-    text = render_expected([("user", ("<image>\n" * 7).strip())], add_generation_prompt=True)
+    # the stripped "\n" is the last literal one: the last item still ends with its end "\n"
+    item = run_text("<image>", TOKENS_PER_TILE)
+    text = render_expected([("user", (item + "\n") * 6 + item)], add_generation_prompt=True)
     assert lite.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == text
 
 
 def test_lite_one_tile_image_has_no_thumbnail(lite):
     sample = lite.process([user(solid(size=(32, 32)), "Q")], add_generation_prompt=True)
     assert len(sample.images) == 1
-    text = render_expected([("user", "<image>\nQ")], add_generation_prompt=True)
+    text = render_expected([("user", run_text("<image>", TOKENS_PER_TILE) + "\nQ")], add_generation_prompt=True)
     assert lite.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == text
 
 
@@ -547,7 +632,11 @@ def real_scale_processors():
 def test_real_scale_image_counts_match_spec_table(name, size, embeddings, real_scale_processors):
     processor = real_scale_processors[name]
     items = processor.image_items(Image.new("RGB", size, (9, 99, 199)), tile=True)
-    assert sum(processor.image_item_length(i) for i in items) == embeddings
+    assert sum(len(processor.layout.image_run(i.grid)) for i in items) == embeddings
+    # the plan from sizes alone agrees; NVILA-Lite adds the literal "\n" after each item (spec §2.12: 861)
+    plan = processor.layout.image(*size)
+    assert plan.items == len(items)
+    assert plan.positions == embeddings + (len(items) if name == "nvila-lite-2b" else 0)
 
 
 def test_real_scale_lite_1344x896_prompt_has_861_media_positions(real_scale_processors):
@@ -558,9 +647,15 @@ def test_real_scale_lite_1344x896_prompt_has_861_media_positions(real_scale_proc
 
 
 def test_real_scale_video_counts_match_spec_table(real_scale_processors):
-    assert [real_scale_processors["nvila-8b"].video_item_length(t) for t in (8, 32, 256)] == [2056, 8224, 65792]
-    assert [real_scale_processors["nvila-8b-video"].video_item_length(t) for t in (8, 32, 256)] == [257, 1028, 8224]
-    assert [real_scale_processors["nvila-lite-2b"].video_item_length(t) for t in (8, 32, 256)] == [976, 3904, 31232]
+    def positions(name):
+        layout = real_scale_processors[name].layout
+        counts = [len(layout.video_run(t)) for t in (8, 32, 256)]
+        assert counts == [layout.video_positions(t) for t in (8, 32, 256)]
+        return counts
+
+    assert positions("nvila-8b") == [2056, 8224, 65792]
+    assert positions("nvila-8b-video") == [257, 1028, 8224]
+    assert positions("nvila-lite-2b") == [976, 3904, 31232]
 
 
 # ================================================================================ multi-image rule
@@ -569,8 +664,14 @@ def test_generation_prompt_with_two_images_uses_single_tiles(s2_model, s2):
     sample = s2.process(messages, add_generation_prompt=True)
     assert [i.grid for i in sample.images] == [None, None]
     assert [tuple(i.tiles.shape) for i in sample.images] == [(1, 3, 32, 32)] * 2
-    assert [s2.image_item_length(i) for i in sample.images] == [TOKENS_PER_TILE + 1] * 2
-    assert sample.length == len(sample.input_ids) - 2 + 2 * (TOKENS_PER_TILE + 1)
+    image = s2.token_ids.image
+    run = [image] * TOKENS_PER_TILE + [NL]
+    assert [s2.layout.image_run(i.grid) for i in sample.images] == [run] * 2
+    assert [len(s2.layout.image_run(i.grid)) for i in sample.images] == [TOKENS_PER_TILE + 1] * 2
+    text = render_expected([("user", "<image><image>Compare.")], add_generation_prompt=True)
+    text_ids = s2.tokenizer(text).input_ids
+    assert sample.input_ids == expand(text_ids, None, {image: [run, run]})[0]
+    assert sample.length == len(text_ids) - 2 + 2 * (TOKENS_PER_TILE + 1)
     batch = s2(messages, add_generation_prompt=True)
     assert batch["image_grids"].tolist() == [[0, 0], [0, 0]]
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
@@ -582,22 +683,29 @@ def test_training_sample_with_two_images_tiles_both(s2_model, s2):
     sample = s2.process(messages)
     assert [i.grid for i in sample.images] == [(3, 4), (4, 3)]
     assert [i.tiles.shape[0] for i in sample.images] == [17, 17]
-    assert sample.length == len(sample.input_ids) - 2 + 2 * (12 * TOKENS_PER_TILE + 1)
+    image = s2.token_ids.image
+    run = [image] * 12 * TOKENS_PER_TILE + [NL]
+    text = render_expected([("user", "<image><image>Compare."), ("assistant", "Red and blue.")])
+    text_ids, text_labels = expected_labels(s2.tokenizer, text, ["Red and blue."])
+    assert (sample.input_ids, sample.labels) == expand(text_ids, text_labels, {image: [run, run]})
+    assert sample.length == len(text_ids) - 2 + 2 * (12 * TOKENS_PER_TILE + 1)
     batch = s2.collate([sample])
     assert batch["image_grids"].tolist() == [[3, 4], [4, 3]]
     assert embed_length(s2_model, batch) == [sample.length]
 
 
-def test_lite_generation_with_two_images_is_not_expanded(lite):
+def test_lite_generation_with_two_images_is_not_tiled(lite):
     sample = lite.process([user(solid(), solid(), "Compare.")], add_generation_prompt=True)
-    text = render_expected([("user", "<image><image>Compare.")], add_generation_prompt=True)
+    # one resized tile each, no literal "\n" after them
+    text = render_expected([("user", run_text("<image>", TOKENS_PER_TILE) * 2 + "Compare.")], add_generation_prompt=True)
     assert lite.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == text
     assert len(sample.images) == 2
 
 
 def test_lite_training_with_two_images_expands_each(lite):
     sample = lite.process([user(solid(), solid(size=(32, 32)), "Compare."), assistant("Same.")])
-    text = render_expected([("user", "<image>\n" * 7 + "<image>\n" + "Compare."), ("assistant", "Same.")])
+    item = run_text("<image>", TOKENS_PER_TILE) + "\n"  # each tile: its run, then the literal "\n"
+    text = render_expected([("user", item * 7 + item + "Compare."), ("assistant", "Same.")])
     assert lite.tokenizer.decode(sample.input_ids, skip_special_tokens=False) == text
     assert len(sample.images) == 8
 
@@ -616,14 +724,22 @@ def test_basic_video_encoder_counts_frames_times_tokens_plus_end(s2_model, s2, c
     sample = s2.process(messages)
     (frames,) = sample.videos
     assert frames.shape == (8, 3, 32, 32)  # num_video_frames of the preset
-    assert s2.video_item_length(8) == 8 * (TOKENS_PER_TILE + 1)
-    assert sample.input_ids.count(s2.token_ids.video) == 1
-    assert sample.length == len(sample.input_ids) - 1 + 40
+    video = s2.token_ids.video
+    run = ([video] * TOKENS_PER_TILE + [NL]) * 8  # per frame: its tokens, then the end "\n"
+    assert s2.layout.video_run(8) == run
+    assert len(s2.layout.video_run(8)) == s2.layout.video_positions(8) == 8 * (TOKENS_PER_TILE + 1)
+    assert s2.layout.video_tokens(8) == 8 * TOKENS_PER_TILE
+    assert sample.input_ids.count(video) == 8 * TOKENS_PER_TILE
+    text = render_expected([("user", "<vila/video>What happens?"), ("assistant", "Noise.")])
+    text_ids, text_labels = expected_labels(s2.tokenizer, text, ["Noise."])
+    ids, labels = expand(text_ids, text_labels, {video: [run]})
+    assert (sample.input_ids, sample.labels) == (ids, labels)
+    assert sample.length == len(text_ids) - 1 + 40
     batch = s2.collate([sample])
     assert batch["video_frame_counts"].tolist() == [8]
-    embeds, mask, labels, _ = s2_model.embed(**batch)
-    assert mask.sum().item() == sample.length
-    assert labels[0].tolist() == expanded_labels(s2, sample)
+    assert embed_length(s2_model, batch) == [sample.length]
+    assert batch["attention_mask"].sum().item() == sample.length
+    assert batch["labels"][0].tolist() == labels
 
 
 def test_tsp_video_pools_16_frames_into_two(video_model, clip):
@@ -631,8 +747,16 @@ def test_tsp_video_pools_16_frames_into_two(video_model, clip):
     messages = [user({"type": "video", "video": str(clip)}, "What happens?")]
     sample = processor.process(messages, add_generation_prompt=True)
     assert sample.videos[0].shape[0] == 16
-    assert processor.video_item_length(16) == 2 * (TOKENS_PER_TILE + 1) == 10
-    assert sample.length == len(sample.input_ids) - 1 + 10
+    video = processor.token_ids.video
+    # pool 8x1x1: 16 frames -> 2 pooled frames of 2x2 tokens, each followed by the end "\n"; no separator
+    run = ([video] * TOKENS_PER_TILE + [NL]) * 2
+    assert processor.layout.video_run(16) == run
+    assert len(processor.layout.video_run(16)) == 2 * (TOKENS_PER_TILE + 1) == 10
+    text_ids = processor.tokenizer(
+        render_expected([("user", "<vila/video>What happens?")], add_generation_prompt=True)
+    ).input_ids
+    assert sample.input_ids == expand(text_ids, None, {video: [run]})[0]
+    assert sample.length == len(text_ids) - 1 + 10
     assert embed_length(video_model, processor(messages, add_generation_prompt=True)) == [sample.length]
 
 
@@ -645,6 +769,44 @@ def test_tsp_frame_count_not_divisible_names_the_source(video_model, clip):
     frames = [solid((k * 10, 0, 0)) for k in range(20)]
     with pytest.raises(SampleError, match="frames list"):
         processor.process([user({"type": "video", "video": frames}, "Q")], add_generation_prompt=True)
+
+
+# =================================================================================== placeholder runs
+@pytest.mark.parametrize(
+    "case, kind, media_text, runs",
+    [
+        ("dynamic-s2-image", "image", "<image>", [12 * TOKENS_PER_TILE]),  # one item: 3x4 tiles at the last scale
+        ("lite-image-with-thumbnail", "image", "<image>\n" * 7, [TOKENS_PER_TILE] * 7),  # 3x2 tiles + thumbnail
+        ("basic-video", "video", "<vila/video>", [TOKENS_PER_TILE] * 8),  # 8 frames, one run each
+        ("tsp-video", "video", "<vila/video>", [TOKENS_PER_TILE] * 2),  # 16 frames pooled 8x1x1 -> 2 runs
+    ],
+    ids=["dynamic-s2-image", "lite-image-with-thumbnail", "basic-video", "tsp-video"],
+)
+def test_processor_ids_hold_exactly_the_expected_placeholder_runs(case, kind, media_text, runs, s2, lite, video_model, clip):
+    processor = {"dynamic-s2-image": s2, "lite-image-with-thumbnail": lite, "basic-video": s2}.get(case)
+    processor = processor or NVILAProcessor(video_model.tokenizer, video_model.config)
+    media = solid() if kind == "image" else {"type": "video", "video": str(clip)}
+    sample = processor.process([user(media, "What is this?"), assistant("A red square.")])
+    ids, labels = sample.input_ids, sample.labels
+    placeholder = getattr(processor.token_ids, kind)
+    other = processor.token_ids.video if kind == "image" else processor.token_ids.image
+    found = placeholder_runs(ids, placeholder)
+    assert [length for _, length in found] == runs
+    assert ids.count(placeholder) == sum(runs) and other not in ids
+    in_runs = set()
+    for start, length in found:
+        assert ids[start + length] == NL  # each run ends with its end "\n"
+        in_runs.update(range(start, start + length + 1))
+    assert all(labels[k] == IGNORE for k in sorted(in_runs))
+    # outside the runs: the rendered text with its media tokens taken out, labelled as before expansion
+    text = render_expected([("user", media_text + "What is this?"), ("assistant", "A red square.")])
+    text_ids, text_labels = expected_labels(processor.tokenizer, text, ["A red square."])
+    media_tokens = text_ids.count(placeholder)
+    assert media_tokens == (7 if case.startswith("lite") else 1)
+    kept = [k for k in range(len(ids)) if k not in in_runs]
+    assert [ids[k] for k in kept] == [t for t in text_ids if t != placeholder]
+    assert [labels[k] for k in kept] == [l for t, l in zip(text_ids, text_labels) if t != placeholder]
+    assert sample.length == len(ids) == len(text_ids) - media_tokens + sum(length + 1 for length in runs)
 
 
 # ======================================================================================== batching
@@ -684,12 +846,15 @@ def test_generation_batch_is_left_padded_with_single_tile_grids(s2_model, s2):
     means = batch["pixel_values"].mean(dim=(2, 3))
     expected = torch.tensor([[colour_value(c) for c in rgb] for rgb in ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))])
     assert torch.allclose(means, expected, atol=1e-3)
-    embeds, mask, _, positions = s2_model.embed(**batch)
+    mask = batch["attention_mask"]
     lengths = [s.length for s in samples]
-    assert mask.sum(dim=1).tolist() == lengths
+    assert embed_length(s2_model, batch) == lengths
     width = max(lengths)
+    assert batch["input_ids"].shape[1] == width
     assert mask[0].tolist() == [0] * (width - lengths[0]) + [1] * lengths[0]  # stays left padded
+    positions = llm_position_ids(s2_model, batch)
     assert positions[0, width - lengths[0] :].tolist() == list(range(lengths[0]))
+    assert positions[1].tolist() == list(range(width))
 
 
 def test_from_pretrained_processor_matches(tmp_path, s2):
@@ -792,13 +957,17 @@ def test_media_outside_media_root_is_rejected(s2, tmp_path):
 
 # ====================================================================================== model embed
 def test_embed_refuses_media_token_count_mismatch(s2_model, s2):
-    batch = dict(s2([user(solid(), "What is this?")], add_generation_prompt=True))
+    batch = embed_inputs(s2([user(solid(), "What is this?")], add_generation_prompt=True))
+    placeholders = f"the batch has {S2_SOLID_TOKENS} image placeholder positions but its images give"
+    with torch.no_grad():
+        assert s2_model.embed(**batch).shape[1] == batch["input_ids"].shape[1]  # the matching inputs embed
     without = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grids")}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"{placeholders} 0 feature tokens"):
         s2_model.embed(**without)
+    # two single tiles instead of the 3x4 Dynamic-S2 item
     extra = dict(s2([user(solid(), solid(), "Two?")], add_generation_prompt=True))
     mismatch = {**batch, "pixel_values": extra["pixel_values"], "image_grids": extra["image_grids"]}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"{placeholders} {2 * TOKENS_PER_TILE} feature tokens"):
         s2_model.embed(**mismatch)
     # an extra image on top of the right one
     more = {
@@ -806,7 +975,7 @@ def test_embed_refuses_media_token_count_mismatch(s2_model, s2):
         "pixel_values": torch.cat([batch["pixel_values"], extra["pixel_values"][:1]]),
         "image_grids": torch.cat([batch["image_grids"], torch.zeros(1, 2, dtype=torch.long)]),
     }
-    with pytest.raises(ValueError, match="left over"):
+    with pytest.raises(ValueError, match=f"{placeholders} {S2_SOLID_TOKENS + TOKENS_PER_TILE} feature tokens"):
         s2_model.embed(**more)
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvila_ft.model import multiscale
-from nvila_ft.model.multiscale import merge_scales, merge_tiles, output_grid, split_tiles, tokens_to_map
+from nvila_ft.model.media_layout import output_grid
+from nvila_ft.model.multiscale import merge_scales, merge_tiles, split_tiles, tokens_to_map
 from nvila_ft.model.projector import MultimodalProjector, SpatialToChannel, build_projector_layers
 
 

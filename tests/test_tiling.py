@@ -17,15 +17,8 @@ import torch
 from PIL import Image
 
 from nvila_ft.data.pixels import PixelNormalizer
-from nvila_ft.data.tiling import (
-    candidate_grids,
-    closest_grid,
-    cut_grid,
-    dynamic_s2_tiles,
-    dynamic_tiles,
-    pad_to_square,
-    s2_tile_count,
-)
+from nvila_ft.data.tiling import cut_grid, dynamic_s2_tiles, dynamic_tiles, pad_to_square
+from nvila_ft.model.media_layout import candidate_grids, closest_grid, s2_tile_count
 
 TILE = 448
 SCALES = [448, 896, 1344]

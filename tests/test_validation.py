@@ -260,7 +260,8 @@ def test_a_media_tag_written_in_an_answer_is_text(tmp_path, processor):
     assert record.meta["media_tags"] == {"image": 1, "video": 0}
     assert validate_records([record], processor).ok
     sample = processor.process(record.messages, media_root=record.media_root)
-    assert sample.input_ids.count(processor.token_ids.image) == 1 and processor.token_ids.video not in sample.input_ids
+    # placeholders only for the one image (a 3x3 Dynamic-S2 grid, 4 tokens a tile), none from the answer's text
+    assert sample.input_ids.count(processor.token_ids.image) == 36 and processor.token_ids.video not in sample.input_ids
     target = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
     assert processor.tokenizer.decode(target) == "The <image> tag; not <vila/video>.<|im_end|>"
 

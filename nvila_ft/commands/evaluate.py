@@ -23,7 +23,7 @@ from nvila_ft.training.baselines import baseline_scores, describe_baselines, des
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
-from nvila_ft.training.metrics import format_scores
+from nvila_ft.metrics import format_scores
 
 
 def evaluate(cfg: DictConfig) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -22,14 +23,15 @@ from nvila_ft.commands.common import (
     seed_everything,
 )
 from nvila_ft.data.dataset import Collator, ConversationDataset
+from nvila_ft.data.packing import LengthGroupedSampler, PackedBatchSampler, PackingError
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
 from nvila_ft.training.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
-from nvila_ft.training.config import ConfigError
+from nvila_ft.training.config import ConfigError, DataOptions
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.deepspeed import ensure_single_process_env, gathered_parameters, is_main_process
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
-from nvila_ft.training.metrics import format_scores
+from nvila_ft.metrics import format_scores
 from nvila_ft.training.plots import plot_history
 from nvila_ft.training.trainer import build_trainer, complete_checkpoints, remove_incomplete_checkpoints
 
@@ -123,7 +125,9 @@ def finetune(cfg: DictConfig) -> float | None:
 
     # 4. train
     eval_dataset = ConversationDataset(validation, processor) if validation else None
-    trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, Collator(processor))
+    sampler = train_sampler(data_options, train, check.train.lengths if check else [], trainer_config.per_device_train_batch_size, cfg.seed)
+    collator = Collator(processor, max_tokens=data_options.max_tokens if data_options.packing else None)
+    trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, collator, train_sampler=sampler)
     result = trainer.train(resume_from_checkpoint=resume)
     with gathered_parameters(model):
         if is_main_process():
@@ -155,3 +159,19 @@ def finetune(cfg: DictConfig) -> float | None:
     log.info("run directory: %s", run_dir)
     return metrics.get("after_training", {}).get(objective)
 
+
+
+def train_sampler(options: DataOptions, records: list, lengths: list[int], batch_size: int, seed: int) -> Any:
+    """Micro-batches of `batch_size` packed rows of up to `data.max_tokens` positions (data.packing), batches of one
+    modality and similar length (data.group_by_length), or None (the Trainer's shuffled order)."""
+    if options.packing:
+        try:
+            sampler = PackedBatchSampler(lengths, options.max_tokens, batch_size, seed, [r.name for r in records])
+        except PackingError as err:
+            raise ConfigError(str(err)) from err
+        log.info("packing: %d samples into %d rows of up to %d positions (%.0f%% left empty), %d rows per micro-batch",
+                 len(records), len(sampler.packs), options.max_tokens, 100 * sampler.empty_share, batch_size)
+        return sampler
+    if options.group_by_length:
+        return LengthGroupedSampler(lengths, [r.modality for r in records], batch_size, seed)
+    return None

@@ -2,8 +2,10 @@
 
 Per sample: media are loaded and tiled by the checkpoint's `image_aspect_ratio`, the conversation is
 rendered with the checkpoint tokenizer's chat template (one `<image>` / `<vila/video>` token per media
-item), tokenised, and labelled (assistant replies and their closing token supervised). Batches are padded
-on the requested side; the media of the batch are concatenated in reading order.
+item), tokenised and labelled (assistant replies and their closing token supervised); then each media token
+is expanded into the item's run of positions from `nvila_ft.model.media_layout` (its boundary text as ids and
+one placeholder per feature token, all unsupervised), so `len(input_ids)` is the LLM sequence. Batches are
+padded on the requested side; the media of the batch are concatenated in reading order.
 
 Which images are tiled (Dynamic-S2 / NVILA-Lite) follows the official code unless told otherwise:
 training samples tile every image; a generation prompt tiles its image only when it holds exactly one
@@ -27,8 +29,7 @@ from nvila_ft.data.media import MediaError, load_image, load_video
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
 from nvila_ft.model.config import NVILAConfig
-from nvila_ft.model.media_encoders import video_length
-from nvila_ft.model.multiscale import output_grid
+from nvila_ft.model.media_layout import MediaLayout
 from nvila_ft.model.tokenizer import (
     IGNORE_INDEX,
     MEDIA_TOKENS,
@@ -65,12 +66,16 @@ class ImageItem:
 
 @dataclass
 class ProcessedSample:
-    input_ids: list[int]
+    input_ids: list[int]  # the LLM sequence: text ids and each media item's run of placeholders
     labels: list[int] | None
     images: list[ImageItem] = field(default_factory=list)
     videos: list[torch.Tensor] = field(default_factory=list)
-    length: int = 0  # LLM positions after media expansion
     notes: list[str] = field(default_factory=list)  # how media were converted (e.g. 16-bit rescaled), for reports
+
+    @property
+    def length(self) -> int:
+        """LLM positions."""
+        return len(self.input_ids)
 
 
 class NVILAProcessor:
@@ -101,11 +106,7 @@ class NVILAProcessor:
             # as the released NVILA code: frames are sampled uniformly and each is one resized tile
             logger.warning("config.json asks for fps sampling or tiled video frames (VILA after the NVILA release); "
                            "using the release behaviour: %d uniform frames, one tile each", self.num_video_frames)
-        self.boundary_lengths = {
-            kind: {part: len(encode(tokenizer, text)) if text else 0 for part, text in (
-                ("start", spec.start_tokens), ("end", spec.end_tokens), ("sep", spec.sep_tokens))}
-            for kind, spec in (("image", config.image_encoder), ("video", config.video_encoder))
-        }
+        self.layout = MediaLayout.from_tokenizer(config, tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "NVILAProcessor":
@@ -140,18 +141,6 @@ class NVILAProcessor:
         """[T, 3, S, S] for a video file, a folder of frames or a list of frames."""
         frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.intensity_window)
         return torch.cat([self._single_tile(frame) for frame in frames])
-
-    def image_item_length(self, item: ImageItem) -> int:
-        """LLM positions one image item takes (tokens plus its boundary tokens)."""
-        config = self.config
-        grid = (1, 1)
-        if item.grid is not None:
-            grid = output_grid(config.s2_scales, item.grid, config.s2_resize_output_to_scale_idx)
-        ends = self.boundary_lengths["image"]
-        return grid[0] * grid[1] * config.tokens_per_tile + ends["start"] + ends["end"]
-
-    def video_item_length(self, frames: int) -> int:
-        return video_length(self.config.video_encoder, frames, self.config.tokens_per_tile, self.boundary_lengths["video"])
 
     # ------------------------------------------------------------------ one sample
     def process(
@@ -191,15 +180,32 @@ class NVILAProcessor:
         if add_generation_prompt and chat[-1]["role"] == "assistant":
             raise SampleError(f"{sample_id}: a generation prompt must end with a user message", kind="structure")
 
-        input_ids = encode(self.tokenizer, render(self.tokenizer, chat, add_generation_prompt))
+        text_ids = encode(self.tokenizer, render(self.tokenizer, chat, add_generation_prompt))
         labels = (
-            supervised_labels(self.tokenizer, chat, input_ids, self.official_label_matching) if with_labels else None
+            supervised_labels(self.tokenizer, chat, text_ids, self.official_label_matching) if with_labels else None
         )
         if labels is not None and all(label == IGNORE_INDEX for label in labels):
             raise SampleError(f"{sample_id}: no token is supervised (the chat template did not match the answers)", kind="no_answer")
-        sample.input_ids, sample.labels = input_ids, labels
-        self._fit(sample, truncate and with_labels, sample_id)
+        media_end = self._expand(sample, text_ids, labels)
+        self._fit(sample, media_end, truncate and with_labels, sample_id)
         return sample
+
+    def _expand(self, sample: ProcessedSample, text_ids: list[int], labels: list[int] | None) -> int:
+        """Replace each media token by its item's run (unsupervised); returns where the last run ends."""
+        runs = {
+            self.token_ids.image: iter([self.layout.image_run(item.grid) for item in sample.images]),
+            self.token_ids.video: iter([self.layout.video_run(video.shape[0]) for video in sample.videos]),
+        }
+        ids, expanded_labels, media_end = [], [] if labels is not None else None, 0
+        for position, token in enumerate(text_ids):
+            run = next(runs[token]) if token in runs else [token]
+            ids += run
+            if expanded_labels is not None:
+                expanded_labels += [IGNORE_INDEX] * len(run) if token in runs else [labels[position]]
+            if token in runs:
+                media_end = len(ids)
+        sample.input_ids, sample.labels = ids, expanded_labels
+        return media_end
 
     def _part_text(self, part: Part, sample: ProcessedSample, tile: bool, where: str, root: Path | None) -> str:
         if part.kind == "text":
@@ -223,34 +229,23 @@ class NVILAProcessor:
 
     def _check_video(self, frames: int, source: Any) -> None:
         try:
-            self.video_item_length(frames)
+            self.layout.video_pools(frames)
         except ValueError as err:
             name = source if isinstance(source, (str, os.PathLike)) else "<frames list>"
             raise MediaError(f"{name}: {frames} frames decoded; {err}", kind="video_frames") from err
 
-    def _fit(self, sample: ProcessedSample, truncate: bool, sample_id: str) -> None:
-        """Check (and for training samples, cut) the expanded length against `model_max_length`."""
-        ids = self.token_ids
-        image_runs = iter([self.image_item_length(i) for i in sample.images])
-        video_runs = iter([self.video_item_length(v.shape[0]) for v in sample.videos])
-        sizes = [
-            next(image_runs) if t == ids.image else next(video_runs) if t == ids.video else 1 for t in sample.input_ids
-        ]
-        sample.length = sum(sizes)
+    def _fit(self, sample: ProcessedSample, media_end: int, truncate: bool, sample_id: str) -> None:
+        """Check (and for training samples, cut) the length against `model_max_length`; a cut may not go through
+        a media item's run (`media_end`: where the last one ends)."""
         if sample.length <= self.model_max_length:
             return
         need = f"{sample_id}: needs {sample.length} positions after media expansion, model_max_length is {self.model_max_length}"
         if not truncate:
             raise SampleError(need, kind="too_long")
-        kept, total = 0, 0
-        while total + sizes[kept] <= self.model_max_length:
-            total += sizes[kept]
-            kept += 1
-        if any(t in (ids.image, ids.video) for t in sample.input_ids[kept:]):
+        if media_end > self.model_max_length:
             raise SampleError(f"{need}; cutting it would go through a media item", kind="too_long")
-        sample.input_ids = sample.input_ids[:kept]
-        sample.labels = sample.labels[:kept] if sample.labels is not None else None
-        sample.length = total
+        sample.input_ids = sample.input_ids[: self.model_max_length]
+        sample.labels = sample.labels[: self.model_max_length] if sample.labels is not None else None
         if sample.labels is not None and all(label == IGNORE_INDEX for label in sample.labels):
             raise SampleError(f"{need}; after cutting, no answer token is left", kind="too_long")
 
@@ -273,15 +268,25 @@ class NVILAProcessor:
         data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if labels is not None:
             data["labels"] = labels
-        images = [item for s in samples for item in s.images]
-        if images:
-            data["pixel_values"] = torch.cat([item.tiles for item in images])
-            data["image_grids"] = torch.tensor([item.grid or (0, 0) for item in images], dtype=torch.long)
-        videos = [video for s in samples for video in s.videos]
-        if videos:
-            data["video_pixel_values"] = torch.cat(videos)
-            data["video_frame_counts"] = torch.tensor([v.shape[0] for v in videos], dtype=torch.long)
-        return BatchFeature(data)
+        return BatchFeature(data | _media_tensors(samples))
+
+    def pack(self, rows: list[list[ProcessedSample]]) -> BatchFeature:
+        """Training samples packed into rows: each row holds its samples one after another, with position ids
+        restarting at 0 for each sample and no attention mask, so that attention stays within each sample. Rows
+        are padded to the longest (padding: its own positions, label -100); media in reading order."""
+        if any(s.labels is None for row in rows for s in row):
+            raise ValueError("only training samples (with labels) are packed")
+        longest = max(sum(s.length for s in row) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.token_ids.pad, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, row in enumerate(rows):
+            used = sum(s.length for s in row)
+            input_ids[r, :used] = torch.tensor([t for s in row for t in s.input_ids])
+            labels[r, :used] = torch.tensor([t for s in row for t in s.labels])
+            position_ids[r] = torch.tensor([i for s in row for i in range(s.length)] + list(range(longest - used)))
+        data = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return BatchFeature(data | _media_tensors([s for row in rows for s in row]))
 
     def __call__(
         self,
@@ -309,6 +314,20 @@ class NVILAProcessor:
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip()
+
+
+def _media_tensors(samples: list[ProcessedSample]) -> dict[str, torch.Tensor]:
+    """The media of a batch, concatenated in reading order (the order of their placeholders)."""
+    data = {}
+    images = [item for s in samples for item in s.images]
+    if images:
+        data["pixel_values"] = torch.cat([item.tiles for item in images])
+        data["image_grids"] = torch.tensor([item.grid or (0, 0) for item in images], dtype=torch.long)
+    videos = [video for s in samples for video in s.videos]
+    if videos:
+        data["video_pixel_values"] = torch.cat(videos)
+        data["video_frame_counts"] = torch.tensor([v.shape[0] for v in videos], dtype=torch.long)
+    return data
 
 
 def _default_max_length(tokenizer: Any, config: NVILAConfig) -> int:

@@ -42,6 +42,16 @@ class Record:
         return " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
 
     @property
+    def modality(self) -> str:
+        """"video" when the record has a video, else "image" when it has an image, else "text"."""
+        kinds = {
+            part.get("type")
+            for message in self.messages if isinstance(message.get("content"), list)
+            for part in message["content"] if isinstance(part, dict)
+        }
+        return "video" if "video" in kinds else "image" if "image" in kinds else "text"
+
+    @property
     def question_type(self) -> str | None:
         """The record's question type when its data gives one (a `question_type` field or column)."""
         value = self.meta.get("question_type")

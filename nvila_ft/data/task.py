@@ -11,6 +11,7 @@ from typing import Any
 
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import split_records
+from nvila_ft.metrics import METRICS
 
 
 @dataclass
@@ -40,8 +41,6 @@ class Task:
 
     def __post_init__(self) -> None:
         self.metrics = [str(m) for m in ([self.metrics] if isinstance(self.metrics, str) else self.metrics)]
-        from nvila_ft.training.metrics import METRICS
-
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"task.metrics: unknown {unknown} (known: {', '.join(METRICS)})")

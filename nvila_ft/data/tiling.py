@@ -1,8 +1,7 @@
-"""Cutting an image into the square tiles the vision tower sees (pure PIL, no model needed).
+"""Cutting an image into the square tiles the vision tower sees (pure PIL).
 
-Grid choice and tile order follow the official NVILA preprocessing: candidate grids are (columns, rows)
-pairs sorted by tile count, the closest aspect ratio wins, ties go to the larger grid only when the image
-has enough pixels for it. Every resize is PIL's bicubic, as `Image.resize` without a filter is for RGB.
+The grid comes from `nvila_ft.model.media_layout` (the official grid choice); tiles are cut row-major. Every
+resize is PIL's bicubic, as `Image.resize` without a filter is for RGB.
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from PIL import Image
+
+from nvila_ft.model.media_layout import candidate_grids, closest_grid
 
 
 @dataclass(frozen=True)
@@ -21,35 +22,6 @@ class TiledImage:
 
     tiles: list[Image.Image]
     grid: tuple[int, int] | None = None
-
-
-def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
-    """(cols, rows) grids with min_tiles <= cols*rows <= max_tiles, in the official order.
-
-    The official code builds a Python set and sorts it by tile count; sort is stable, so grids with the
-    same count keep the set's iteration order, which decides ties. We build the set the same way.
-    """
-    grids = {
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_tiles <= i * j <= max_tiles
-    }
-    return sorted(grids, key=lambda g: g[0] * g[1])
-
-
-def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile_size: int) -> tuple[int, int]:
-    """The (cols, rows) grid whose aspect ratio is closest to width/height."""
-    aspect = width / height
-    best, best_diff = (1, 1), float("inf")
-    for cols, rows in grids:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best, best_diff = (cols, rows), diff
-        elif diff == best_diff and width * height > 0.5 * tile_size * tile_size * cols * rows:
-            best = (cols, rows)
-    return best
 
 
 def cut_grid(image: Image.Image, cols: int, rows: int, tile_size: int) -> list[Image.Image]:
@@ -99,7 +71,3 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
 
-
-def s2_tile_count(scales: list[int], grid: tuple[int, int]) -> int:
-    """Tiles one Dynamic-S2 image sends through the tower: square scales plus the last scale's grid."""
-    return sum((s // scales[0]) ** 2 for s in scales[:-1]) + grid[0] * grid[1]

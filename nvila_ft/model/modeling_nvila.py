@@ -1,9 +1,11 @@
-"""NVILA: SigLIP tiles -> (Dynamic-S2 merge) -> STC projector -> media embeddings spliced into Qwen2's input.
+"""NVILA: SigLIP tiles -> (Dynamic-S2 merge) -> STC projector -> media features scattered into Qwen2's input.
 
 Batch inputs, as `NVILAProcessor` produces them:
-  input_ids [B, L]            text ids with one `<image>` / `<vila/video>` token per media item
-  attention_mask [B, L]       1 for real tokens (left or right padding)
-  labels [B, L]               optional; -100 where not supervised
+  input_ids [B, L]            the LLM sequence: text ids, and for each media item its run of placeholder ids
+                              (`<image>` / `<vila/video>`, one per feature token) with its boundary text as ids
+  attention_mask [B, L]       1 for real tokens (left or right padding); None with `position_ids` for packed rows
+  labels [B, L]               optional; -100 where not supervised (every media run)
+  position_ids [B, L]         optional; restarting at 0 for each sample of a packed row
   pixel_values [n, 3, S, S]   every image tile of the batch, items in reading order
   image_grids [items, 2]      (rows, cols) of a Dynamic-S2 item's last-scale grid; (0, 0) for a single tile
   video_pixel_values [f, 3, S, S], video_frame_counts [videos]
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,12 @@ from nvila_ft.model.checkpoint import (
 )
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.losses import soft_cross_entropy
-from nvila_ft.model.media_encoders import encode_video, with_boundaries
-from nvila_ft.model.multiscale import merge_scales, merge_tiles, output_grid, split_tiles, tokens_to_map
+from nvila_ft.model.media_encoders import video_features
+from nvila_ft.model.media_layout import output_grid, s2_tile_count
+from nvila_ft.model.multiscale import merge_scales, merge_tiles, split_tiles, tokens_to_map
 from nvila_ft.model.projector import MultimodalProjector
-from nvila_ft.model.tokenizer import IGNORE_INDEX, encode, load_tokenizer, token_ids
+from nvila_ft.model.tokenizer import load_tokenizer, token_ids
 from nvila_ft.model.vision_tower import VisionTower
-from nvila_ft.data.tiling import s2_tile_count
 
 
 class NVILAForConditionalGeneration(nn.Module):
@@ -65,14 +66,6 @@ class NVILAForConditionalGeneration(nn.Module):
         self.tokenizer = tokenizer
         self.token_ids = token_ids(tokenizer)
         self.extra_files = dict(extra_files or {})
-        # token ids of the text framing each media item ("\n" after every image / frame by default)
-        self.boundary_ids = {
-            kind: {
-                part: encode(tokenizer, text) if text else None
-                for part, text in (("start", spec.start_tokens), ("end", spec.end_tokens), ("sep", spec.sep_tokens))
-            }
-            for kind, spec in (("image", config.image_encoder), ("video", config.video_encoder))
-        }
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -159,25 +152,22 @@ class NVILAForConditionalGeneration(nn.Module):
         return any(getattr(m, "gradient_checkpointing", False) for m in self.llm.modules())
 
     # ------------------------------------------------------------------ media
-    def _embed_ids(self, ids: list[int] | None) -> torch.Tensor | None:
-        if not ids:
-            return None
-        return self.get_input_embeddings()(torch.tensor(ids, device=self.device))
-
     def _vision_dtype(self) -> torch.dtype:
         return self.vision_tower.transformer.embeddings.patch_embedding.weight.dtype
 
-    def encode_media(
+    def media_features(
         self,
         pixel_values: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         video_pixel_values: torch.Tensor | None = None,
         video_frame_counts: torch.Tensor | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
-        """Embedding runs for every image item and every video, plus a zero term when a dummy tile was used.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(image features [image tokens, D], video features [video tokens, D], zero term of a dummy tile).
 
-        All tiles and frames go through the tower and the projector in one call each, so every process of a
-        distributed run makes the same calls (a text-only batch runs one dummy tile in distributed training).
+        Features come in the order of their placeholders: items in reading order, each a raster over its
+        (merged) grid, videos frame by frame (or pooled group by group). All tiles and frames go through the
+        tower and the projector in one call each, so every process of a distributed run makes the same calls
+        (a text-only batch runs one dummy tile in distributed training, returned as a zero term).
         """
         config = self.config
         image_tiles = 0 if pixel_values is None else pixel_values.shape[0]
@@ -187,7 +177,7 @@ class NVILAForConditionalGeneration(nn.Module):
         dummy = not chunks
         if dummy:
             if not (self.training and _distributed_world_size() > 1):
-                return [], [], None
+                return None, None, None
             chunks = [torch.zeros(1, 3, config.tile_size, config.tile_size, device=self.device)]
         features = self.vision_tower(torch.cat(chunks).to(self._vision_dtype()))
 
@@ -223,78 +213,56 @@ class NVILAForConditionalGeneration(nn.Module):
         projector_dtype = next(self.mm_projector.parameters(), features).dtype
         projected = self.mm_projector(torch.cat(projector_inputs).to(projector_dtype)).to(self.dtype)
         if dummy:
-            return [], [], projected.sum() * 0.0
+            return None, None, projected.sum() * 0.0
 
-        image_boundaries = {k: self._embed_ids(v) for k, v in self.boundary_ids["image"].items()}
         images, start = [], 0
         for rows, cols in item_grids:
             tiles = projected[start : start + rows * cols]
             start += rows * cols
-            raster = merge_tiles(tokens_to_map(tiles), rows, cols).flatten(2)[0].transpose(0, 1)
-            images.append(with_boundaries(raster, image_boundaries["start"], image_boundaries["end"]))
-        video_boundaries = {k: self._embed_ids(v) for k, v in self.boundary_ids["video"].items()}
-        videos = [
-            encode_video(clip, config.video_encoder, video_boundaries["start"], video_boundaries["end"], video_boundaries["sep"])
-            for clip in projected[start:].split(frame_counts)
-        ]
-        return images, videos, None
+            images.append(merge_tiles(tokens_to_map(tiles), rows, cols).flatten(2)[0].transpose(0, 1))
+        videos = [video_features(clip, config.video_encoder) for clip in projected[start:].split(frame_counts)]
+        return (torch.cat(images) if images else None), (torch.cat(videos) if videos else None), None
 
-    # ------------------------------------------------------------------ splicing
+    def get_image_features(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None) -> torch.Tensor:
+        """[image tokens, D]: the features that fill the batch's image placeholders, in order."""
+        if image_grids is None:
+            image_grids = torch.zeros(pixel_values.shape[0], 2, dtype=torch.long)
+        return self.media_features(pixel_values, image_grids)[0]
+
+    def get_video_features(self, video_pixel_values: torch.Tensor, video_frame_counts: torch.Tensor) -> torch.Tensor:
+        """[video tokens, D]: the features that fill the batch's video placeholders, in order."""
+        return self.media_features(video_pixel_values=video_pixel_values, video_frame_counts=video_frame_counts)[1]
+
+    # ------------------------------------------------------------------ embedding
     def embed(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         video_pixel_values: torch.Tensor | None = None,
         video_frame_counts: torch.Tensor | None = None,
-        padding_side: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Replace each media token by its embedding run.
-
-        Returns (inputs_embeds, attention_mask, labels, position_ids), re-padded on `padding_side` (default:
-        the side the input was padded on). Media positions get label -100.
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.bool()
-        if padding_side is None:
-            padding_side = _padding_side(attention_mask)
-        images, videos, dummy = self.encode_media(pixel_values, image_grids, video_pixel_values, video_frame_counts)
-        queues = {"image": deque(images), "video": deque(videos)}
-
-        media = self.token_ids.media
+    ) -> torch.Tensor:
+        """Token embeddings [B, L, D] with every media placeholder replaced by its feature (one masked_scatter per
+        kind); the number of features must equal the number of placeholders."""
         vocab = self.config.vocab_size
-        # runtime token ids (>= vocab) never reach the embedding table; their rows would be discarded anyway
+        # runtime token ids (>= vocab) never reach the embedding table; their rows are replaced below anyway
         safe_ids = torch.where((input_ids >= vocab) | (input_ids < 0), self.token_ids.pad % vocab, input_ids)
-        text = self.get_input_embeddings()(safe_ids)
+        embeds = self.get_input_embeddings()(safe_ids)
+        images, videos, dummy = self.media_features(pixel_values, image_grids, video_pixel_values, video_frame_counts)
         if dummy is not None:
-            text = text + dummy
-        media_ids = torch.tensor(list(media), device=input_ids.device)
-
-        sequences, sequence_labels = [], []
-        for b in range(input_ids.shape[0]):
-            valid = attention_mask[b]
-            ids, embeds = input_ids[b][valid], text[b][valid]
-            sample_labels = labels[b][valid] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
-            pieces, label_pieces, previous = [], [], 0
-            for position in torch.isin(ids, media_ids).nonzero().flatten().tolist():
-                kind = media[int(ids[position])]
-                if not queues[kind]:
-                    raise ValueError(f"sample {b} has more {kind} tokens than {kind} inputs in the batch")
-                run = queues[kind].popleft()
-                pieces += [embeds[previous:position], run]
-                label_pieces += [sample_labels[previous:position], sample_labels.new_full((run.shape[0],), IGNORE_INDEX)]
-                previous = position + 1
-            pieces.append(embeds[previous:])
-            label_pieces.append(sample_labels[previous:])
-            sequences.append(torch.cat(pieces))
-            sequence_labels.append(torch.cat(label_pieces))
-        for kind, queue in queues.items():
-            if queue:
-                raise ValueError(f"{len(queue)} {kind} input(s) left over: the batch has fewer {kind} tokens than {kind}s")
-        return _pad_sequences(sequences, sequence_labels, padding_side)
+            embeds = embeds + dummy
+        for kind, placeholder, features in (("image", self.token_ids.image, images), ("video", self.token_ids.video, videos)):
+            mask = input_ids == placeholder
+            expected = int(mask.sum())
+            given = 0 if features is None else features.shape[0]
+            if expected != given:
+                raise ValueError(
+                    f"the batch has {expected} {kind} placeholder positions but its {kind}s give {given} feature tokens; "
+                    f"input_ids and the {kind} inputs do not belong together (make both with NVILAProcessor)"
+                )
+            if expected:
+                embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -313,11 +281,18 @@ class NVILAForConditionalGeneration(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits over the checkpoint's vocabulary; `loss` when labels are given (mean over supervised tokens)."""
+        """Logits over the checkpoint's vocabulary; `loss` when labels are given (mean over supervised tokens).
+
+        Packed rows come with `position_ids` (restarting at 0 for each sample) and no `attention_mask`: attention
+        then stays within each sample. Otherwise positions follow the attention mask (left or right padding).
+        """
         if inputs_embeds is None:
-            inputs_embeds, attention_mask, labels, position_ids = self.embed(
-                input_ids, attention_mask, labels, pixel_values, image_grids, video_pixel_values, video_frame_counts
-            )
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grids, video_pixel_values, video_frame_counts)
+        packed = attention_mask is None and position_ids is not None
+        if position_ids is None and attention_mask is not None and past_key_values is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if packed:
+            use_cache = False  # transformers finds packed samples from position_ids only without a cache
         soft_tokens = self.config.time_token_ids if (self.training and labels is not None) else []
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         output = self.llm(
@@ -356,14 +331,17 @@ class NVILAForConditionalGeneration(nn.Module):
         generation_config: GenerationConfig | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """New token ids only ([B, new]); greedy unless `do_sample=True`. Prompts are left-padded internally."""
-        embeds, mask, _, _ = self.embed(
-            input_ids, attention_mask, None, pixel_values, image_grids, video_pixel_values, video_frame_counts, "left"
-        )
+        """Only the new token ids ([B, new]), not the prompt; greedy unless `do_sample=True`. Right-padded prompts
+        are moved to the left first (generation continues from the last column)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = torch.argsort(attention_mask.long(), dim=1, stable=True)  # padding first, tokens in their order
+        input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        embeds = self.embed(input_ids, pixel_values, image_grids, video_pixel_values, video_frame_counts)
         kwargs.pop("labels", None)
         config = copy.deepcopy(generation_config or self.default_generation_config())
         model_kwargs = config.update(**kwargs)  # generation options go into the config, the rest to the LLM
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask.long(), generation_config=config, **model_kwargs)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask.long(), generation_config=config, **model_kwargs)
 
 
 def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
@@ -380,29 +358,3 @@ def _distributed_world_size() -> int:
         return torch.distributed.get_world_size()
     return 1
 
-
-def _padding_side(mask: torch.Tensor) -> str:
-    """'left' when every row ends with a real token and some row starts with padding."""
-    if mask[:, -1].all() and not mask[:, 0].all():
-        return "left"
-    return "right"
-
-
-def _pad_sequences(
-    sequences: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lengths = [s.shape[0] for s in sequences]
-    longest = max(lengths)
-    batch, hidden = len(sequences), sequences[0].shape[1]
-    first = sequences[0]
-    embeds = first.new_zeros(batch, longest, hidden)
-    out_labels = labels[0].new_full((batch, longest), IGNORE_INDEX)
-    mask = torch.zeros(batch, longest, dtype=torch.long, device=first.device)
-    positions = torch.zeros(batch, longest, dtype=torch.long, device=first.device)
-    for b, (sequence, label, length) in enumerate(zip(sequences, labels, lengths)):
-        span = slice(longest - length, longest) if padding_side == "left" else slice(0, length)
-        embeds[b, span] = sequence
-        out_labels[b, span] = label
-        mask[b, span] = 1
-        positions[b, span] = torch.arange(length, device=first.device)
-    return embeds, mask, out_labels, positions

@@ -59,10 +59,3 @@ def merge_scales(
     resized = [F.interpolate(m.float(), size=size, mode="area").to(m.dtype) for m in maps]
     return torch.cat(resized, dim=1)
 
-
-def output_grid(scales: list[int], grid: tuple[int, int], output_scale_index: int = -1) -> tuple[int, int]:
-    """Tile grid of the merged map: the image's grid when resizing to the last scale, else that scale's square."""
-    if output_scale_index in (-1, len(scales) - 1):
-        return grid
-    side = scales[output_scale_index] // scales[0]
-    return side, side

@@ -8,6 +8,7 @@ width; full-size presets have the released dimensions, for benchmarks and shape 
 | nvila-8b-tiny     | NVILA-8B         | Dynamic-S2, scales 32/64/96     | 2x2 STC mlp_downsample  | per frame            |
 | nvila-lite-tiny   | NVILA-Lite-2B    | dynamic tiles + thumbnail       | 3x3 STC (4x4 padded 6x6)| per frame, tied head |
 | nvila-video-tiny  | NVILA-8B-Video   | resize                          | 2x2 STC _fix            | TSP pooling [[8,1,1]]|
+| nvila-8b-small    | NVILA-8B         | Dynamic-S2, scales 64/128/192   | 2x2 STC, 128/256 wide   | per frame (benchmarks)|
 | nvila-8b, nvila-lite-2b, nvila-lite-8b, nvila-8b-video: the released dimensions (SigLIP-so400m/14@448, Qwen2) |
 
 Configs use the key layout of the released checkpoints (transformers 4.46 style), so a saved preset goes
@@ -37,6 +38,9 @@ QWEN2_VOCAB = 151648
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
 SIGLIP_SO400M_448 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 448, "patch_size": 14}
 TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096, "vocab_size": TINY_VOCAB}
+# "small but not trivial": wide enough that compute, not per-call overhead, dominates a CPU step (benchmarks)
+SMALL_VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 8}
+SMALL_LLM = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 8192, "vocab_size": TINY_VOCAB}
 QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB}
 QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB}
 
@@ -62,6 +66,7 @@ PRESETS: dict[str, tuple[dict, dict, bool, str, dict, int]] = {
     "nvila-8b-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample", {**_s2(32), "num_video_frames": 8}, 4096),
     "nvila-lite-tiny": (TINY_VISION, TINY_LLM, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
     "nvila-video-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 16}, 4096),
+    "nvila-8b-small": (SMALL_VISION, SMALL_LLM, False, "mlp_downsample", {**_s2(64), "num_video_frames": 8}, 8192),
     "nvila-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample", {**_s2(448), "num_video_frames": 8}, 8192),
     "nvila-lite-2b": (SIGLIP_SO400M_448, QWEN2_1_5B, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
     "nvila-lite-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),

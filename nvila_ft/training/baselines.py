@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nvila_ft.data.records import Record
-from nvila_ft.training.metrics import compute_metrics, normalize_answer
+from nvila_ft.metrics import compute_metrics, normalize_answer
 
 BASELINES = ("majority_answer", "question_prior")
 

@@ -49,16 +49,25 @@ class DataOptions:
 
     on_bad_record: "skip" (drop, list in data_report.txt) or "stop" (refuse to train); validate: check every
     record before training; intensity_window: [low, high] stored values of >8-bit grey images mapped to 0..255
-    (None: each image's own range).
+    (None: each image's own range). packing: train on rows of several samples up to `max_tokens` positions
+    (`trainer.per_device_train_batch_size` rows per micro-batch; attention stays within each sample);
+    group_by_length: without packing, batches of one modality and similar length.
     """
 
     on_bad_record: str = "skip"
     validate: bool = True
     intensity_window: list[float] | None = None
+    packing: bool = False
+    max_tokens: int = 4096
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if self.on_bad_record not in ("skip", "stop"):
             raise ConfigError(f"data.on_bad_record = {self.on_bad_record!r}; use skip or stop")
+        if self.max_tokens < 1:
+            raise ConfigError(f"data.max_tokens = {self.max_tokens}: must be >= 1")
+        if (self.packing or self.group_by_length) and not self.validate:
+            raise ConfigError("data.packing and data.group_by_length use the lengths the data check measures; keep data.validate=true")
         window = self.intensity_window
         if window is not None and (len(window) != 2 or not float(window[0]) < float(window[1])):
             raise ConfigError(f"data.intensity_window = {list(window)}: give [low, high] with low < high, or null")

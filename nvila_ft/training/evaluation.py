@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.training.metrics import compute_metrics
+from nvila_ft.metrics import compute_metrics
 
 
 @dataclass

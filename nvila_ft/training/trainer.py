@@ -19,6 +19,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.adapters.artifacts import restore_adapter_weights, save_adapters
 from nvila_ft.adapters.optim import parameter_groups
+from nvila_ft.data.packing import PackedBatchSampler
 
 COMPLETE_MARKER = "COMPLETE"
 ADAPTERS_DIR = "adapters"
@@ -42,9 +43,31 @@ def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
 class NVILATrainer(Trainer):
     """Trainer whose optimizer follows the adapter policy and whose checkpoints are adapter artifacts."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, train_sampler: Any = None, **kwargs: Any) -> None:
+        """train_sampler: a `PackedBatchSampler` (one packed row per micro-batch) or a per-sample sampler such as
+        `LengthGroupedSampler`; None is the Trainer's shuffled order."""
         super().__init__(*args, **kwargs)
         self.positions_seen = 0
+        self.train_sampler = train_sampler
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.train_sampler is not None and not isinstance(self.train_sampler, PackedBatchSampler):
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self) -> Any:
+        if not isinstance(self.train_sampler, PackedBatchSampler):
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)  # each process takes its share of the packs
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -162,7 +185,10 @@ class NaNGuard(TrainerCallback):
             )
 
 
-def build_trainer(model: Any, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any, callbacks: list | None = None) -> NVILATrainer:
+def build_trainer(
+    model: Any, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any, callbacks: list | None = None,
+    train_sampler: Any = None,
+) -> NVILATrainer:
     reference: list[NVILATrainer] = []
     trainer = NVILATrainer(
         model=model,
@@ -171,6 +197,7 @@ def build_trainer(model: Any, args: Any, train_dataset: Any, eval_dataset: Any, 
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[NaNGuard(), *(callbacks or [])],
+        train_sampler=train_sampler,
     )
     reference.append(trainer)
     trainer.remove_callback(ProgressCallback)
