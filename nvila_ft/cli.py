@@ -41,6 +41,18 @@ USER_ERRORS = (
 NOISY_LOGGERS = ("torchao", "bitsandbytes", "bitsandbytes.cextension", "torch.utils._pytree")
 
 
+def _quiet_library_notices() -> None:
+    """Notices of libraries that say nothing about the run: transformers prints one about W&B at import when
+    WANDB_MODE=offline is set (W&B in use or not), peft asks transformers a deprecated question."""
+    import contextlib
+    import io
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    with contextlib.redirect_stdout(io.StringIO()):
+        import transformers.integrations.integration_utils  # noqa: F401
+
+
 def _not_accelerator_detection(record: logging.LogRecord) -> bool:
     """DeepSpeed announces its accelerator auto-detection whenever accelerate imports it, used or not."""
     return record.filename != "real_accelerator.py"
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").addFilter(_not_accelerator_detection)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per component
+    _quiet_library_notices()
     import hydra
 
     register_config_groups()

@@ -227,7 +227,7 @@ def test_finetune_from_a_csv_table_and_an_hf_dataset(tmp_path, cache):
 
 def one_line_error(result) -> str:
     """The single stderr line of a failed command (no traceback, no second line)."""
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]  # progress bars
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
     return lines[0]

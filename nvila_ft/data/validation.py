@@ -172,7 +172,8 @@ def validate_records(
     good: list[Record] = []
     lengths: list[int] = []
     notes: Counter = Counter()
-    for record in tqdm(records, desc=description, unit="record", disable=not progress or not records, leave=False):
+    # a progress bar on an interactive terminal only (None: tqdm's own check)
+    for record in tqdm(records, desc=description, unit="record", disable=None if progress and records else True, leave=False):
         mismatch = media_tag_mismatch(record)
         if mismatch:
             bad.append(BadRecord(record.origin, mismatch, "media_tag_mismatch"))

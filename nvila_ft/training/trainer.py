@@ -92,19 +92,23 @@ class NVILATrainer(Trainer):
     # ------------------------------------------------------------------ learning rates
     def _get_learning_rate(self) -> float:
         """The scheduled base learning rate (the LLM's unless it has its own), not the first group's (the vision
-        tower's, often 10x smaller): every group follows the same schedule, so one group's ratio gives it."""
+        tower's, often 10x smaller): every group follows the same schedule, so one group's ratio gives it. Each
+        component's rate at the same moment is kept for `log`."""
+        self._component_rates = {}
+        for group in self.optimizer.param_groups:
+            component = str(group.get("name", "")).split("/")[0]
+            if component:
+                self._component_rates.setdefault(component, float(group["lr"]))
         for group in self.optimizer.param_groups:
             if group.get("initial_lr"):
                 return self.args.learning_rate * float(group["lr"]) / float(group["initial_lr"])
         return super()._get_learning_rate()
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds each component's current learning rate (`learning_rate/<component>`) beside the base one."""
-        if "learning_rate" in logs and self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                component = str(group.get("name", "")).split("/")[0]
-                if component and f"learning_rate/{component}" not in logs:
-                    logs[f"learning_rate/{component}"] = float(group["lr"])
+        """Adds each component's learning rate (`learning_rate/<component>`) beside the base one."""
+        if "learning_rate" in logs:
+            for component, rate in getattr(self, "_component_rates", {}).items():
+                logs.setdefault(f"learning_rate/{component}", rate)
         super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
