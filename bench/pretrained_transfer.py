@@ -23,8 +23,6 @@ def finetune(model: str, preset: str, steps: int, out: Path) -> dict:
     command = [sys.executable, "-m", "nvila_ft.cli", "finetune", f"model={model}", f"adapters={preset}",
                "task=demo_scan", f"trainer.max_steps={steps}", "trainer.save_steps=100000", "trainer.eval_steps=null",
                f"hydra.run.dir={out}"]
-    if "qlora" in preset:
-        command.append("adapters.llm.quantization.compute_dtype=float32")  # bitsandbytes' CPU kernels
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - start

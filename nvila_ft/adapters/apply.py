@@ -88,7 +88,7 @@ def load_for_policy(
         component = getattr(policy, name)
         if component.method == "qlora":
             kwargs[name] = {"quantization_config": bitsandbytes_config(component, skip), "device_map": placement}
-    return NVILAForConditionalGeneration.from_pretrained(
+    model = NVILAForConditionalGeneration.from_pretrained(
         path,
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -96,6 +96,12 @@ def load_for_policy(
         llm_kwargs=kwargs["llm"],
         vision_kwargs=kwargs["vision_tower"],
     )
+    # bitsandbytes repacks a 4-bit layer for its CPU inference kernel the first time it runs in eval mode (absmax
+    # rounded to bf16), after which training through it fails; nvila-ft evaluates and trains the same weights
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 # ------------------------------------------------------------------ targets
