@@ -41,6 +41,29 @@ USER_ERRORS = (
 NOISY_LOGGERS = ("torchao", "bitsandbytes", "bitsandbytes.cextension", "torch.utils._pytree")
 
 
+def _distributed_launch_problem(command: str, overrides: list[str]) -> str | None:
+    """What stops a multi-process launch (torchrun, deepspeed, srun) of this command, or None."""
+    if command != "finetune":
+        return f"{command} runs in one process; launch it without torchrun / deepspeed"
+    if "-m" in overrides or "--multirun" in overrides:
+        return "a sweep (-m) runs its jobs one after another; launch each job with torchrun instead"
+    if not any(o.startswith(("hydra.run.dir=", "run=")) for o in overrides):
+        return ("every process of a multi-process run needs the same run directory: add hydra.run.dir=<dir> "
+                "(or run=<dir> to continue a run)")
+    return None
+
+
+def _per_rank_overrides(rank: int) -> list[str]:
+    """Process 0 writes the run's shared files; every other process keeps its own log and a quiet console."""
+    if rank == 0:
+        return []
+    return [
+        "hydra.output_subdir=null",
+        f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/cli-rank{rank}.log",
+        "++hydra.job_logging.handlers.console.level=WARNING",
+    ]
+
+
 def _quiet_library_notices() -> None:
     """Notices of libraries that say nothing about the run: transformers prints one about W&B at import when
     WANDB_MODE=offline is set (W&B in use or not), peft asks transformers a deprecated question."""
@@ -131,8 +154,24 @@ def one_line(error: BaseException) -> str:
     return "; ".join(texts)
 
 
+def _without_launcher_arguments(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes `--local_rank=<n>` first (torchrun sets LOCAL_RANK instead); the process
+    reads it from the environment either way."""
+    out, skip = [], False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
+            skip = "=" not in arg
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _without_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         listing = "\n".join(f"  {name:<14} {doc}" for name, (_, _, doc) in COMMANDS.items())
         print(USAGE.format(commands=listing))
@@ -170,6 +209,16 @@ def main(argv: list[str] | None = None) -> None:
 
     # Hydra prints its own errors over several lines (with a partial traceback for ours); it hands them to us
     # instead when HYDRA_FULL_ERROR is set. A user who sets it gets the full traceback of everything.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"nvila-ft {command}" + (f" (rank {rank})" if world > 1 else "")
+    if world > 1:
+        problem = _distributed_launch_problem(command, rest)
+        if problem:
+            print(f"{where}: error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        rest = rest + _per_rank_overrides(rank)
+    if any(arg.startswith("run=") for arg in rest) and not any(arg.startswith("hydra.output_subdir") for arg in rest):
+        rest = rest + ["hydra.output_subdir=null"]  # a command on an existing run never rewrites its .hydra/
     user_setting = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [f"nvila-ft-{command}", *rest]
@@ -180,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # noqa: BLE001 - user errors are one line; anything else keeps its traceback
         if user_setting == "1" or not _is_user_error(error):
             raise
-        print(f"nvila-ft {command}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{where}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if user_setting is None:

@@ -331,8 +331,10 @@ def test_a_run_made_with_user_folders_needs_only_its_directory(tmp_path, cache):
     assert (tmp_path / "merged" / "llm" / "model.safetensors").is_file()
     evaluated = run_cli(["evaluate", f"run={run}", f"hydra.run.dir={tmp_path / 'e'}", "eval.max_records=2"], tmp_path, cache)
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["task"] == "my_shapes", evaluated.stdout
-    run_cli(["finetune", f"run={run}", "trainer.resume=true", "trainer.max_steps=3"], tmp_path, cache)
+    saved = (run / ".hydra" / "config.yaml").read_bytes()
+    run_cli(["finetune", f"run={run}", "trainer.resume=true", "trainer.max_steps=3", f"hydra.run.dir={run}"], tmp_path, cache)
     assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+    assert (run / ".hydra" / "config.yaml").read_bytes() == saved  # a command on a run never rewrites its config
 
 
 def test_console_summary_is_in_cli_log_without_banners(finished_run):

@@ -48,11 +48,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def parameter_count(parameter: torch.Tensor) -> int:
-    """Real parameter count, also for 4-bit bitsandbytes weights stored packed."""
+    """Real parameter count, also for 4-bit bitsandbytes weights stored packed and for DeepSpeed ZeRO-3 shards."""
     state = getattr(parameter, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
         return int(torch.Size(state.shape).numel())
-    return parameter.numel()
+    return int(getattr(parameter, "ds_numel", 0)) or parameter.numel()
 
 
 # ------------------------------------------------------------------ loading with quantized bases
@@ -81,13 +81,17 @@ def load_for_policy(
     """Load a checkpoint with the components that a policy trains on a bitsandbytes base quantized on load."""
     from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     placement = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
     kwargs: dict[str, dict[str, Any]] = {"llm": {}, "vision_tower": {}}
     for name, skip in (("llm", ["lm_head"]), ("vision_tower", ["head"])):
         component = getattr(policy, name)
         if component.method == "qlora":
-            kwargs[name] = {"quantization_config": bitsandbytes_config(component, skip), "device_map": placement}
+            kwargs[name] = {"quantization_config": bitsandbytes_config(component, skip)}
+            if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
+                kwargs[name]["device_map"] = placement
     model = NVILAForConditionalGeneration.from_pretrained(
         path,
         dtype=dtype,

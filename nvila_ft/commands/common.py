@@ -85,16 +85,20 @@ class Loaded:
 
 
 def report_data_check(check: TaskDataCheck, report_file: Path, on_bad_record: str) -> None:
-    """Write the data report; show the summaries and the first 20 bad records; stop if data.on_bad_record=stop."""
-    report_file.parent.mkdir(parents=True, exist_ok=True)
-    report_file.write_text(check.text())
-    log.info("\n".join(check.summaries()))
-    if check.bad:
+    """Write the data report; show the summaries and the first 20 bad records; stop if data.on_bad_record=stop.
+    In a distributed run every process checked the same records; the first one reports."""
+    from nvila_ft.training.deepspeed import is_main_process
+
+    if is_main_process():
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(check.text())
+        log.info("\n".join(check.summaries()))
+    if check.bad and is_main_process():
         lines = [b.line() for b in check.bad]
         more = f"\n... ({len(lines) - 20} more in {report_file})" if len(lines) > 20 else ""
         log.warning("%d bad records, skipped:\n%s%s", len(lines), "\n".join(lines[:20]), more)
-        if on_bad_record == "stop":
-            raise ConfigError(f"{len(check.bad)} bad records (data.on_bad_record=stop); see {report_file}")
+    if check.bad and on_bad_record == "stop":
+        raise ConfigError(f"{len(check.bad)} bad records (data.on_bad_record=stop); see {report_file}")
 
 
 def load_model(
@@ -121,11 +125,21 @@ def load_model(
         load_adapters(model, adapters, is_trainable=trainable)
     elif policy is not None:
         apply_policy(model, policy)
-    if policy is not None and precision.trainable_float32 and precision.dtype != torch.float32:
+    if policy is not None and precision.dtype != torch.float32:
+        # DeepSpeed flattens every trainable tensor into one buffer of the model dtype (and keeps float32 master
+        # copies itself); without it, trainable tensors are kept in float32 when precision.trainable_float32
+        target = precision.dtype if _deepspeed_configured() else torch.float32 if precision.trainable_float32 else None
         for param in model.parameters():
-            if param.requires_grad and param.is_floating_point():
-                param.data = param.data.float()
+            if target is not None and param.requires_grad and param.is_floating_point() and not hasattr(param, "ds_id"):
+                param.data = param.data.to(target)
     return Loaded(model, NVILAProcessor.from_pretrained(checkpoint, **(processor_options or {})), checkpoint)
+
+
+def _deepspeed_configured() -> bool:
+    """Whether this process trains with DeepSpeed (the Trainer's arguments carry its configuration)."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config() is not None
 
 
 def trained_adapters(run: Path) -> Path:

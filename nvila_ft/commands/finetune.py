@@ -29,7 +29,13 @@ from nvila_ft.data.validation import check_task_data
 from nvila_ft.training.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
 from nvila_ft.training.config import ConfigError, DataOptions
 from nvila_ft.training.cpu_threads import set_cpu_threads
-from nvila_ft.training.deepspeed import ensure_single_process_env, gathered_parameters, is_main_process
+from nvila_ft.training.deepspeed import (
+    end_distributed,
+    ensure_single_process_env,
+    gathered_parameters,
+    is_main_process,
+    join_deepspeed_comm,
+)
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
 from nvila_ft.metrics import format_scores
 from nvila_ft.training.plots import plot_history
@@ -92,12 +98,15 @@ def finetune(cfg: DictConfig) -> float | None:
         run_dir, precision, cfg.seed, has_eval=bool(validation), report_to=logger.report_to,
         deepspeed=deepspeed.to_dict() if deepspeed.enabled else None,
     )
+    if deepspeed.enabled:
+        join_deepspeed_comm()
     loaded = load_model(source, run_dir, precision, policy=policy, processor_options=data_options.processor_options())
     model, processor = loaded.model, loaded.processor
     report = trainable_report(model)
     log.info("adapter policy %s\n%s", policy.name or "", format_report(report))
 
-    logger.start(run_dir, plain(cfg), name=run_dir.name)
+    if is_main_process():  # one W&B run for the whole job
+        logger.start(run_dir, plain(cfg), name=run_dir.name)
     logger.log_summary({f"trainable/{r.component}": r.trainable for r in report} | {"trainable/total": sum(r.trainable for r in report)})
     eval_records = eval_options.limit(validation)
     baselines = baseline_scores(train, eval_records, task.metrics)
@@ -132,7 +141,8 @@ def finetune(cfg: DictConfig) -> float | None:
     with gathered_parameters(model):
         if is_main_process():
             save_adapters(model, run_dir / FINAL_DIR, overwrite=True, extra={"task": task.name})
-    plot_history(trainer.state.log_history, run_dir / "training_curve.png", title=f"{task.name} / {policy.name or 'policy'}")
+    if is_main_process():
+        plot_history(trainer.state.log_history, run_dir / "training_curve.png", title=f"{task.name} / {policy.name or 'policy'}")
     evaluate("after_training")
 
     summary = {
@@ -148,7 +158,8 @@ def finetune(cfg: DictConfig) -> float | None:
         "metrics_by_question_type": by_type,
         "image_blind_baselines": baselines,
     }
-    atomic_write_json(run_dir / "metrics.json", summary)
+    if is_main_process():
+        atomic_write_json(run_dir / "metrics.json", summary)
     logger.log_summary({f"baseline/{name}/{k}": v for name, scores in baselines.items() for k, v in scores.items()})
     logger.finish()
     objective = task.objective_metric
@@ -157,6 +168,7 @@ def finetune(cfg: DictConfig) -> float | None:
         log.info("\n%s: %s %s%.3f after training%s", task.name, objective, before, metrics["after_training"][objective],
                  describe_baselines(baselines, objective))
     log.info("run directory: %s", run_dir)
+    end_distributed()
     return metrics.get("after_training", {}).get(objective)
 
 

@@ -161,24 +161,30 @@ class NVILAForConditionalGeneration(nn.Module):
         image_grids: torch.Tensor | None = None,
         video_pixel_values: torch.Tensor | None = None,
         video_frame_counts: torch.Tensor | None = None,
+        like: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(image features [image tokens, D], video features [video tokens, D], zero term of a dummy tile).
+        """(image features [image tokens, D], video features [video tokens, D], zero term of a dummy tile), in the
+        device and dtype of `like` (the token embeddings; default: the model's).
 
         Features come in the order of their placeholders: items in reading order, each a raster over its
         (merged) grid, videos frame by frame (or pooled group by group). All tiles and frames go through the
         tower and the projector in one call each, so every process of a distributed run makes the same calls
-        (a text-only batch runs one dummy tile in distributed training, returned as a zero term).
+        (a text-only batch runs one dummy tile, returned as a zero term, whenever another process may run the
+        tower: distributed training, or any distributed step while ZeRO-3 shards the weights).
         """
         config = self.config
+        # under ZeRO-3 reading a parameter's attributes can gather it, so the processes must read the same ones:
+        # the device and dtype come from a tensor every process has
+        device, dtype = (like.device, like.dtype) if like is not None else (self.device, self.dtype)
         image_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         grids = [] if image_grids is None else [tuple(int(v) for v in g) for g in image_grids.tolist()]
         frame_counts = [] if video_frame_counts is None else [int(c) for c in video_frame_counts.tolist()]
         chunks = [t for t in (pixel_values, video_pixel_values) if t is not None and t.shape[0] > 0]
         dummy = not chunks
         if dummy:
-            if not (self.training and _distributed_world_size() > 1):
+            if not _must_run_the_tower():
                 return None, None, None
-            chunks = [torch.zeros(1, 3, config.tile_size, config.tile_size, device=self.device)]
+            chunks = [torch.zeros(1, 3, config.tile_size, config.tile_size, device=device)]
         features = self.vision_tower(torch.cat(chunks).to(self._vision_dtype()))
 
         scales = config.s2_scales
@@ -211,7 +217,7 @@ class NVILAForConditionalGeneration(nn.Module):
         projector_inputs.append(frames)
 
         projector_dtype = next(self.mm_projector.parameters(), features).dtype
-        projected = self.mm_projector(torch.cat(projector_inputs).to(projector_dtype)).to(self.dtype)
+        projected = self.mm_projector(torch.cat(projector_inputs).to(projector_dtype)).to(dtype)
         if dummy:
             return None, None, projected.sum() * 0.0
 
@@ -248,7 +254,7 @@ class NVILAForConditionalGeneration(nn.Module):
         # runtime token ids (>= vocab) never reach the embedding table; their rows are replaced below anyway
         safe_ids = torch.where((input_ids >= vocab) | (input_ids < 0), self.token_ids.pad % vocab, input_ids)
         embeds = self.get_input_embeddings()(safe_ids)
-        images, videos, dummy = self.media_features(pixel_values, image_grids, video_pixel_values, video_frame_counts)
+        images, videos, dummy = self.media_features(pixel_values, image_grids, video_pixel_values, video_frame_counts, like=embeds)
         if dummy is not None:
             embeds = embeds + dummy
         for kind, placeholder, features in (("image", self.token_ids.image, images), ("video", self.token_ids.video, videos)):
@@ -357,4 +363,15 @@ def _distributed_world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
+
+
+def _must_run_the_tower() -> bool:
+    """Whether a batch without media still runs the vision tower (on a dummy tile): in distributed training
+    (DDP / ZeRO synchronise every parameter's gradient) and in any distributed forward under ZeRO-3 (its
+    parameter gathers are collectives every process must join)."""
+    if _distributed_world_size() < 2:
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return torch.is_grad_enabled() or is_deepspeed_zero3_enabled()
 

@@ -105,7 +105,11 @@ class EvalOptions:
 
 @dataclass
 class TrainerConfig:
-    """The knobs of a fine-tuning run; `extra` passes any other `transformers.TrainingArguments` field."""
+    """The knobs of a fine-tuning run; `extra` passes any other `transformers.TrainingArguments` field.
+
+    distributed_timeout_s: how long a process waits in a collective for the others before the job fails (a
+    crashed process under torchrun ends the job at once; this bounds the other launchers).
+    """
 
     learning_rate: float = 1e-3
     max_steps: int = 300
@@ -127,6 +131,7 @@ class TrainerConfig:
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool = False
     dataloader_num_workers: int = 0
+    distributed_timeout_s: int = 600
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -184,6 +189,7 @@ class TrainerConfig:
             metric_for_best_model=self.metric_for_best_model if evaluate else None,
             greater_is_better=self.greater_is_better,
             dataloader_num_workers=self.dataloader_num_workers,
+            ddp_timeout=self.distributed_timeout_s,
             bf16=precision.autocast == "bf16",
             fp16=precision.autocast == "fp16",
             use_cpu=not torch.cuda.is_available(),

@@ -101,6 +101,14 @@ def ensure_single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def join_deepspeed_comm() -> None:
+    """Let DeepSpeed's communication layer use the process group the Trainer's arguments set up, before weights
+    load: ZeRO-3 partitions them at load time and must know every process then."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def gathered_parameters(model: Any, modifier_rank: int | None = None) -> Any:
     """A context in which ZeRO-3-sharded parameters are whole (a no-op otherwise): to generate, or, with
     modifier_rank=0, to write values on process 0 that are re-sharded on exit."""
@@ -113,6 +121,16 @@ def gathered_parameters(model: Any, modifier_rank: int | None = None) -> Any:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)
+
+
+def end_distributed() -> None:
+    """At the end of a multi-process run: wait for every process, then close the process group (a process that
+    exits with it open can abort in gloo's teardown while the others still talk)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

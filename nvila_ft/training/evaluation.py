@@ -30,13 +30,22 @@ def generate_answers(
     max_new_tokens: int = 32,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy answers to each record's prompt (everything before its last assistant message)."""
+    """Greedy answers to each record's prompt (everything before its last assistant message).
+
+    In a distributed run each process answers a contiguous share of the records (padded with repeats of the
+    last record, so that every process generates the same number of batches), and every process gets all the
+    answers back in record order: each record answered exactly once.
+    """
+    rank, world = _rank_and_world()
+    share = -(-len(records) // world)
+    mine = records[rank * share : (rank + 1) * share]
+    padded = mine + [records[-1]] * (share - len(mine)) if records else []
     was_training = model.training
     model.eval()
     answers: list[str] = []
     try:
-        for start in tqdm(range(0, len(records), batch_size), desc="generating", disable=not progress, leave=False):
-            chunk = records[start : start + batch_size]
+        for start in tqdm(range(0, len(padded), batch_size), desc="generating", disable=not progress or None, leave=False):
+            chunk = padded[start : start + batch_size]
             samples = [
                 processor.process(r.prompt(), add_generation_prompt=True, sample_id=r.name, media_root=r.media_root)
                 for r in chunk
@@ -47,7 +56,17 @@ def generate_answers(
             answers += processor.batch_decode(output)
     finally:
         model.train(was_training)
-    return answers
+    if world == 1:
+        return answers
+    gathered: list[list[str]] = [[] for _ in range(world)]
+    torch.distributed.all_gather_object(gathered, answers[: len(mine)])
+    return [answer for part in gathered for answer in part]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def evaluate_records(

@@ -123,6 +123,8 @@ class NVILATrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # the Trainer calls this on every process; one writes
+            return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         # with ZeRO-3 the Trainer hands over the gathered 16-bit state dict; the parameters themselves are shards
@@ -131,8 +133,10 @@ class NVILATrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
+        self.accelerator.wait_for_everyone()  # every process has written its part (DeepSpeed shards)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         restore_adapter_weights(model or self.model, Path(resume_from_checkpoint) / ADAPTERS_DIR)

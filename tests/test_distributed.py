@@ -1,0 +1,215 @@
+"""Real multi-process runs: `torchrun --nproc_per_node 2` on localhost (gloo, DeepSpeed's CPU accelerator).
+
+Two processes with a micro-batch of 2 against one process with a micro-batch of 4 (the same global batch): the
+same loss at every step, the same final adapters and merged export, every record read exactly once, evaluation
+over the whole validation set exactly once; media that differ between processes under ZeRO-3; QLoRA under
+ZeRO-3; a process killed mid-step or mid-save, and the run resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_cli import run_cli
+
+pytest.importorskip("deepspeed")
+HOOKS = Path(__file__).parent / "distributed_hooks"
+# dropout off: two processes draw different dropout masks than one
+# one epoch of 32 training records (global batch 4: 8 steps), 7 of the 8 validation records evaluated (7 does not
+# divide over 2 processes)
+COMMON = [
+    "task.train.num_records=40", "task.val_fraction=0.2", "trainer.max_steps=-1", "trainer.num_train_epochs=1",
+    "trainer.save_steps=2", "trainer.eval_steps=null", "trainer.logging_steps=1", "adapters.llm.dropout=0",
+    "eval.before_training=false", "eval.max_records=7",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(args: list[str], cwd: Path, cache: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
+    environment = dict(os.environ, NVILA_FT_CACHE=str(cache), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join([str(HOOKS), str(Path(__file__).parents[1])]), **(env or {}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "nvila_ft.cli", *args]
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result
+
+
+def losses(run: Path) -> list[float]:
+    state = json.loads((sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1] / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def adapters(run: Path) -> dict[str, torch.Tensor]:
+    return {f"{f.parent.name}/{k}": v for f in sorted((run / "final").rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def assert_same_adapters(run: Path, reference: Path) -> None:
+    mine, theirs = adapters(run), adapters(reference)
+    assert mine.keys() == theirs.keys() and len(mine) > 20
+    for key in mine:
+        torch.testing.assert_close(mine[key].float(), theirs[key].float(), atol=2e-6, rtol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache):
+    """The one-process reference: micro-batch 4."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    run_cli(["finetune", *COMMON, "trainer.per_device_train_batch_size=4", f"hydra.run.dir={run}"], run.parent, cache)
+    return run
+
+
+@pytest.mark.parametrize("option", ["none", "zero2", "zero3", "zero3_offload"])
+def test_two_processes_give_the_one_process_result(option, single, cache, tmp_path):
+    run = tmp_path / "run"
+    seen = tmp_path / "seen"
+    torchrun(["finetune", *COMMON, f"deepspeed={option}", "trainer.per_device_train_batch_size=2", f"hydra.run.dir={run}"],
+             tmp_path, cache, env={"NVILA_TEST_SEEN": str(seen)})
+    # the same loss at every step (the logged loss is the global batch's), in float32
+    assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=1e-6) and len(losses(run)) == 8
+    assert_same_adapters(run, single)
+    # every training record read exactly once in the epoch, each process its own half
+    reads = {rank: (tmp_path / f"seen.rank{rank}").read_text().split() for rank in (0, 1)}
+    assert len(reads[0]) == len(reads[1]) == 16 and len(set(reads[0]) | set(reads[1])) == 32
+    # evaluation over the validation records once: 7 over 2 processes, each answered once, in order
+    mine = [json.loads(line) for line in (run / "predictions_after_training.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (single / "predictions_after_training.jsonl").read_text().splitlines()]
+    assert [r["origin"] for r in mine] == [r["origin"] for r in theirs] and len(mine) == len(set(r["origin"] for r in mine)) == 7
+    assert [r["prediction"] for r in mine] == [r["prediction"] for r in theirs]
+    # shared files from process 0 only, each process its own log
+    assert (run / "cli.log").is_file() and (run / "cli-rank1.log").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    if option == "zero3":  # the export of a ZeRO-3 run holds whole, gathered weights and passes the merge check
+        merged, reference = tmp_path / "merged", tmp_path / "reference"
+        run_cli(["export", f"run={run}", f"export.output={merged}", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, cache)
+        run_cli(["export", f"run={single}", f"export.output={reference}", f"hydra.run.dir={tmp_path / 'y'}"], tmp_path, cache)
+        for component in ("llm", "vision_tower", "mm_projector"):
+            a, b = load_file(str(merged / component / "model.safetensors")), load_file(str(reference / component / "model.safetensors"))
+            assert a.keys() == b.keys() and all(v.numel() > 0 for v in a.values())
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=f"{component}/{key}")
+
+
+def test_deepspeed_launcher_and_two_nodes_give_the_one_process_losses(single, cache, tmp_path):
+    environment = dict(os.environ, NVILA_FT_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = ["finetune", *COMMON, "trainer.per_device_train_batch_size=2"]
+    # the deepspeed launcher (on a CPU it starts --num_gpus processes), which passes --local_rank first
+    launched = tmp_path / "deepspeed"
+    subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+                    "--module", "nvila_ft.cli", *args, f"hydra.run.dir={launched}"], cwd=tmp_path, env=environment,
+                   check=True, capture_output=True, timeout=600)
+    # two "nodes" of one process each, as on a cluster: the same command with --node_rank 0 and 1
+    nodes = tmp_path / "nodes"
+    port = str(free_port())
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                          "-m", "nvila_ft.cli", *args, f"hydra.run.dir={nodes}"],
+                         cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for rank in (0, 1)
+    ]
+    assert [p.wait(timeout=600) for p in processes] == [0, 0]
+    for run in (launched, nodes):
+        assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=1e-6), run
+        assert (run / "cli-rank1.log").is_file()
+
+
+def test_text_only_image_and_video_on_different_processes_under_zero3(tmp_path, cache):
+    from PIL import Image
+
+    from nvila_ft.data.media import write_video
+
+    (tmp_path / "media").mkdir()
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "media" / "red.png")
+    write_video([Image.new("RGB", (32, 32), (20 * i, 0, 0)) for i in range(8)], tmp_path / "media" / "clip.mp4")
+    turn = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    records = [
+        {"id": "text", "conversations": turn("Say hi.", "hi")},
+        {"id": "image", "image": "red.png", "conversations": turn("<image>\nColour?", "red")},
+        {"id": "video", "video": "clip.mp4", "conversations": turn("<video>\nWhat happens?", "it gets red")},
+        {"id": "text2", "conversations": turn("Say bye.", "bye")},
+    ]
+    (tmp_path / "media" / "data.json").write_text(json.dumps(records))
+    common = ["task=vqa", f"task.train.path={tmp_path / 'media' / 'data.json'}", "task.val_fraction=0", "trainer.max_steps=4",
+              "trainer.save_steps=4", "trainer.eval_steps=null", "trainer.logging_steps=1", "adapters.llm.dropout=0"]
+    one = tmp_path / "one"
+    run_cli(["finetune", *common, "trainer.per_device_train_batch_size=2", f"hydra.run.dir={one}"], tmp_path, cache)
+    seen = tmp_path / "seen"
+    two = tmp_path / "two"
+    torchrun(["finetune", *common, "deepspeed=zero3", "trainer.per_device_train_batch_size=1", f"hydra.run.dir={two}"],
+             tmp_path, cache, env={"NVILA_TEST_SEEN": str(seen)})
+    kind = ["text", "image", "video", "text"]
+    reads = [[kind[int(o.rsplit("[", 1)[1].rstrip("]"))] for o in (tmp_path / f"seen.rank{r}").read_text().split()] for r in (0, 1)]
+    steps = list(zip(*reads))  # (what process 0 read, what process 1 read) at each step
+    assert {step for step in steps if "text" in step and step[0] != step[1]} & {("text", "image"), ("image", "text")}, steps
+    assert {step for step in steps if "text" in step and step[0] != step[1]} & {("text", "video"), ("video", "text")}, steps
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert_same_adapters(two, one)
+
+
+def test_qlora_under_zero3_and_refusals_on_every_process(tmp_path, cache):
+    run = tmp_path / "qlora"
+    storage = ["adapters=ln_vit_qlora_llm", "adapters.llm.quantization.storage_dtype=bfloat16", "precision=bf16"]
+    torchrun(["finetune", *COMMON, *storage, "deepspeed=zero3", "trainer.per_device_train_batch_size=2",
+              f"hydra.run.dir={run}"], tmp_path, cache)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 8
+    assert len(losses(run)) == 8 and all(loss == loss for loss in losses(run))  # finite: no NaN
+    refused = torchrun(["finetune", *COMMON, "adapters=ln_vit_fp8_lora_llm", "deepspeed=zero3",
+                        f"hydra.run.dir={tmp_path / 'fp8'}"], tmp_path, cache, check=False)
+    errors = [line for line in refused.stderr.splitlines() if ": error: " in line]
+    assert {line.split(":")[0] for line in errors} == {"nvila-ft finetune (rank 0)", "nvila-ft finetune (rank 1)"}
+    assert all("fp8_lora float8 weight tensors cannot be sharded by ZeRO-3; use deepspeed=zero2" in line for line in errors)
+    assert not (tmp_path / "fp8" / "base").exists()  # refused before any weight loaded
+    missing = torchrun(["finetune", *COMMON], tmp_path, cache, check=False)
+    assert "needs the same run directory: add hydra.run.dir=<dir>" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+    """An uninterrupted two-process run of 6 steps."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    torchrun(["finetune", *COMMON, "trainer.max_steps=6", "trainer.per_device_train_batch_size=2", f"hydra.run.dir={run}"],
+             run.parent, cache)
+    return run
+
+
+@pytest.mark.parametrize("where", ["step", "save"])
+def test_a_killed_process_ends_the_job_and_the_run_resumes(where, straight, tmp_path, cache):
+    killed = tmp_path / "killed"
+    start = time.monotonic()
+    # rank 1 dies in step 5 (after checkpoint-4 is complete), or rank 0 dies while writing checkpoint-4
+    kill = "1:4:step" if where == "step" else "0:4:save"
+    result = torchrun(["finetune", *COMMON, "trainer.max_steps=6", "trainer.per_device_train_batch_size=2",
+                       f"hydra.run.dir={killed}"], tmp_path, cache, env={"NVILA_TEST_KILL": kill}, check=False, timeout=300)
+    assert result.returncode != 0 and time.monotonic() - start < 120  # the other process did not hang
+    assert (killed / "checkpoint-2" / "COMPLETE").is_file() and not (killed / "final").exists()
+    assert (killed / "checkpoint-4" / "COMPLETE").is_file() == (where == "step")
+    torchrun(["finetune", f"run={killed}", "trainer.resume=true"], tmp_path, cache)
+    assert json.loads((killed / "metrics.json").read_text())["steps"] == 6
+    assert_same_adapters(killed, straight)  # the same data order and schedule as the uninterrupted run
+
+    def rates(run: Path) -> list[float]:
+        history = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+        return [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+
+    assert rates(killed) == pytest.approx(rates(straight))
