@@ -122,6 +122,26 @@ def _to_8_bits(image: Image.Image, window: Sequence[float] | None) -> Image.Imag
     return result
 
 
+def image_size(source: ImageSource, media_root: str | os.PathLike | None = None) -> tuple[int, int]:
+    """(width, height) of an image from its header (no pixel is decoded); DICOM from its Columns / Rows tags."""
+    if isinstance(source, Image.Image):
+        return source.size
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else resolve_media_path(source, media_root)
+    if isinstance(fp, pathlib.Path) and is_dicom(fp):
+        try:
+            import pydicom
+
+            header = pydicom.dcmread(str(fp), stop_before_pixels=True)
+            return int(header.Columns), int(header.Rows)
+        except Exception as e:  # noqa: BLE001 - an unreadable header is a corrupt file, whatever pydicom raises
+            raise MediaError(f"{fp}: cannot read the DICOM header ({type(e).__name__}: {e})") from e
+    try:
+        with Image.open(fp) as opened:
+            return opened.size
+    except _IMAGE_DECODE_ERRORS as e:
+        raise MediaError(f"{fp}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
 def is_dicom(path: pathlib.Path) -> bool:
     """A DICOM file: `.dcm`/`.dicom`, or the "DICM" marker after the 128-byte preamble."""
     if path.suffix.lower() in (".dcm", ".dicom"):

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from nvila_ft.data.conversation import Part, normalize_messages
-from nvila_ft.data.media import MediaError, load_image, load_video
+from nvila_ft.data.conversation import Part, Turn, normalize_messages
+from nvila_ft.data.media import MediaError, image_size, load_image, load_video
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
 from nvila_ft.model.config import NVILAConfig
@@ -62,6 +62,15 @@ class ImageItem:
 
     tiles: torch.Tensor
     grid: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """What one training sample asks of the model (`NVILAProcessor.measure`)."""
+
+    positions: int  # LLM positions after media expansion
+    tiles: int  # vision-tower tiles and video frames
+    supervised: int  # supervised positions (the loss)
 
 
 @dataclass
@@ -159,36 +168,79 @@ class NVILAProcessor:
         media_root overrides the processor's for this sample (relative paths resolve under it, none may leave it).
         """
         with_labels = (not add_generation_prompt) if with_labels is None else with_labels
-        try:
-            turns = normalize_messages(messages)
-        except ValueError as err:
-            raise SampleError(f"{sample_id}: {err}", kind="structure") from err
-        image_count = sum(p.kind == "image" for t in turns for p in t.parts)
+        turns = self._turns(messages, sample_id)
         tile = self.multi_image_tiling
         if tile is None:
-            tile = (not add_generation_prompt) or image_count == 1
-
+            tile = (not add_generation_prompt) or sum(p.kind == "image" for t in turns for p in t.parts) == 1
         sample = ProcessedSample(input_ids=[], labels=None)
         root = Path(media_root) if media_root is not None else self.media_root
+        chat = self._chat(turns, lambda part, where: self._part_text(part, sample, tile, where, root), sample_id)
+        text_ids, labels = self._tokens(chat, add_generation_prompt, with_labels, sample_id)
+        media_end = self._expand(sample, text_ids, labels)
+        self._fit(sample, media_end, truncate and with_labels, sample_id)
+        return sample
+
+    def measure(self, messages: Any, sample_id: str = "sample", media_root: str | os.PathLike | None = None) -> SampleSize:
+        """The size of a training sample from its media's sizes alone (image headers, the configured frame count):
+        what `process` would produce, without decoding a pixel. For planning."""
+        turns = self._turns(messages, sample_id)
+        root = Path(media_root) if media_root is not None else self.media_root
+        runs: list[int] = []
+        tiles = 0
+
+        def media_text(part: Part, where: str) -> str:
+            nonlocal tiles
+            if part.kind == "text":
+                return escape_runtime_tokens(part.value)
+            try:
+                if part.kind == "video":
+                    runs.append(self.layout.video_positions(self.num_video_frames))
+                    tiles += self.num_video_frames
+                    return MEDIA_TOKENS["video"]
+                plan = self.layout.image(*image_size(part.value, root), tiled=True)
+            except MediaError as err:
+                raise SampleError(f"{where}: {err}", kind=err.kind) from err
+            tiles += plan.tiles
+            if self.config.image_aspect_ratio == "dynamic":
+                runs.extend([len(self.layout.image_run(None))] * plan.items)
+                return (MEDIA_TOKENS["image"] + "\n") * plan.items
+            runs.append(len(self.layout.image_run(plan.grid)))
+            return MEDIA_TOKENS["image"]
+
+        chat = self._chat(turns, media_text, sample_id)
+        text_ids, labels = self._tokens(chat, False, True, sample_id)
+        supervised = sum(label != IGNORE_INDEX for label in labels or [])
+        return SampleSize(len(text_ids) - len(runs) + sum(runs), tiles, supervised)
+
+    def _turns(self, messages: Any, sample_id: str) -> list[Turn]:
+        try:
+            return normalize_messages(messages)
+        except ValueError as err:
+            raise SampleError(f"{sample_id}: {err}", kind="structure") from err
+
+    def _chat(self, turns: list[Turn], part_text: Any, sample_id: str) -> list[dict[str, str]]:
+        """Messages with each part rendered as text (media as their token) by `part_text(part, where)`."""
         chat = []
         for index, turn in enumerate(turns):
             where = f"{sample_id}, message {index}"
-            text = "".join(self._part_text(part, sample, tile, where, root) for part in turn.parts)
-            chat.append({"role": turn.role, "content": text.strip()})
+            chat.append({"role": turn.role, "content": "".join(part_text(part, where) for part in turn.parts).strip()})
+        return chat
+
+    def _tokens(
+        self, chat: list[dict[str, str]], add_generation_prompt: bool, with_labels: bool, sample_id: str
+    ) -> tuple[list[int], list[int] | None]:
+        """The chat template's ids (one token per media item) and, for training, their labels."""
         if with_labels and not any(m["role"] == "assistant" for m in chat):
             raise SampleError(f"{sample_id}: the conversation has no assistant answer to learn from", kind="no_answer")
         if add_generation_prompt and chat[-1]["role"] == "assistant":
             raise SampleError(f"{sample_id}: a generation prompt must end with a user message", kind="structure")
-
         text_ids = encode(self.tokenizer, render(self.tokenizer, chat, add_generation_prompt))
         labels = (
             supervised_labels(self.tokenizer, chat, text_ids, self.official_label_matching) if with_labels else None
         )
         if labels is not None and all(label == IGNORE_INDEX for label in labels):
             raise SampleError(f"{sample_id}: no token is supervised (the chat template did not match the answers)", kind="no_answer")
-        media_end = self._expand(sample, text_ids, labels)
-        self._fit(sample, media_end, truncate and with_labels, sample_id)
-        return sample
+        return text_ids, labels
 
     def _expand(self, sample: ProcessedSample, text_ids: list[int], labels: list[int] | None) -> int:
         """Replace each media token by its item's run (unsupervised); returns where the last run ends."""
@@ -208,6 +260,7 @@ class NVILAProcessor:
         return media_end
 
     def _part_text(self, part: Part, sample: ProcessedSample, tile: bool, where: str, root: Path | None) -> str:
+        """A part as chat text; media are loaded into `sample` and stand as their token."""
         if part.kind == "text":
             return escape_runtime_tokens(part.value)
         try:

@@ -9,7 +9,7 @@ width; full-size presets have the released dimensions, for benchmarks and shape 
 | nvila-lite-tiny   | NVILA-Lite-2B    | dynamic tiles + thumbnail       | 3x3 STC (4x4 padded 6x6)| per frame, tied head |
 | nvila-video-tiny  | NVILA-8B-Video   | resize                          | 2x2 STC _fix            | TSP pooling [[8,1,1]]|
 | nvila-8b-small    | NVILA-8B         | Dynamic-S2, scales 64/128/192   | 2x2 STC, 128/256 wide   | per frame (benchmarks)|
-| nvila-8b, nvila-lite-2b, nvila-lite-8b, nvila-8b-video: the released dimensions (SigLIP-so400m/14@448, Qwen2) |
+| nvila-8b, nvila-15b, nvila-lite-2b, nvila-lite-8b, nvila-lite-15b, nvila-8b-video: the released dimensions (SigLIP-so400m/14@448, Qwen2 / Qwen2.5) |
 
 Configs use the key layout of the released checkpoints (transformers 4.46 style), so a saved preset goes
 through exactly the loader a real checkpoint does.
@@ -42,6 +42,9 @@ TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 SMALL_VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 8}
 SMALL_LLM = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 8192, "vocab_size": TINY_VOCAB}
 QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB}
+# Qwen2.5-14B (NVILA-15B / NVILA-Lite-15B: "qwen25-14b" in the released vision_tower's _name_or_path); the
+# vocabulary is NVILA's 151648 as for the 8B (inferred: read a real llm/config.json when you have one)
+QWEN25_14B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB, "rms_norm_eps": 1e-05}
 QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768, "vocab_size": QWEN2_VOCAB}
 
 
@@ -68,8 +71,10 @@ PRESETS: dict[str, tuple[dict, dict, bool, str, dict, int]] = {
     "nvila-video-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 16}, 4096),
     "nvila-8b-small": (SMALL_VISION, SMALL_LLM, False, "mlp_downsample", {**_s2(64), "num_video_frames": 8}, 8192),
     "nvila-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample", {**_s2(448), "num_video_frames": 8}, 8192),
+    "nvila-15b": (SIGLIP_SO400M_448, QWEN25_14B, False, "mlp_downsample", {**_s2(448), "num_video_frames": 8}, 8192),
     "nvila-lite-2b": (SIGLIP_SO400M_448, QWEN2_1_5B, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
     "nvila-lite-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
+    "nvila-lite-15b": (SIGLIP_SO400M_448, QWEN25_14B, False, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
     "nvila-8b-video": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 256}, 16384),
 }
 TINY_PRESETS = tuple(name for name in PRESETS if name.endswith("-tiny"))
@@ -87,7 +92,7 @@ def _llm_config(dims: dict, tied: bool, max_length: int, dtype: str) -> dict[str
         "max_window_layers": dims["num_hidden_layers"],
         "model_max_length": max_length,
         "model_type": "qwen2",
-        "rms_norm_eps": 1e-06,
+        "rms_norm_eps": dims.get("rms_norm_eps", 1e-06),
         "rope_scaling": None,
         "rope_theta": 1000000.0,
         "sliding_window": None,
@@ -204,21 +209,30 @@ def build_model(
     device="meta" builds shapes only (no memory), e.g. to check key names of a full-size preset.
     Every preset uses the project's tiny tokenizer; full-size presets keep the real vocabulary size.
     """
+    model = build_from_config(preset_config(name, dtype), seed, dtype, device)
+    model.name_or_path = f"presets/{name}"
+    return model
+
+
+def build_from_config(
+    config: NVILAConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> NVILAForConditionalGeneration:
+    """An NVILA of any configuration with random weights (device="meta": shapes only, no memory)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    config = preset_config(name, dtype)
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
-    tokenizer.model_max_length = int(config.llm["model_max_length"])
+    tokenizer.model_max_length = int(config.llm.get("model_max_length") or 4096)
     placement = torch.device(device) if device is not None else contextlib.nullcontext()
+    llm_config = {k: v for k, v in config.llm.items() if k != "architectures"}
+    vision_config = {k: v for k, v in config.vision_tower.items() if k != "architectures"}
     with torch.random.fork_rng(devices=[]), placement:
         torch.manual_seed(seed)
-        llm = Qwen2ForCausalLM(Qwen2Config(**config.llm, attn_implementation="sdpa"))
-        vision = SiglipVisionModel(SiglipVisionConfig(**config.vision_tower, attn_implementation="sdpa"))
+        llm = Qwen2ForCausalLM(Qwen2Config(**llm_config, attn_implementation="sdpa"))
+        vision = SiglipVisionModel(SiglipVisionConfig(**vision_config, attn_implementation="sdpa"))
         projector = MultimodalProjector(config.projector_type, config.mm_hidden_size, config.llm_hidden_size)
     model = NVILAForConditionalGeneration(
         config, llm.to(dtype), vision.to(dtype), projector.to(dtype), tokenizer, _extra_files(config)
     )
-    model.name_or_path = f"presets/{name}"
     return model.eval()
 
 

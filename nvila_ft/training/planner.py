@@ -1,0 +1,475 @@
+"""What a fine-tuning run needs on each GPU, worked out before anything heavy loads (`nvila-ft plan`).
+
+Nothing here allocates the model. It is built on PyTorch's meta device (shapes only) from the checkpoint's
+config files, and the adapter policy is applied to it, so parameter, gradient and optimizer-state counts are
+exact. Activations are traced on the meta device at the planned sample: one LLM decoder layer, one vision
+encoder layer, the projector and the loss run under autograd's saved-tensor hooks, so they are the tensors
+autograd keeps for backward, shared storages counted once and parameters left out. Attention is counted as the
+fused kernels keep it (FlashAttention-2, SDPA's flash / memory-efficient paths, torch's CPU flash kernel):
+queries, keys, values, output and the log-sum-exp, never the L x L scores.
+
+On top come stated allowances: the transient float32 logits of the loss, one layer's working set during
+backward, the CUDA context and the allocator's slack. ZeRO divides what it shards by the number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvila_ft.adapters.apply import apply_policy, get_component, lora_targets
+from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
+from nvila_ft.model.config import NVILAConfig
+from nvila_ft.model.presets import build_from_config
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS / cuDNN workspaces and kernels (typical on H100/A100)
+ALLOCATOR_SLACK = 0.05  # fragmentation of PyTorch's caching allocator, as a share of everything else
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+# bytes of optimizer state per trainable parameter, by `trainer.optim`
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw_8bit": 2, "adamw_bnb_8bit": 2,
+                         "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0, "adafactor": 4}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class SampleDemand:
+    """What one micro-batch row asks: LLM positions, vision tiles (and frames), supervised positions."""
+
+    positions: int
+    tiles: int
+    supervised: int
+
+
+@dataclass
+class SequenceStats:
+    """The samples the plan looked at, and the ones it plans for."""
+
+    samples: list[SampleDemand]
+    total: int  # records in the task (the samples may be a sample of them)
+
+    def quantile(self, q: float) -> SampleDemand:
+        ordered = sorted(self.samples, key=lambda s: (s.positions, s.tiles))
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    @property
+    def p50(self) -> SampleDemand:
+        return self.quantile(0.5)
+
+    @property
+    def p95(self) -> SampleDemand:
+        return self.quantile(0.95)
+
+    @property
+    def max(self) -> SampleDemand:
+        return self.quantile(1.0)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Everything beyond the model and the policy that decides memory."""
+
+    weights_dtype: torch.dtype = torch.bfloat16
+    trainable_float32: bool = True
+    micro_batch: int = 1
+    checkpointing: tuple[str, ...] = ()  # components with gradient checkpointing: "vision_tower", "llm"
+    optim: str = "adamw_torch"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    world_size: int = 1
+    selective_loss: bool = False  # only supervised positions go through lm_head
+    cuda: bool = True  # count the CUDA context
+
+
+# ---------------------------------------------------------------------------------------------- output
+@dataclass(frozen=True)
+class Line:
+    component: str  # vision_tower, mm_projector, llm, or "run" for what belongs to no component
+    item: str  # weights, gradients, optimizer, activations, ...
+    bytes: int
+    note: str = ""
+
+
+# Memory that lives through the whole step, and what peaks at different moments of it: activations (with the
+# loss and the backward working set) at the turn from forward to backward, gradients at the optimizer step.
+STEADY = ("weights", "optimizer", "CUDA context", "allocator slack")
+ACTIVATION_PHASE = ("activations", "loss", "backward working set")
+GRADIENT_PHASE = ("gradients", "optimizer step")
+
+
+@dataclass
+class Plan:
+    lines: list[Line]
+    sample: SampleDemand
+    shape: RunShape
+
+    @property
+    def total(self) -> int:
+        """The peak: steady memory plus the larger of the activation peak and the gradient peak."""
+        items = self.by_item()
+        phases = [sum(items.get(item, 0) for item in phase) for phase in (ACTIVATION_PHASE, GRADIENT_PHASE)]
+        return sum(items.get(item, 0) for item in STEADY) + max(phases)
+
+    def by_item(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self.lines:
+            out[line.item] = out.get(line.item, 0) + line.bytes
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def meta_model(config: NVILAConfig, policy: AdapterPolicy, dtype: torch.dtype, lora_float32: bool = True) -> Any:
+    """The model on the meta device with the policy applied (quantized methods counted as their LoRA), in the
+    compute dtype as autocast computes; LoRA adapters in float32 when the run keeps trainable tensors so (PEFT
+    then runs their inputs in float32 too)."""
+    model = build_from_config(config, dtype=dtype, device="meta").train()  # training mode: dropout keeps masks
+    counting = copy.deepcopy(policy)
+    for name in COMPONENTS:
+        component = getattr(counting, name)
+        if component.method in ("qlora", "fp8_lora"):
+            setattr(counting, name, replace(component, method="dora" if component.dora else "lora", dora=False))
+    model = apply_policy(model, counting).to(dtype)
+    if lora_float32 and dtype != torch.float32:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+    return model
+
+
+def _quantized_linears(model: Any, name: str, policy: AdapterPolicy) -> list[nn.Linear]:
+    """The base linears a quantized method stores in 4 / 8 bits or float8 (what bitsandbytes / torchao convert)."""
+    component = getattr(policy, name)
+    if component.method == "qlora":
+        skip = {"llm": "lm_head", "vision_tower": "head"}.get(name, "")
+        return [m.base_layer if hasattr(m, "base_layer") else m for n, m in get_component(model, name).named_modules()
+                if isinstance(getattr(m, "base_layer", m), nn.Linear) and not n.endswith(skip) and "lora_" not in n]
+    if component.method == "fp8_lora":
+        targets = set(lora_targets(model, name, component)["target_modules"])
+        return [m.base_layer for n, m in get_component(model, name).named_modules()
+                if hasattr(m, "base_layer") and n.rsplit(".", 1)[-1] in targets]
+    return []
+
+
+def _quantized_bytes(linear: nn.Linear, policy: Any) -> int:
+    """Storage of one quantized linear weight: codes plus quantization constants (bitsandbytes / torchao layouts)."""
+    numel, rows = linear.weight.numel(), linear.weight.shape[0]
+    if policy.method == "fp8_lora":
+        return numel + 4 * rows  # float8 codes, one float32 scale per row
+    if policy.quantization.bits == 8:
+        return numel + 4 * rows  # int8 codes, one float32 absmax per row
+    blocks = math.ceil(numel / 64)  # 4-bit: two codes a byte, one absmax per block of 64
+    if policy.quantization.double_quant:
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4  # uint8 absmax, nested
+    return math.ceil(numel / 2) + 4 * blocks
+
+
+def weight_lines(model: Any, policy: AdapterPolicy, shape: RunShape) -> list[Line]:
+    """Every component's weights by storage dtype; trainable tensors in float32 when they are kept so."""
+    lines = []
+    dtype_bytes = DTYPE_BYTES[shape.weights_dtype]
+    deepspeed = shape.zero_stage > 0
+    for name in COMPONENTS:
+        component = get_component(model, name)
+        quantized = _quantized_linears(model, name, policy)
+        quantized_ids = {id(m.weight) for m in quantized}
+        plain, trainable_bytes = 0, 0
+        for param in component.parameters():
+            if id(param) in quantized_ids:
+                continue
+            if param.requires_grad:
+                float32 = shape.trainable_float32 and not deepspeed and shape.weights_dtype != torch.float32
+                trainable_bytes += param.numel() * (4 if float32 else dtype_bytes)
+            else:
+                plain += param.numel() * dtype_bytes
+        total = plain + trainable_bytes + sum(_quantized_bytes(m, getattr(policy, name)) for m in quantized)
+        note = f"{len(quantized)} linears {_storage_word(getattr(policy, name))}" if quantized else _dtype_word(shape.weights_dtype)
+        if shape.zero_stage == 3:
+            total, note = math.ceil(total / shape.world_size), note + f", ZeRO-3 shard of {shape.world_size}"
+        lines.append(Line(name, "weights", total, note))
+    if shape.zero_stage == 3 and shape.world_size > 1:  # the layers being gathered, with prefetch: about two
+        largest = max(sum(p.numel() for p in layer.parameters()) for layer in _layers(model, "llm"))
+        lines.append(Line("llm", "weights", 2 * largest * dtype_bytes, "ZeRO-3: two decoder layers gathered"))
+    return lines
+
+
+def _storage_word(component: Any) -> str:
+    if component.method == "fp8_lora":
+        return "in float8"
+    return f"in {component.quantization.bits}-bit" + (" (double-quantized constants)" if component.quantization.double_quant and component.quantization.bits == 4 else "")
+
+
+def _dtype_word(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def trainable_counts(model: Any) -> dict[str, int]:
+    return {name: sum(p.numel() for p in get_component(model, name).parameters() if p.requires_grad) for name in COMPONENTS}
+
+
+def training_state_lines(model: Any, shape: RunShape) -> list[Line]:
+    """Gradients and optimizer states of the trainable tensors, divided as ZeRO divides them."""
+    counts = trainable_counts(model)
+    trainable = sum(counts.values())
+    lines = []
+    deepspeed = shape.zero_stage > 0
+    if deepspeed:
+        # DeepSpeed: gradients in the model dtype, float32 master weights and gradient partitions
+        grad_bytes = trainable * DTYPE_BYTES[shape.weights_dtype]
+        if shape.zero_stage >= 2:
+            grad_bytes = math.ceil(grad_bytes / shape.world_size)
+        grad_bytes += math.ceil(trainable * 4 / shape.world_size)
+        lines.append(Line("run", "gradients", grad_bytes, f"{trainable:,} trainable; ZeRO-{shape.zero_stage} over {shape.world_size}"))
+    else:
+        float32 = shape.trainable_float32 or shape.weights_dtype == torch.float32
+        lines.append(Line("run", "gradients", trainable * (4 if float32 else DTYPE_BYTES[shape.weights_dtype]),
+                          f"{trainable:,} trainable"))
+    lines.append(Line("run", "optimizer step", lines[0].bytes, "temporaries of the update, about the gradients' size"))
+    per_param = OPTIMIZER_STATE_BYTES.get(shape.optim, 8) + (4 if deepspeed else 0)
+    states = trainable * per_param
+    note = f"{shape.optim}: {per_param} bytes a trainable parameter"
+    if deepspeed:
+        states = math.ceil(states / shape.world_size)
+        note += f", ZeRO over {shape.world_size}"
+    if shape.offload_optimizer:
+        states, note = 0, note + ", offloaded to the CPU"
+    elif shape.optim.startswith("paged"):
+        note += " (paged: may move to the CPU under pressure)"
+    lines.append(Line("run", "optimizer", states, note))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- activations
+class _SavedTensors:
+    """Bytes of the tensors autograd saves for backward inside the context (storages counted once, parameters
+    and the given inputs left out)."""
+
+    def __init__(self, exclude: Sequence[torch.Tensor]) -> None:
+        self.exclude = {t.untyped_storage()._cdata for t in exclude}
+        self.storages: dict[int, int] = {}
+
+    def __enter__(self) -> "_SavedTensors":
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage._cdata not in self.exclude:
+                self.storages[storage._cdata] = max(self.storages.get(storage._cdata, 0), storage.nbytes())
+            return tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands for a fused attention kernel on the meta device: keeps q, k, v, the output and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        output = torch.empty_like(query)
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, output, lse)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - never run on the meta device
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+def _fused_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function over [batch, heads, length, head_dim] (grouped keys repeated)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    output = _FusedAttention.apply(query, key, value)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _with_fused_attention(module: nn.Module) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("nvila_ft_plan", _fused_attention)
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = "nvila_ft_plan"
+
+
+def _layers(model: Any, name: str) -> list[nn.Module]:
+    if name == "llm":
+        base = get_component(model, "llm")
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        return list(base.model.layers)
+    return model.vision_tower.used_layers()
+
+
+def _trains_before(model: Any, name: str) -> bool:
+    """Whether anything that feeds component `name` has trainable parameters (then its input needs a gradient)."""
+    order = list(COMPONENTS)  # vision_tower, mm_projector, llm
+    return any(p.requires_grad for earlier in order[: order.index(name)] for p in get_component(model, earlier).parameters())
+
+
+def _layer_activations(model: Any, name: str, tokens: int, rows: int) -> int:
+    """Bytes autograd keeps for one layer of the component at `rows` x `tokens` positions."""
+    layers = _layers(model, name)
+    layer = layers[0]
+    dtype = next(layer.parameters()).dtype
+    width = int(model.config.llm_hidden_size if name == "llm" else model.config.vision_hidden_size)
+    needs_grad = _trains_before(model, name) or any(p.requires_grad for p in layer.parameters())
+    hidden = torch.empty(rows, tokens, width, device="meta", dtype=dtype, requires_grad=needs_grad)
+    params = list(layer.parameters())
+    with torch.enable_grad(), _SavedTensors([hidden, *params]) as saved:
+        if name == "llm":
+            base = get_component(model, "llm")
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            positions = torch.arange(tokens, device="meta")[None].expand(rows, -1)
+            embeddings = base.model.rotary_emb(hidden, positions)
+            layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
+        else:
+            layer(hidden, None)
+    return saved.bytes
+
+
+def _projector_activations(model: Any, tiles: int) -> int:
+    config = model.config
+    dtype = next(model.mm_projector.parameters()).dtype
+    features = torch.empty(tiles, config.patches_per_side**2, config.mm_hidden_size, device="meta", dtype=dtype,
+                           requires_grad=_trains_before(model, "mm_projector"))
+    with torch.enable_grad(), _SavedTensors([features, *model.mm_projector.parameters()]) as saved:
+        model.mm_projector(features)
+    return saved.bytes
+
+
+def _loss_activations(model: Any, positions: int, rows: int, logits_positions: int) -> tuple[int, int]:
+    """(saved bytes of the final norm, lm_head and loss; transient bytes of the float32 logits)."""
+    base = get_component(model, "llm")
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    dtype = base.lm_head.weight.dtype
+    hidden = torch.empty(rows, positions, model.config.llm_hidden_size, device="meta", dtype=dtype, requires_grad=True)
+    with torch.enable_grad(), _SavedTensors([hidden, *base.parameters()]) as saved:
+        normed = base.model.norm(hidden)[:, :logits_positions]
+        logits = base.lm_head(normed).float()
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[:2], dtype=torch.long, device="meta").flatten())
+    vocab = model.config.vocab_size
+    transient = rows * logits_positions * vocab * (DTYPE_BYTES.get(dtype, 4) + 4)  # logits and their float32 copy
+    return saved.bytes, transient
+
+
+def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[Line]:
+    """Activations kept for backward per component at this sample (times the micro-batch), and the transients."""
+    _with_fused_attention(model)
+    config = model.config
+    rows = shape.micro_batch
+    lines = []
+    working = 0
+    for name, tokens, count in (
+        ("vision_tower", config.patches_per_side**2, model.vision_tower.num_layers_used),
+        ("llm", sample.positions, len(_layers(model, "llm"))),
+    ):
+        batch = rows * sample.tiles if name == "vision_tower" else rows
+        if batch == 0:
+            continue
+        per_layer = _layer_activations(model, name, tokens, batch)
+        width = config.llm_hidden_size if name == "llm" else config.vision_hidden_size
+        dtype_bytes = DTYPE_BYTES.get(next(_layers(model, name)[0].parameters()).dtype, 4)
+        if name in shape.checkpointing and per_layer:
+            kept = count * batch * tokens * width * dtype_bytes + per_layer  # inputs kept, one layer recomputed
+            note = f"checkpointed: {count} layer inputs + one layer recomputed"
+        else:
+            kept, note = count * per_layer, f"{count} layers x {per_layer / 2**20:,.1f} MiB"
+        lines.append(Line(name, "activations", kept, note))
+        working = max(working, per_layer)
+    if sample.tiles:
+        lines.append(Line("mm_projector", "activations", _projector_activations(model, rows * sample.tiles), ""))
+    logits_positions = sample.supervised if shape.selective_loss else sample.positions
+    saved, transient = _loss_activations(model, sample.positions, rows, logits_positions)
+    lines.append(Line("llm", "loss", saved, f"log-probabilities of {logits_positions:,} positions x {config.vocab_size:,} tokens"))
+    # at the turn to backward: the logits and their float32 copy (forward), or the gradients flowing back
+    # through the logits or the largest layer (backward), whichever is larger
+    logits_grad = rows * logits_positions * config.vocab_size * 4
+    working = max(transient, working // 2, logits_grad)
+    lines.append(Line("run", "backward working set", working, "float32 logits, or one layer's activation gradients"))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def plan(config: NVILAConfig, policy: AdapterPolicy, sample: SampleDemand, shape: RunShape, model: Any = None) -> Plan:
+    """The memory of one GPU for one micro-batch of `sample`-sized rows."""
+    lora_float32 = shape.trainable_float32 and shape.zero_stage == 0
+    model = model if model is not None else meta_model(config, policy, shape.weights_dtype, lora_float32)
+    lines = weight_lines(model, policy, shape) + training_state_lines(model, shape) + activation_lines(model, sample, shape)
+    result = Plan(lines, sample, shape)
+    if shape.cuda:
+        slack = int(ALLOCATOR_SLACK * result.total)
+        lines.append(Line("run", "CUDA context", CUDA_CONTEXT_BYTES, "context, library workspaces, kernels"))
+        lines.append(Line("run", "allocator slack", slack, f"{ALLOCATOR_SLACK:.0%} of the peak"))
+    return result
+
+
+@dataclass
+class Change:
+    """A change to the run that lowers memory, and what it costs besides."""
+
+    overrides: list[str]
+    description: str
+    cost: str
+    apply: Any = field(repr=False)  # (policy, shape, config) -> (policy, shape, config)
+
+
+def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list[Change]:
+    """Candidate changes, cheapest first (what they cost in speed or accuracy)."""
+    out = []
+    if not shape.optim.endswith("8bit"):
+        out.append(Change(["trainer.optim=adamw_bnb_8bit"], "8-bit AdamW (bitsandbytes)", "none measurable",
+                          lambda p, s, c: (p, replace(s, optim="adamw_bnb_8bit"), c)))
+    if not shape.selective_loss:
+        out.append(Change(["trainer.selective_loss=true"], "logits only where the loss is taken", "none",
+                          lambda p, s, c: (p, replace(s, selective_loss=True), c)))
+    if "llm" not in shape.checkpointing:
+        out.append(Change(["trainer.gradient_checkpointing=[llm]"], "checkpoint the LLM's layers", "about 30% slower",
+                          lambda p, s, c: (p, replace(s, checkpointing=(*s.checkpointing, "llm")), c)))
+    if "vision_tower" not in shape.checkpointing and policy.vision_tower.trains:
+        out.append(Change(["trainer.gradient_checkpointing=[vision_tower,llm]"], "checkpoint the vision tower's layers too",
+                          "slower vision steps", lambda p, s, c: (p, replace(s, checkpointing=(*s.checkpointing, "vision_tower")), c)))
+    if shape.micro_batch > 1:
+        out.append(Change([f"trainer.per_device_train_batch_size=1 trainer.gradient_accumulation_steps=x{shape.micro_batch}"],
+                          "micro-batch 1 (same global batch)", "slower steps",
+                          lambda p, s, c: (p, replace(s, micro_batch=1), c)))
+    if policy.llm.method in ("lora", "dora"):
+        quantized = replace(policy.llm, method="qlora", dora=policy.llm.method == "dora")
+        out.append(Change(["adapters.llm.method=qlora"], "4-bit QLoRA base for the LLM", "a little accuracy, slower steps",
+                          lambda p, s, c, q=quantized: (replace(p, llm=q), s, c)))
+    if shape.world_size > 1 and shape.zero_stage < 3:
+        out.append(Change(["deepspeed=zero3"], f"ZeRO-3 over the {shape.world_size} processes", "communication",
+                          lambda p, s, c: (p, replace(s, zero_stage=3), c)))
+    if not shape.offload_optimizer and (shape.zero_stage > 0 or shape.world_size == 1):
+        out.append(Change(["deepspeed=zero2_offload" if shape.zero_stage < 3 else "deepspeed=zero3_offload"],
+                          "optimizer states on the CPU (ZeRO-Offload)", "CPU-bound optimizer steps",
+                          lambda p, s, c: (p, replace(s, offload_optimizer=True, zero_stage=max(s.zero_stage, 2)), c)))
+    if config.image_aspect_ratio in ("dynamic", "dynamic_s2") and config.max_tiles > max(config.min_tiles, 1):
+        fewer = max(config.min_tiles, (config.s2_scales[-1] // config.s2_scales[0]) ** 2 if config.dynamic_s2 else 1, config.max_tiles // 2)
+        if fewer < config.max_tiles:
+            out.append(Change([f"model.max_tiles={fewer}"], f"at most {fewer} tiles an image", "detail in large images",
+                              lambda p, s, c, n=fewer: (p, s, _with_raw(c, max_tiles=n))))
+    return out
+
+
+def _with_raw(config: NVILAConfig, **values: Any) -> NVILAConfig:
+    return replace(config, raw={**config.raw, **values})
+
+
+def gib(value: int) -> str:
+    return f"{value / GIB:,.2f} GiB"
