@@ -24,6 +24,7 @@ from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
 from nvila_ft.adapters.optim import build_optimizer
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.presets import build_model, save_preset_checkpoint
+from nvila_ft.training.peak import peak_bytes
 from nvila_ft.training.planner import RunShape, SampleDemand, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,7 @@ def build(preset: str, policy: AdapterPolicy, dtype: torch.dtype, device: str, w
 
 
 def measure(model, batch: dict, optimizer, device: str, autocast: torch.dtype | None) -> int:
+    """Peak tensor bytes of one training step, after a first step has created the optimizer states."""
     def step():
         with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
             loss = model(**batch).loss
@@ -56,21 +58,8 @@ def measure(model, batch: dict, optimizer, device: str, autocast: torch.dtype | 
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
-    step()  # optimizer states now exist
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as profiler:
-        step()
-    with tempfile.NamedTemporaryFile(suffix=".json") as timeline:
-        profiler.export_memory_timeline(timeline.name, device="cpu")
-        _, sizes = json.loads(Path(timeline.name).read_text())
-    return int(max(sum(row) for row in sizes))
+    step()
+    return peak_bytes(step, device)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nvila_ft.adapters.apply import apply_policy, get_component, lora_targets
+from nvila_ft.adapters.apply import apply_policy, get_component
 from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.presets import build_from_config
@@ -32,9 +32,10 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS / cuDNN workspaces and kernels (typical on H100/A100)
 ALLOCATOR_SLACK = 0.05  # fragmentation of PyTorch's caching allocator, as a share of everything else
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-# bytes of optimizer state per trainable parameter, by `trainer.optim`
-OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw_8bit": 2, "adamw_bnb_8bit": 2,
-                         "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0, "adafactor": 4}
+BNB_8BIT_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+FLOAT32_ADAM_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "paged_adamw_32bit")
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps the states of smaller tensors in float32
+BNB_BLOCK = 256  # one float32 absmax per block of 8-bit state
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -148,12 +149,12 @@ def _quantized_linears(model: Any, name: str, policy: AdapterPolicy) -> list[nn.
     component = getattr(policy, name)
     if component.method == "qlora":
         skip = {"llm": "lm_head", "vision_tower": "head"}.get(name, "")
-        return [m.base_layer if hasattr(m, "base_layer") else m for n, m in get_component(model, name).named_modules()
-                if isinstance(getattr(m, "base_layer", m), nn.Linear) and not n.endswith(skip) and "lora_" not in n]
+        linears = {id(m): m for n, m in get_component(model, name).named_modules()
+                   if isinstance(m, nn.Linear) and skip not in n.split(".") and "lora_" not in n}
+        return list(linears.values())
     if component.method == "fp8_lora":
-        targets = set(lora_targets(model, name, component)["target_modules"])
-        return [m.base_layer for n, m in get_component(model, name).named_modules()
-                if hasattr(m, "base_layer") and n.rsplit(".", 1)[-1] in targets]
+        # the LoRA targets: every linear that carries an adapter
+        return [m.base_layer for m in get_component(model, name).modules() if isinstance(getattr(m, "base_layer", None), nn.Linear)]
     return []
 
 
@@ -164,10 +165,12 @@ def _quantized_bytes(linear: nn.Linear, policy: Any) -> int:
         return numel + 4 * rows  # float8 codes, one float32 scale per row
     if policy.quantization.bits == 8:
         return numel + 4 * rows  # int8 codes, one float32 absmax per row
-    blocks = math.ceil(numel / 64)  # 4-bit: two codes a byte, one absmax per block of 64
+    # 4-bit: two codes a byte, one absmax per block of 64 and the 16-value float32 code book; double quantization
+    # stores the absmax in 8 bits with a float32 absmax per 256 of them, a 256-value code book and an offset
+    blocks = math.ceil(numel / 64)
     if policy.quantization.double_quant:
-        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4  # uint8 absmax, nested
-    return math.ceil(numel / 2) + 4 * blocks
+        return math.ceil(numel / 2) + 4 * 16 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
+    return math.ceil(numel / 2) + 4 * 16 + 4 * blocks
 
 
 def weight_lines(model: Any, policy: AdapterPolicy, shape: RunShape) -> list[Line]:
@@ -213,10 +216,29 @@ def trainable_counts(model: Any) -> dict[str, int]:
     return {name: sum(p.numel() for p in get_component(model, name).parameters() if p.requires_grad) for name in COMPONENTS}
 
 
+def optimizer_state_bytes(numels: Sequence[int], optim: str) -> int:
+    """Bytes of the optimizer's per-tensor state for trainable tensors of these sizes (`trainer.optim` names).
+
+    torch AdamW: two float32 moments and a float32 step per tensor. bitsandbytes 8-bit AdamW: two uint8 moments
+    plus one float32 absmax per 256 values each, except tensors under 4,096 values, which stay float32 (the
+    quantile maps are shared by all tensors and left out). SGD without momentum keeps nothing.
+    """
+    if optim in BNB_8BIT_OPTIMIZERS:
+        return sum(2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in numels)
+    if optim in FLOAT32_ADAM_OPTIMIZERS:
+        per_tensor = 0 if optim == "paged_adamw_32bit" else 4  # bitsandbytes counts steps in Python
+        return sum(8 * n + per_tensor for n in numels)
+    if optim == "adafactor":  # factored second moment: a row and a column vector (full for vectors)
+        return sum(4 * n for n in numels)
+    if optim == "sgd":
+        return 0
+    raise ValueError(f"no optimizer-state model for trainer.optim = {optim!r}")
+
+
 def training_state_lines(model: Any, shape: RunShape) -> list[Line]:
     """Gradients and optimizer states of the trainable tensors, divided as ZeRO divides them."""
-    counts = trainable_counts(model)
-    trainable = sum(counts.values())
+    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    trainable = sum(numels)
     lines = []
     deepspeed = shape.zero_stage > 0
     if deepspeed:
@@ -231,12 +253,11 @@ def training_state_lines(model: Any, shape: RunShape) -> list[Line]:
         lines.append(Line("run", "gradients", trainable * (4 if float32 else DTYPE_BYTES[shape.weights_dtype]),
                           f"{trainable:,} trainable"))
     lines.append(Line("run", "optimizer step", lines[0].bytes, "temporaries of the update, about the gradients' size"))
-    per_param = OPTIMIZER_STATE_BYTES.get(shape.optim, 8) + (4 if deepspeed else 0)
-    states = trainable * per_param
-    note = f"{shape.optim}: {per_param} bytes a trainable parameter"
+    states = optimizer_state_bytes(numels, shape.optim)
+    note = f"{shape.optim}: {states / max(trainable, 1):.1f} bytes a trainable parameter"
     if deepspeed:
-        states = math.ceil(states / shape.world_size)
-        note += f", ZeRO over {shape.world_size}"
+        states = math.ceil((states + 4 * trainable) / shape.world_size)  # plus the float32 master weights
+        note += f" + float32 master weights, ZeRO over {shape.world_size}"
     if shape.offload_optimizer:
         states, note = 0, note + ", offloaded to the CPU"
     elif shape.optim.startswith("paged"):
