@@ -8,8 +8,6 @@ against the peak of the profiler's memory timeline over a training step at small
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import pytest
