@@ -15,6 +15,7 @@ COMMANDS = {
     "predict": ("nvila_ft.commands.predict", "predict", "answer a prompt or a file of prompts"),
     "export": ("nvila_ft.commands.export", "export", "write a run's merged model (official layout) or its adapters"),
     "validate-data": ("nvila_ft.commands.validate_data", "validate_data", "check a task's data without a GPU"),
+    "plan": ("nvila_ft.commands.plan", "plan", "GPU memory of a finetune run, before anything loads (--json)"),
 }
 USAGE = """usage: nvila-ft <command> [key=value ...] [-m] [--cfg job] [--help]
 
@@ -217,6 +218,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{where}: error: {problem}", file=sys.stderr)
             sys.exit(2)
         rest = rest + _per_rank_overrides(rank)
+    scratch = None
+    if command == "plan":  # writes nothing: no run directory, `--json` for scripts
+        rest = ["plan.json=true" if arg == "--json" else arg for arg in rest]
+        if not any(arg.startswith("hydra.run.dir=") for arg in rest):
+            import tempfile
+
+            scratch = tempfile.mkdtemp(prefix="nvila-ft-plan-")
+            rest = rest + [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     if any(arg.startswith("run=") for arg in rest) and not any(arg.startswith("hydra.output_subdir") for arg in rest):
         rest = rest + ["hydra.output_subdir=null"]  # a command on an existing run never rewrites its .hydra/
     user_setting = os.environ.get("HYDRA_FULL_ERROR")
@@ -236,8 +245,12 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = user_setting
-    if command == "validate-data" and any(results):
-        sys.exit(1)  # bad records were found
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    if command in ("validate-data", "plan") and any(results):
+        sys.exit(1)  # bad records were found / the run does not fit
 
 
 if __name__ == "__main__":

@@ -340,7 +340,8 @@ def test_a_run_made_with_user_folders_needs_only_its_directory(tmp_path, cache):
 def test_console_summary_is_in_cli_log_without_banners(finished_run):
     run, result = finished_run
     log = (run / "cli.log").read_text()
-    for line in ("after_training: accuracy", "image-blind baselines", "train: 41 records", "adapter policy lora_vit_lora_llm"):
+    for line in ("after_training: accuracy", "image-blind baselines", "train: 41 records", "adapter policy lora_vit_lora_llm",
+                 "planned GPU memory: "):
         assert line in result.stdout and line in log, line
     for banner in ("accelerator", "wandb", "DeepSpeed", "[INFO]", "[WARNING]"):
         assert banner not in result.stdout, banner

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from nvila_ft.adapters import format_report, trainable_report
 from nvila_ft.adapters.artifacts import save_adapters
 from nvila_ft.atomic import atomic_write_json
+from nvila_ft.commands.plan import log_estimate
 from nvila_ft.commands.common import (
     BASE_DIR,
     FINAL_DIR,
@@ -92,6 +93,9 @@ def finetune(cfg: DictConfig) -> float | None:
         if eval_options.on_empty == "stop":
             raise ConfigError(f"no usable validation record: {why}. Fix the validation data, or set eval.on_empty=train to train without evaluation")
         log.warning("no usable validation record (%s); training without evaluation (eval.on_empty=train)", why)
+
+    if is_main_process():
+        log_estimate(policy, precision, trainer_config, deepspeed, data_options, train, processor, build(cfg, "plan"), cfg.seed)
 
     # 3. training arguments first: with ZeRO-3 they must exist before the model is loaded
     args = trainer_config.training_arguments(

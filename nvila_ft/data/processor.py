@@ -14,6 +14,8 @@ image (`generate_content`), otherwise each image is one resized tile.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import os
 from dataclasses import dataclass, field
@@ -116,6 +118,13 @@ class NVILAProcessor:
             logger.warning("config.json asks for fps sampling or tiled video frames (VILA after the NVILA release); "
                            "using the release behaviour: %d uniform frames, one tile each", self.num_video_frames)
         self.layout = MediaLayout.from_tokenizer(config, tokenizer)
+
+    def with_config(self, config: NVILAConfig) -> "NVILAProcessor":
+        """The same processor for a changed configuration (e.g. fewer tiles), sharing the tokenizer."""
+        clone = copy.copy(self)
+        clone.config = config
+        clone.layout = MediaLayout.from_tokenizer(config, self.tokenizer)
+        return clone
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "NVILAProcessor":

@@ -123,6 +123,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
+    selective_loss: bool = False
     eval_steps: int | None = 100
     save_steps: int = 100
     save_total_limit: int | None = 2
@@ -134,6 +135,10 @@ class TrainerConfig:
     distributed_timeout_s: int = 600
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def checkpointed_components(self) -> tuple[str, ...]:
+        """The components whose layers are checkpointed (gradient checkpointing)."""
+        return ("vision_tower", "llm") if self.gradient_checkpointing else ()
 
     def check(self) -> None:
         if self.learning_rate <= 0:

@@ -193,10 +193,12 @@ def weight_lines(model: Any, policy: AdapterPolicy, shape: RunShape) -> list[Lin
                 plain += param.numel() * dtype_bytes
         total = plain + trainable_bytes + sum(_quantized_bytes(m, getattr(policy, name)) for m in quantized)
         note = f"{len(quantized)} linears {_storage_word(getattr(policy, name))}" if quantized else _dtype_word(shape.weights_dtype)
-        if shape.zero_stage == 3:
+        if shape.zero_stage == 3 and shape.offload_params:
+            total, note = 0, note + ", offloaded to the CPU (ZeRO-3)"
+        elif shape.zero_stage == 3:
             total, note = math.ceil(total / shape.world_size), note + f", ZeRO-3 shard of {shape.world_size}"
         lines.append(Line(name, "weights", total, note))
-    if shape.zero_stage == 3 and shape.world_size > 1:  # the layers being gathered, with prefetch: about two
+    if shape.zero_stage == 3 and (shape.world_size > 1 or shape.offload_params):  # layers gathered, with prefetch: about two
         largest = max(sum(p.numel() for p in layer.parameters()) for layer in _layers(model, "llm"))
         lines.append(Line("llm", "weights", 2 * largest * dtype_bytes, "ZeRO-3: two decoder layers gathered"))
     return lines

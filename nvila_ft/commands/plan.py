@@ -1,0 +1,285 @@
+"""`nvila-ft plan`: will this run fit on the GPU, and if not, what is the cheapest change that makes it fit.
+
+Takes the same overrides as `finetune`. Reads the checkpoint's config files only (or the released configuration
+of `model=<name>` when no checkpoint is on disk), measures the task's records from their media headers, and
+plans one GPU's memory at the p95 and the longest sample. Nothing heavy is loaded and no GPU is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nvila_ft.commands.common import build, log
+from nvila_ft.data.packing import PackingError, pack_first_fit_decreasing
+from nvila_ft.data.processor import NVILAProcessor, SampleError
+from nvila_ft.data.records import Record
+from nvila_ft.model.config import NVILAConfig
+from nvila_ft.training import planner
+from nvila_ft.training.config import ConfigError, DataOptions, Precision, TrainerConfig
+from nvila_ft.training.planner import GIB, Plan, RunShape, SampleDemand, SequenceStats
+
+DEFAULT_GPU_GIB = 24.0  # when no GPU is visible: the common 24 GB card (RTX 4090 / A10 / L4)
+
+
+@dataclass
+class PlanOptions:
+    """The `plan:` section. gpu_memory: GiB of one GPU (None: the visible GPU, else 24); samples: records
+    measured (None: all); world_size: processes of the run (None: the launcher's WORLD_SIZE, else 1);
+    json: print the plan as JSON instead of a table."""
+
+    gpu_memory: float | None = None
+    samples: int | None = 2000
+    world_size: int | None = None
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise ConfigError(f"plan.gpu_memory = {self.gpu_memory}: GiB of one GPU, > 0")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError(f"plan.samples = {self.samples}: must be >= 1, or null for every record")
+        if self.world_size is not None and self.world_size < 1:
+            raise ConfigError(f"plan.world_size = {self.world_size}: must be >= 1")
+
+    def budget(self) -> tuple[int, str]:
+        """Bytes of one GPU and where the figure comes from."""
+        if self.gpu_memory is not None:
+            return int(self.gpu_memory * GIB), "plan.gpu_memory"
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+        return int(DEFAULT_GPU_GIB * GIB), "no GPU visible: a 24 GB card (plan.gpu_memory=<GiB> to change)"
+
+    def processes(self) -> int:
+        return self.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def run_shape(precision: Precision, trainer: TrainerConfig, deepspeed: Any, world_size: int, cuda: bool = True) -> RunShape:
+    """The planner's view of a run's settings."""
+    return RunShape(
+        weights_dtype=precision.dtype,
+        trainable_float32=precision.trainable_float32,
+        micro_batch=trainer.per_device_train_batch_size,
+        checkpointing=trainer.checkpointed_components(),
+        optim=trainer.optim,
+        zero_stage=deepspeed.stage if deepspeed is not None else 0,
+        offload_optimizer=bool(deepspeed and deepspeed.offload_optimizer),
+        offload_params=bool(deepspeed and deepspeed.offload_params),
+        world_size=world_size,
+        selective_loss=trainer.selective_loss,
+        cuda=cuda,
+    )
+
+
+def measure_records(records: list[Record], processor: NVILAProcessor) -> tuple[list[SampleDemand], list[str]]:
+    """Sizes of the records from their media headers; the records that cannot be measured are returned as
+    one-line reasons (the data check reports them in full)."""
+    sizes, problems = [], []
+    for record in records:
+        try:
+            size = processor.measure(record.messages, record.name, record.media_root)
+        except (SampleError, ValueError, OSError) as err:
+            problems.append(f"{record.origin}: {err}")
+            continue
+        sizes.append(SampleDemand(min(size.positions, processor.model_max_length), size.tiles, size.supervised))
+    return sizes, problems
+
+
+def packed_rows(samples: list[SampleDemand], max_tokens: int) -> list[SampleDemand]:
+    """With data.packing: the rows training sees (first-fit decreasing, as the packed sampler packs)."""
+    rows = pack_first_fit_decreasing([s.positions for s in samples], max_tokens)
+    return [SampleDemand(sum(samples[i].positions for i in row), sum(samples[i].tiles for i in row),
+                         sum(samples[i].supervised for i in row)) for row in rows]
+
+
+def model_config_and_processor(cfg: DictConfig, data: DataOptions) -> tuple[NVILAConfig, NVILAProcessor, str]:
+    """The checkpoint's configuration and processor from config files only; without a checkpoint on disk, the
+    released configuration of the preset (text counted with the tiny tokenizer: more tokens than Qwen2's)."""
+    from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
+    from nvila_ft.model.presets import PRESETS, preset_config
+    from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR
+    from nvila_ft.model.tokenizer import load_tokenizer
+
+    options = data.processor_options()
+    path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.get("path")
+    if path is not None:
+        root = resolve_checkpoint(path)
+        return read_config(root), NVILAProcessor.from_pretrained(root, **options), str(root)
+    preset = cfg.model.get("preset")
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset = {preset!r} is not a preset ({', '.join(PRESETS)}); or set model.path")
+    config = preset_config(preset)
+    where = f"preset {preset} (its configuration; no weights loaded)"
+    return config, NVILAProcessor(load_tokenizer(TINY_TOKENIZER_DIR, config.chat_template), config, **options), where
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def plan_run(config: NVILAConfig, policy: Any, stats: SequenceStats, shape: RunShape, budget: int,
+             p95_for: Callable[[NVILAConfig], SampleDemand]) -> dict[str, Any]:
+    """Plans at p50, p95 and the longest sample, and the cheapest changes that make the p95 plan fit.
+    `p95_for(config)`: the p95 sample under a changed model configuration (fewer tiles or frames)."""
+    model = planner.meta_model(config, policy, shape.weights_dtype, shape.trainable_float32 and shape.zero_stage == 0)
+    plans = {q: planner.plan(config, policy, getattr(stats, q), shape, model=model) for q in ("p50", "p95", "max")}
+    return {"plans": plans, "changes": fitting_changes(config, policy, shape, budget, plans["p95"].total, p95_for)}
+
+
+def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: int, current: int,
+                    p95_for: Callable[[NVILAConfig], SampleDemand]) -> list[dict[str, Any]]:
+    """Each candidate change alone, and applied together in order of cost until the plan fits (so the list ends
+    at the cheapest combination that fits, when one exists)."""
+    if current <= budget:
+        return []
+
+    def total(applied: tuple[Any, RunShape, NVILAConfig]) -> int:
+        new_policy, new_shape, new_config = applied
+        return planner.plan(new_config, new_policy, p95_for(new_config), new_shape).total
+
+    rows, together = [], (policy, shape, config)
+    for change in planner.changes(policy, shape, config):
+        alone = total(change.apply(policy, shape, config))
+        if alone >= current:
+            continue  # saves nothing here
+        together = change.apply(*together)
+        combined = total(together)
+        rows.append({"overrides": change.overrides, "change": change.description, "cost": change.cost,
+                     "alone_bytes": alone, "together_bytes": combined, "fits": combined <= budget})
+        if combined <= budget:
+            break
+    return rows
+
+
+def one_line(plans: dict[str, Plan], budget: int | None) -> str:
+    """The estimate in one line: what finetune prints at start."""
+    p95, longest = plans["p95"], plans["max"]
+    text = (f"planned GPU memory: {planner.gib(p95.total)} at the p95 sample ({p95.sample.positions:,} positions), "
+            f"{planner.gib(longest.total)} at the longest ({longest.sample.positions:,})")
+    if budget is not None:
+        verdict = "fits" if longest.total <= budget else "fits at p95 only" if p95.total <= budget else "does not fit"
+        text += f" of {planner.gib(budget)}: {verdict}"
+    return text
+
+
+def table(result: dict[str, Any], budget: int, budget_source: str, stats: SequenceStats, where: str, problems: list[str]) -> str:
+    plans: dict[str, Plan] = result["plans"]
+    p95 = plans["p95"]
+    shape = p95.shape
+    lines = [f"model: {where}",
+             f"records measured: {len(stats.samples):,} of {stats.total:,}" + (f" ({len(problems)} could not be measured)" if problems else ""),
+             "sequence    positions   tiles   supervised"]
+    for q in ("p50", "p95", "max"):
+        s = getattr(stats, q)
+        lines.append(f"  {q:<8}{s.positions:>11,}{s.tiles:>8,}{s.supervised:>13,}")
+    lines.append(f"run: micro-batch {shape.micro_batch}, weights {str(shape.weights_dtype).removeprefix('torch.')}, optimizer {shape.optim}, "
+                 f"checkpointing {', '.join(shape.checkpointing) or 'off'}, ZeRO {shape.zero_stage or 'off'}, {shape.world_size} process(es)")
+    lines.append("")
+    unit, scale = ("GiB", GIB) if p95.total >= 2 * GIB else ("MiB", 2**20)
+    lines.append(f"{'component':<14}{'item':<22}{'p95 ' + unit:>12}{'max ' + unit:>12}  note")
+    longest = {(line.component, line.item, line.note): line.bytes for line in plans["max"].lines}
+    for line in p95.lines:
+        at_max = longest.get((line.component, line.item, line.note))
+        if at_max is None:  # same line, note at the other length differs
+            at_max = next((b for (c, i, _), b in longest.items() if c == line.component and i == line.item), line.bytes)
+        lines.append(f"{line.component:<14}{line.item:<22}{line.bytes / scale:>12.2f}{at_max / scale:>12.2f}  {line.note}")
+    lines.append(f"{'total':<36}{p95.total / scale:>12.2f}{plans['max'].total / scale:>12.2f}  peak: steady + max(activation phase, gradient phase)")
+    lines.append("")
+    lines.append(f"GPU: {planner.gib(budget)} ({budget_source})")
+    lines.append(one_line(plans, budget))
+    if result["changes"]:
+        lines.append("changes, cheapest first, applied together until it fits (p95):")
+        for row in result["changes"]:
+            mark = "fits" if row["fits"] else ""
+            lines.append(f"  {' '.join(row['overrides']):<48} alone {row['alone_bytes'] / GIB:6.2f}  together {row['together_bytes'] / GIB:6.2f} GiB"
+                         f"  {mark:<5} {row['change']} (cost: {row['cost']})")
+        if not result["changes"][-1]["fits"]:
+            lines.append("  no combination of these fits: more processes with ZeRO-3, or a GPU with more memory")
+    for problem in problems[:5]:
+        lines.append(f"not measured: {problem}")
+    return "\n".join(lines)
+
+
+def as_json(result: dict[str, Any], budget: int, budget_source: str, stats: SequenceStats, where: str, problems: list[str]) -> str:
+    plans: dict[str, Plan] = result["plans"]
+    return json.dumps({
+        "model": where,
+        "records": {"total": stats.total, "measured": len(stats.samples), "unmeasured": problems},
+        "sequence": {q: vars(getattr(stats, q)) for q in ("p50", "p95", "max")},
+        "gpu_bytes": budget, "gpu": budget_source,
+        "plans": {q: {"total_bytes": p.total, "fits": p.total <= budget,
+                      "lines": [{"component": l.component, "item": l.item, "bytes": l.bytes, "note": l.note} for l in p.lines]}
+                  for q, p in plans.items()},
+        "changes": result["changes"],
+    }, indent=1)
+
+
+def estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deepspeed: Any, data: DataOptions,
+             records: list[Record], processor: NVILAProcessor, options: PlanOptions, seed: int) -> tuple[dict[str, Any], SequenceStats, list[str]]:
+    """The plan of a run over (a sample of) its training records."""
+    chosen = records if options.samples is None or len(records) <= options.samples else random.Random(seed).sample(records, options.samples)
+
+    def demands(proc: NVILAProcessor) -> tuple[list[SampleDemand], list[str]]:
+        samples, problems = measure_records(chosen, proc)
+        if data.packing and samples:
+            try:
+                samples = packed_rows(samples, data.max_tokens)
+            except PackingError as err:
+                raise ConfigError(f"plan: {err}") from err
+        return samples, problems
+
+    samples, problems = demands(processor)
+    if not samples:
+        raise ConfigError("plan: no training record could be measured" + (f" (first: {problems[0]})" if problems else ""))
+    stats = SequenceStats(samples, len(records))
+
+    def p95_for(config: NVILAConfig) -> SampleDemand:
+        if config is processor.config:
+            return stats.p95
+        return SequenceStats(demands(processor.with_config(config))[0], len(records)).p95
+
+    shape = run_shape(precision, trainer, deepspeed, options.processes())
+    budget, _ = options.budget()
+    return plan_run(processor.config, policy, stats, shape, budget, p95_for), stats, problems
+
+
+def plan(cfg: DictConfig) -> int:
+    """Prints the plan; returns 0 when the longest sample fits, 1 when it does not."""
+    policy, precision, trainer, deepspeed = build(cfg, "adapters"), build(cfg, "precision"), build(cfg, "trainer"), build(cfg, "deepspeed")
+    data, task, options = build(cfg, "data"), build(cfg, "task"), build(cfg, "plan")
+    if policy is None:
+        raise ConfigError("plan needs an adapter policy (adapters=<preset>)")
+    policy.check()
+    precision.dtype  # noqa: B018 - validates the name (the GPU checks are for the machine that trains)
+    trainer.check()
+    deepspeed.check(policy, precision)
+    _, processor, where = model_config_and_processor(cfg, data)
+    records = task.load(cfg.seed).train
+    result, stats, problems = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, cfg.seed)
+    budget, source = options.budget()
+    print(as_json(result, budget, source, stats, where, problems) if options.json else table(result, budget, source, stats, where, problems))
+    return 0 if result["plans"]["max"].total <= budget else 1
+
+
+def log_estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deepspeed: Any, data: DataOptions,
+                 records: list[Record], processor: NVILAProcessor, options: PlanOptions, seed: int) -> None:
+    """finetune's one-line estimate at start (200 records at most), and a warning when the run will not fit
+    the visible GPU (or `plan.gpu_memory`) with the changes that would make it fit. Never stops the run."""
+    options = replace(options, samples=min(options.samples or 200, 200))
+    try:
+        result, _, _ = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, seed)
+    except (ConfigError, ValueError, RuntimeError) as err:
+        log.warning("no memory plan for this run: %s", err)
+        return
+    judged = torch.cuda.is_available() or options.gpu_memory is not None
+    budget = options.budget()[0] if judged else None
+    plans = result["plans"]
+    log.info("%s", one_line(plans, budget))
+    if budget is not None and plans["max"].total > budget:
+        fix = " ".join(o for row in result["changes"] for o in row["overrides"]) if result["changes"] else ""
+        log.warning("this run is planned above the GPU's memory%s (nvila-ft plan <same overrides> shows why)",
+                    f"; to fit: {fix}" if fix and result["changes"][-1]["fits"] else "")
