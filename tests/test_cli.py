@@ -43,7 +43,9 @@ def finished_run(tmp_path_factory, cache):
     """One small fine-tuning run shared by the evaluate / predict / export tests."""
     root = tmp_path_factory.mktemp("cli")
     run = root / "run"
-    result = run_cli(["finetune", f"hydra.run.dir={run}", "adapters=lora_vit_lora_llm", *SMALL_RUN], root, cache)
+    # with scale knobs set: the export must carry them (the tiny 8B layout tiles at scales 32/64/96: 9 tiles at least)
+    result = run_cli(["finetune", f"hydra.run.dir={run}", "adapters=lora_vit_lora_llm", "model.max_tiles=9",
+                      "model.num_video_frames=4", *SMALL_RUN], root, cache)
     return run, result
 
 
@@ -86,6 +88,8 @@ def test_evaluate_predict_export_a_run(finished_run, cache, tmp_path):
     exported = run_cli(["export", f"run={run}", f"export.output={merged}", f"hydra.run.dir={tmp_path / 'ex'}"], tmp_path, cache)
     assert "probe check" in exported.stdout
     assert {p.name for p in merged.iterdir()} == {"config.json", "llm", "vision_tower", "mm_projector"}
+    exported_config = json.loads((merged / "config.json").read_text())
+    assert (exported_config["max_tiles"], exported_config["num_video_frames"]) == (9, 4)  # what it was trained with
     again = run_cli(["export", f"run={run}", f"export.output={merged}", f"hydra.run.dir={tmp_path / 'ex2'}"], tmp_path, cache, check=False)
     assert again.returncode == 1 and "export.overwrite=true" in again.stderr
 

@@ -100,24 +100,29 @@ def packed_rows(samples: list[SampleDemand], max_tokens: int) -> list[SampleDema
 
 
 def model_config_and_processor(cfg: DictConfig, data: DataOptions) -> tuple[NVILAConfig, NVILAProcessor, str]:
-    """The checkpoint's configuration and processor from config files only; without a checkpoint on disk, the
-    released configuration of the preset (text counted with the tiny tokenizer: more tokens than Qwen2's)."""
+    """The run's model configuration (with its `model.<knob>` settings) and processor from config files only;
+    without a checkpoint on disk, the released configuration of the preset (text counted with the tiny
+    tokenizer, which gives more tokens than Qwen2's)."""
     from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
     from nvila_ft.model.presets import PRESETS, preset_config
+    from nvila_ft.model.settings import KNOBS, with_settings
     from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR
     from nvila_ft.model.tokenizer import load_tokenizer
 
-    options = data.processor_options()
+    settings = {key: OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+                for key in KNOBS if (value := cfg.model.get(key)) is not None}
     path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.get("path")
     if path is not None:
         root = resolve_checkpoint(path)
-        return read_config(root), NVILAProcessor.from_pretrained(root, **options), str(root)
-    preset = cfg.model.get("preset")
-    if preset not in PRESETS:
-        raise ConfigError(f"model.preset = {preset!r} is not a preset ({', '.join(PRESETS)}); or set model.path")
-    config = preset_config(preset)
-    where = f"preset {preset} (its configuration; no weights loaded)"
-    return config, NVILAProcessor(load_tokenizer(TINY_TOKENIZER_DIR, config.chat_template), config, **options), where
+        config, tokenizer_dir, where = read_config(root), root / "llm", str(root)
+    else:
+        preset = cfg.model.get("preset")
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset = {preset!r} is not a preset ({', '.join(PRESETS)}); or set model.path")
+        config, tokenizer_dir, where = preset_config(preset), TINY_TOKENIZER_DIR, f"preset {preset} (its configuration; no weights loaded)"
+    config = with_settings(config, **settings)
+    processor = NVILAProcessor(load_tokenizer(tokenizer_dir, config.chat_template), config, **data.processor_options())
+    return config, processor, where
 
 
 # ---------------------------------------------------------------------------------------------- the plan

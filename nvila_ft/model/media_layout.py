@@ -26,6 +26,20 @@ from nvila_ft.model.config import EncoderSpec, NVILAConfig
 
 
 # ---------------------------------------------------------------------------------------------- grids
+def temporal_pools(frames: int, side: int, pool_sizes: tuple[tuple[int, int, int], ...]) -> list[tuple[int, int]]:
+    """(pooled frames, tokens per pooled frame) for each [t, h, w] pool of temporal-spatial pooling over `frames`
+    frames of side x side tokens; ValueError when a pool does not divide them."""
+    pools = []
+    for t, h, w in pool_sizes:
+        if frames % t or side % h or side % w:
+            raise ValueError(
+                f"temporal pooling {t}x{h}x{w} needs the frame count ({frames}) divisible by {t} "
+                f"and the token grid ({side}x{side}) by {h}x{w}"
+            )
+        pools.append((frames // t, (side // h) * (side // w)))
+    return pools
+
+
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     """(cols, rows) grids with min_tiles <= cols*rows <= max_tiles, in the official order.
 
@@ -163,16 +177,7 @@ class MediaLayout:
         spec: EncoderSpec = self.config.video_encoder
         if spec.kind != "tsp_video":
             return [(frames, self.tokens_per_tile)]
-        side = math.isqrt(self.tokens_per_tile)
-        pools = []
-        for t, h, w in spec.pool_sizes:
-            if frames % t or side % h or side % w:
-                raise ValueError(
-                    f"temporal pooling {t}x{h}x{w} needs the frame count ({frames}) divisible by {t} "
-                    f"and the token grid ({side}x{side}) by {h}x{w}"
-                )
-            pools.append((frames // t, (side // h) * (side // w)))
-        return pools
+        return temporal_pools(frames, math.isqrt(self.tokens_per_tile), spec.pool_sizes)
 
     def video_tokens(self, frames: int) -> int:
         """Feature tokens of a video (the placeholders the model fills)."""

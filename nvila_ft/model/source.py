@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
-from nvila_ft.model.config import CheckpointError
+from nvila_ft.model.config import CheckpointError, NVILAConfig
+from nvila_ft.model.settings import KNOBS, with_settings
 
 
 @dataclass
@@ -21,36 +24,77 @@ class ModelSource:
     pretrained: bool = False
     seed: int = 0
     attn_implementation: str = "sdpa"
+    # scale-then-compress knobs (None: the checkpoint's own; see nvila_ft.model.settings)
+    max_tiles: int | None = None
+    min_tiles: int | None = None
+    num_video_frames: int | None = None
+    s2_scales: list[int] | None = None
+    video_pool_sizes: list[list[int]] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs this run sets."""
+        values = {key: getattr(self, key) for key in KNOBS}
+        return {key: value for key, value in values.items() if value is not None}
+
+    def config(self) -> NVILAConfig:
+        """The configuration the run uses, from config files only (the checkpoint's, or the preset's), with the
+        knobs applied and checked."""
+        if self.path is not None:
+            config = read_config(resolve_checkpoint(self.path))
+        else:
+            from nvila_ft.model.presets import preset_config
+
+            config = preset_config(self.preset)
+        return with_settings(config, **self.settings())
 
     def check(self) -> None:
         if self.path is None and self.preset is None:
             raise CheckpointError("set model.path (a checkpoint directory) or model.preset")
-        if self.path is not None:
-            read_config(resolve_checkpoint(self.path))  # fails now, naming the file, if it is not a checkpoint
-            return
-        from nvila_ft.model.presets import PRESETS
+        if self.path is None:
+            from nvila_ft.model.presets import PRESETS
 
-        if self.preset not in PRESETS:
-            raise CheckpointError(f"model.preset = {self.preset!r} is not a preset ({', '.join(PRESETS)})")
-        if self.pretrained:
-            from nvila_ft.model.pretrained import pretrained_checkpoint
+            if self.preset not in PRESETS:
+                raise CheckpointError(f"model.preset = {self.preset!r} is not a preset ({', '.join(PRESETS)})")
+            if self.pretrained:
+                from nvila_ft.model.pretrained import pretrained_checkpoint
 
-            pretrained_checkpoint(self.preset)
+                pretrained_checkpoint(self.preset)
+        self.config()  # fails now, naming the file or the setting, if it is not a checkpoint or cannot take a knob
 
     def checkpoint(self, build_dir: str | Path) -> Path:
         """The checkpoint directory. A preset is written into `build_dir` (a run's `base/`) once and reused, so a
-        run keeps the exact base its adapters were trained on."""
-        if self.path is not None:
+        run keeps the exact base its adapters were trained on. With knobs set, `build_dir` gets the checkpoint's
+        folders (linked, not copied) and a config.json carrying them."""
+        if self.path is not None and not self.settings():
             return resolve_checkpoint(self.path)
         target = Path(build_dir)
         if not (target / "config.json").is_file():
             try:
-                self._write_preset(target)
+                if self.path is not None:
+                    self._write_overlay(target)
+                else:
+                    self._write_preset(target)
             except OSError:
                 # another process of a distributed launch wrote it at the same moment; its copy is complete
                 if not (target / "config.json").is_file():
                     raise
+        elif self.settings():
+            built = read_config(target)
+            if built.to_dict() != with_settings(built, **self.settings()).to_dict():
+                raise CheckpointError(f"{target} was built with other model settings than {self.settings()}; "
+                                      "start a new run to change them")
         return target
+
+    def _write_overlay(self, target: Path) -> None:
+        """The checkpoint's files linked into `target`, with a config.json that carries this run's knobs."""
+        from nvila_ft.atomic import atomic_directory
+
+        source = resolve_checkpoint(self.path)
+        with atomic_directory(target) as staging:
+            for entry in source.iterdir():
+                if entry.name != "config.json":
+                    (staging / entry.name).symlink_to(entry.resolve())
+            (staging / "config.json").write_text(json.dumps(self.config().to_dict(), indent=2) + "\n")  # fsynced on exit
 
     def _write_preset(self, target: Path) -> None:
         if self.pretrained:
@@ -59,7 +103,15 @@ class ModelSource:
 
             with atomic_directory(target) as staging:
                 shutil.copytree(pretrained_checkpoint(self.preset), staging, dirs_exist_ok=True)
+                self._write_settings(staging)
             return
         from nvila_ft.model.presets import save_preset_checkpoint
 
         save_preset_checkpoint(target, self.preset, seed=self.seed)
+        self._write_settings(target)
+
+    def _write_settings(self, folder: Path) -> None:
+        if self.settings():
+            from nvila_ft.atomic import atomic_write_json
+
+            atomic_write_json(folder / "config.json", with_settings(read_config(folder), **self.settings()).to_dict())

@@ -1,0 +1,96 @@
+"""The scale-then-compress knobs of a checkpoint that can change without touching a weight: how many tiles an
+image may take, how many frames a video gives, the Dynamic-S2 scales and the video's temporal pooling.
+
+A run sets them as `model.<knob>=<value>` (sweepable with `-m`). They are checked against the checkpoint here,
+written into the run's base `config.json`, and so read identically by the processor, the model, the planner and
+every export (the served model sees what it was trained with).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from typing import Any
+
+from nvila_ft.model.config import CheckpointError, NVILAConfig
+from nvila_ft.model.media_layout import temporal_pools
+
+KNOBS = ("max_tiles", "min_tiles", "num_video_frames", "s2_scales", "video_pool_sizes")
+
+
+def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:
+    """The configuration with the given knobs (None: the checkpoint's value); a value the architecture cannot
+    take raises CheckpointError naming `model.<knob>` and the reason."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    unknown = set(settings) - set(KNOBS)
+    if unknown:
+        raise CheckpointError(f"unknown model setting(s) {sorted(unknown)}; settable: {', '.join(KNOBS)}")
+    if not settings:
+        return config
+    raw = dict(config.raw)
+    tiling = config.image_aspect_ratio in ("dynamic", "dynamic_s2")
+    for key in ("max_tiles", "min_tiles"):
+        if key in settings:
+            if not tiling:
+                raise CheckpointError(f"model.{key}: this checkpoint does not tile images (image_aspect_ratio "
+                                      f"{config.image_aspect_ratio!r}); every image is one tile")
+            raw[key] = _positive_int(settings[key], key)
+    if "num_video_frames" in settings:
+        raw["num_video_frames"] = _positive_int(settings["num_video_frames"], "num_video_frames")
+    if "s2_scales" in settings:
+        raw["s2_scales"] = ",".join(str(s) for s in _s2_scales(config, settings["s2_scales"]))
+    if "video_pool_sizes" in settings:
+        raw["video_encoder"] = _video_encoder(config, settings["video_pool_sizes"])
+    changed = replace(config, raw=raw)
+    try:
+        changed.validate()
+    except CheckpointError as err:
+        raise CheckpointError(f"model settings {settings}: {err}") from None
+    if changed.dynamic_s2:
+        scales = changed.s2_scales
+        least = (scales[-1] // scales[0]) ** 2
+        if changed.max_tiles < least:
+            raise CheckpointError(f"model.max_tiles = {changed.max_tiles}: Dynamic-S2 at scales {scales} needs at least "
+                                  f"{least} tiles (the largest scale's {scales[-1] // scales[0]}x{scales[-1] // scales[0]} grid)")
+    _check_pools(changed, changed.num_video_frames)
+    return changed
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"model.{key} = {value!r}: a whole number >= 1")
+    return value
+
+
+def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
+    if not config.dynamic_s2:
+        raise CheckpointError("model.s2_scales: this checkpoint has no Dynamic-S2 (its projector takes one scale)")
+    scales = [int(s) for s in (value.split(",") if isinstance(value, str) else value)]
+    if len(scales) != len(config.s2_scales):
+        raise CheckpointError(f"model.s2_scales = {scales}: the projector takes {len(config.s2_scales)} scales "
+                              f"({config.mm_hidden_size} = {len(config.s2_scales)} x {config.vision_hidden_size} channels); "
+                              f"the checkpoint's are {config.s2_scales}")
+    if scales != sorted(set(scales)):
+        raise CheckpointError(f"model.s2_scales = {scales}: scales must increase")
+    return scales
+
+
+def _video_encoder(config: NVILAConfig, value: Any) -> str:
+    spec = config.video_encoder
+    if spec.kind != "tsp_video":
+        raise CheckpointError("model.video_pool_sizes: this checkpoint's video encoder does not pool in time "
+                              "(only NVILA-Video's temporal-spatial pooling has pool sizes)")
+    original = config.raw.get("video_encoder")
+    encoder = json.loads(original) if isinstance(original, str) else dict(original)
+    encoder["pool_sizes"] = [[int(v) for v in size] for size in value]
+    return json.dumps(encoder) if isinstance(original, str) else encoder
+
+
+def _check_pools(config: NVILAConfig, frames: int) -> None:
+    if config.video_encoder.kind != "tsp_video":
+        return
+    try:
+        temporal_pools(frames, math.isqrt(config.tokens_per_tile), config.video_encoder.pool_sizes)
+    except ValueError as err:
+        raise CheckpointError(f"model.num_video_frames / model.video_pool_sizes: {err}") from None
