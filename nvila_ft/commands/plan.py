@@ -142,9 +142,15 @@ def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: i
     if current <= budget:
         return []
 
+    models: dict[tuple, Any] = {}  # meta models by what shapes them (building one takes seconds at 8B)
+
     def total(applied: tuple[Any, RunShape, NVILAConfig]) -> int:
         new_policy, new_shape, new_config = applied
-        return planner.plan(new_config, new_policy, p95_for(new_config), new_shape).total
+        lora_float32 = new_shape.trainable_float32 and new_shape.zero_stage == 0
+        key = (repr(new_policy), new_shape.weights_dtype, lora_float32)
+        if key not in models:
+            models[key] = planner.meta_model(new_config, new_policy, new_shape.weights_dtype, lora_float32)
+        return planner.plan(new_config, new_policy, p95_for(new_config), new_shape, model=models[key]).total
 
     rows, together = [], (policy, shape, config)
     for change in planner.changes(policy, shape, config):
