@@ -210,8 +210,12 @@ def export_merged(
         if hasattr(module, "merge_and_unload") and is_quantized(module):
             set_component(model, name, rewrap(model, name, sixteen_bit_base(model, name, qlora_merge, model.dtype)))
             rebuilt.append(name)
-    reference = model(**probe).logits.float() if rebuilt else adapted
+    upcast = not rebuilt and torch.finfo(dtype).eps < torch.finfo(model.dtype).eps
+    if upcast:  # e.g. bf16 training, float32 export: merge in float32 (the upcast is exact), so the check measures the merge
+        model.to(dtype)
+    reference = model(**probe).logits.float() if rebuilt or upcast else adapted
     label = f"adapter on the {qlora_merge} 16-bit base of {', '.join(rebuilt)}, unmerged" if rebuilt else "adapted model"
+    label += f" (cast to {str(dtype).removeprefix('torch.')})" if upcast else ""
     merge_adapters(model)
     model.to(dtype)
     merged = model(**probe).logits.float()
