@@ -3,7 +3,9 @@
 LoRA/DoRA deltas are merged by PEFT. A quantized base (qlora / fp8_lora) is first rebuilt in 16 bits,
 either from its dequantized weights (the model that was trained) or from the original checkpoint weights
 (`qlora_merge="original"`), then wrapped with the same adapter and merged. Export compares the merged
-model's logits on a probe batch with the adapted model's and writes nothing if they disagree.
+model's logits on a probe batch with the adapted model's and writes nothing if they disagree. A model trained
+with FP8 compute (`precision.fp8`) kept its weights in 16 bits: it is merged and checked with 16-bit matmuls, and
+the gap to its float8 logits is reported beside the check.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from nvila_ft.adapters.apply import base_module, get_component, is_quantized, set_component
 from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
+from nvila_ft.training.fp8 import restore_linears
 
 MERGE_MODES = ("dequantized", "original")
 
@@ -155,6 +158,7 @@ def merge_adapters(model: Any, qlora_merge: str = "dequantized") -> Any:
     """
     if qlora_merge not in MERGE_MODES:
         raise ValueError(f"qlora_merge must be one of {MERGE_MODES}, got {qlora_merge!r}")
+    restore_linears(model)  # a merged model computes in its own dtype, also after FP8-compute training
     for name in ("vision_tower", "mm_projector", "llm"):
         module = get_component(model, name)
         if not hasattr(module, "merge_and_unload"):
@@ -174,7 +178,9 @@ class ExportReport:
     max_abs_diff: float
     tolerance: float
     reference: str  # what the merged logits were compared with
-    quantization_gap: float | None = None  # merged vs the quantized model that was trained (qlora_merge="original")
+    # merged vs the model that was trained, where the reference is not that model: a quantized base (with
+    # qlora_merge="original" also the original weights) or FP8 compute
+    quantization_gap: float | None = None
 
 
 DEFAULT_RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -210,13 +216,19 @@ def export_merged(
         if hasattr(module, "merge_and_unload") and is_quantized(module):
             set_component(model, name, rewrap(model, name, sixteen_bit_base(model, name, qlora_merge, model.dtype)))
             rebuilt.append(name)
-    reference = model(**probe).logits.float() if rebuilt else adapted
+    float8 = restore_linears(model) > 0  # FP8 compute (precision.fp8): same weights, 16-bit matmuls from here on
+    upcast = not rebuilt and torch.finfo(dtype).eps < torch.finfo(model.dtype).eps
+    if upcast:  # e.g. bf16 training, float32 export: merge in float32 (the upcast is exact), so the check measures the merge
+        model.to(dtype)
+    reference = model(**probe).logits.float() if rebuilt or upcast or float8 else adapted
     label = f"adapter on the {qlora_merge} 16-bit base of {', '.join(rebuilt)}, unmerged" if rebuilt else "adapted model"
+    label += " without float8 compute" if float8 else ""
+    label += f" (cast to {str(dtype).removeprefix('torch.')})" if upcast else ""
     merge_adapters(model)
     model.to(dtype)
     merged = model(**probe).logits.float()
     diff = float((merged - reference).abs().max())
-    gap = float((merged - adapted).abs().max()) if rebuilt else None
+    gap = float((merged - adapted).abs().max()) if rebuilt or float8 else None
     if tolerance is None:
         tolerance = DEFAULT_RELATIVE_TOLERANCE.get(dtype, 1e-2) * max(float(reference.abs().max()), 1.0)
     if not diff <= tolerance:

@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         base_dir = out_dir
     precision, source, task = build(cfg, "precision"), build(cfg, "model"), build(cfg, "task")
     data_options, eval_options = build(cfg, "data"), build(cfg, "eval")
-    precision.check()
+    precision.check(training=False)  # fp8 compute is for training; runs are evaluated in precision.weights
     source.check()
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)

@@ -38,6 +38,7 @@ from nvila_ft.training.deepspeed import (
     join_deepspeed_comm,
 )
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
+from nvila_ft.training.fp8 import convert_llm_to_float8
 from nvila_ft.metrics import format_scores
 from nvila_ft.training.plots import plot_history
 from nvila_ft.training.trainer import build_trainer, complete_checkpoints, remove_incomplete_checkpoints
@@ -57,7 +58,7 @@ def finetune(cfg: DictConfig) -> float | None:
     if policy is None:
         raise ConfigError("finetune needs an adapter policy (adapters=<preset>); adapters=none trains nothing")
     policy.check()
-    precision.check()
+    precision.check(policy)
     trainer_config.check()
     deepspeed.check(policy, precision)
     source.check()
@@ -106,6 +107,12 @@ def finetune(cfg: DictConfig) -> float | None:
         join_deepspeed_comm()
     loaded = load_model(source, run_dir, precision, policy=policy, processor_options=data_options.processor_options())
     model, processor = loaded.model, loaded.processor
+    if precision.fp8:
+        conversion = convert_llm_to_float8(model, precision.fp8)
+        log.info("%s; kept in %s: %s", conversion.summary(), precision.weights,
+                 ", ".join(f"{name} ({why})" for name, why in conversion.kept.items()) or "none")
+        if is_main_process():
+            conversion.write(run_dir)
     report = trainable_report(model)
     log.info("adapter policy %s\n%s", policy.name or "", format_report(report))
 

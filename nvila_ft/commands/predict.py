@@ -61,7 +61,7 @@ def predict(cfg: DictConfig) -> None:
         cfg = run_config(run, cfg)
         adapters, base_dir = trained_adapters(run), run
     precision, source = build(cfg, "precision"), build(cfg, "model")
-    precision.check()
+    precision.check(training=False)  # fp8 compute is for training; runs are evaluated in precision.weights
     source.check()
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)

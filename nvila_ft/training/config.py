@@ -9,6 +9,9 @@ from typing import Any
 import torch
 
 
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao Float8LinearRecipeName values nvila-ft offers
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot work; raised before anything heavy is loaded."""
 
@@ -19,11 +22,15 @@ class Precision:
 
     trainable_float32 keeps trainable tensors (LoRA, norms, fully trained weights) in float32 when the weights
     are 16-bit, so the optimizer updates full-precision values.
+    fp8: "tensorwise" | "rowwise" | None: the LLM's linear layers multiply in float8 (torchao `Float8Linear`, one
+    scale per tensor or per row; see `nvila_ft.training.fp8`); weights stay in `weights`. Needs an sm_89+ GPU;
+    on a machine without CUDA the same numerics run on the CPU (for tests, no speed-up).
     """
 
     weights: str = "float32"
     autocast: str | None = None
     trainable_float32: bool = True
+    fp8: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -32,7 +39,9 @@ class Precision:
             raise ConfigError(f"precision.weights = {self.weights!r} is not a torch dtype")
         return dtype
 
-    def check(self) -> None:
+    def check(self, policy: Any = None, training: bool = True) -> None:
+        """policy: the run's AdapterPolicy, for the combinations with FP8 compute that cannot work. training=False:
+        a command that only runs a trained model (evaluate, predict), which multiplies in `weights`, never in fp8."""
         self.dtype  # noqa: B018 - validates the name
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"precision.autocast = {self.autocast!r}; use bf16, fp16 or null")
@@ -41,6 +50,32 @@ class Precision:
                 raise ConfigError("this GPU has no bfloat16 support; use precision=fp16 or precision=fp32")
         elif self.autocast == "fp16":
             raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
+        if self.fp8 is not None and training:
+            self.check_fp8(policy)
+
+    def check_fp8(self, policy: Any = None) -> None:
+        """FP8 compute: a known recipe, 16-bit-or-wider weights, an sm_89+ GPU (or none: CPU), a 16-bit LLM base."""
+        import importlib.util
+
+        if self.fp8 not in FP8_RECIPES:
+            raise ConfigError(f"precision.fp8 = {self.fp8!r}; use {', '.join(FP8_RECIPES)} or null")
+        if self.weights == "float16" or self.autocast == "fp16":
+            raise ConfigError("precision.fp8 scales from bfloat16 or float32 tensors, not float16; use precision=fp8 (bf16 weights and autocast)")
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("precision.fp8 runs torchao's float8 training: pip install torchao")
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            if (major, minor) < (8, 9):
+                raise ConfigError(
+                    f"precision.fp8 needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100, H200); "
+                    f"{torch.cuda.get_device_name()} is sm_{major}{minor}: use precision=bf16, or an sm_89+ GPU"
+                )
+        llm = getattr(policy, "llm", None)
+        if llm is not None and llm.method in ("qlora", "fp8_lora"):
+            raise ConfigError(
+                f"precision.fp8 computes from the LLM's 16-bit weights, but adapters.llm.method = {llm.method} stores "
+                "them quantized; use adapters.llm.method=lora (float8 compute of the frozen 16-bit base) or precision=bf16"
+            )
 
 
 @dataclass

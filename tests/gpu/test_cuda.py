@@ -65,3 +65,35 @@ def test_fp8_base_lora_on_fp8_hardware(tiny_checkpoints):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(**batch(NVILAProcessor.from_pretrained(path))).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 hardware (sm_89+)")
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_compute_matches_bf16_on_fp8_hardware(tiny_checkpoints, recipe):
+    """The CPU test (tests/test_fp8.py) with cuBLAS / CUTLASS float8 kernels: same tolerances against bf16."""
+    import copy
+
+    from nvila_ft.training.fp8 import convert_llm_to_float8
+
+    path = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(llm={"method": "lora", "dropout": 0.0})
+    model = apply_policy(load_for_policy(path, policy, dtype=torch.bfloat16, device="cuda"), policy)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    reference = copy.deepcopy(model)
+    assert len(convert_llm_to_float8(model, recipe).converted) == 14
+    inputs = batch(NVILAProcessor.from_pretrained(path))
+    results = []
+    for m in (reference, model):
+        m.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(**inputs)
+        out.loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in m.parameters() if p.requires_grad])
+        results.append((float(out.loss), out.logits.detach().float(), grads))
+    (loss_bf16, logits_bf16, grads_bf16), (loss, logits, grads) = results
+    assert abs(loss - loss_bf16) / loss_bf16 < 0.01
+    assert (logits - logits_bf16).norm() / logits_bf16.norm() < 0.05
+    assert 1e-3 < (grads - grads_bf16).norm() / grads_bf16.norm() < 0.10
