@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -45,8 +46,10 @@ def test_save_load_gives_identical_logits_and_weights(tiny_checkpoints, preset):
     built = build_model(preset, seed=0)
     loaded = NVILAForConditionalGeneration.from_pretrained(tiny_checkpoints[preset])
     built_state, loaded_state = built.state_dict(), loaded.state_dict()
-    assert built_state.keys() == loaded_state.keys()
-    assert all(torch.equal(built_state[k], loaded_state[k]) for k in built_state)
+    # loading leaves out what cannot affect the output: SigLIP's layer after the selected one (of 3), post_layernorm
+    unused = {k for k in built_state if re.match(r"vision_tower\.model\.(vision_model\.)?(encoder\.layers\.2\.|post_layernorm\.)", k)}
+    assert unused and loaded_state.keys() == built_state.keys() - unused
+    assert all(torch.equal(built_state[k], loaded_state[k]) for k in loaded_state)
     batch = image_batch(NVILAProcessor.from_pretrained(tiny_checkpoints[preset]))
     with torch.no_grad():
         torch.testing.assert_close(built(**batch).logits, loaded(**batch).logits, rtol=0, atol=0)
@@ -107,7 +110,8 @@ def test_sharded_llm_round_trip(tmp_path):
         v.numel() * v.element_size() for k, v in model.llm.state_dict().items()
     )
     loaded = NVILAForConditionalGeneration.from_pretrained(target)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    built = model.state_dict()
+    assert all(torch.equal(built[k], v) for k, v in loaded.state_dict().items())
 
 
 def test_unknown_and_missing_optional_config_keys(tiny_checkpoints, tmp_path):

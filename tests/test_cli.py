@@ -159,6 +159,21 @@ def test_config_errors_fail_before_anything_loads(tmp_path, cache):
     assert missing.returncode == 1 and "model.path" in missing.stderr
 
 
+def test_memory_levers_from_the_command_line(tmp_path, cache):
+    levers = ["trainer.selective_loss=false", "trainer.gradient_checkpointing=[llm]", "trainer.offload_activations=true",
+              "trainer.optim=paged_adamw_8bit"]
+    small = ["task.train.num_records=8", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4",
+             "trainer.eval_steps=null", "eval.before_training=false", "eval.max_records=2"]
+    run = tmp_path / "levers"
+    run_cli(["finetune", *levers, *small, f"hydra.run.dir={run}"], tmp_path, cache)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+    wrong = run_cli(["finetune", "trainer.gradient_checkpointing=[llm,projector]", f"hydra.run.dir={tmp_path / 'w'}"], tmp_path, cache, check=False)
+    assert wrong.returncode == 1 and one_line_error(wrong).endswith(
+        "trainer.gradient_checkpointing: 'projector' is not a component; use true, false or a list of vision_tower, llm")
+    optim = run_cli(["finetune", "trainer.optim=adam9", f"hydra.run.dir={tmp_path / 'o'}"], tmp_path, cache, check=False)
+    assert optim.returncode == 1 and "trainer.optim = 'adam9'; use one of adamw_torch, " in one_line_error(optim)
+
+
 def test_help_and_composed_config(tmp_path, cache):
     assert "validate-data" in run_cli(["--help"], tmp_path, cache).stdout
     shown = run_cli(["finetune", "--cfg", "job", "adapters=ln_vit_qlora_llm", "adapters.llm.r=8"], tmp_path, cache).stdout

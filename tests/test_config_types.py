@@ -21,7 +21,7 @@ def node(**values):
         ({"max_steps": "abc"}, "trainer.max_steps = 'abc': expected an integer"),
         ({"max_steps": 1.5}, "trainer.max_steps = 1.5: expected an integer"),
         ({"learning_rate": "fast"}, "trainer.learning_rate = 'fast': expected a number"),
-        ({"gradient_checkpointing": "maybe"}, "trainer.gradient_checkpointing = 'maybe': expected true or false"),
+        ({"gradient_checkpointing": "maybe"}, "trainer.gradient_checkpointing = 'maybe': expected true or false or a list ([...])"),
         ({"eval_steps": "x"}, "trainer.eval_steps = 'x': expected an integer or null"),
         ({"extra": [1]}, "trainer.extra = [1]: expected a mapping of settings"),
         ({"max_steps": "???"}, "trainer.max_steps is required: set it on the command line (trainer.max_steps=...)"),

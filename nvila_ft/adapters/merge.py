@@ -21,6 +21,7 @@ from torch import nn
 
 from nvila_ft.adapters.apply import base_module, get_component, is_quantized, set_component
 from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
+from nvila_ft.model.vision_tower import drop_unused
 from nvila_ft.training.fp8 import restore_linears
 
 MERGE_MODES = ("dequantized", "original")
@@ -101,6 +102,8 @@ def sixteen_bit_base(model: Any, name: str, mode: str, dtype: torch.dtype) -> nn
         return (load_llm if name == "llm" else load_vision_tower)(root, dtype).to(device)
     base = base_module(module)
     fresh = _empty_model(type(base), base.config)
+    if name == "vision_tower" and not hasattr(getattr(base, "vision_model", base), "post_layernorm"):
+        drop_unused(fresh, model.vision_tower.num_layers_used)  # the base was loaded without its unused weights
     state = plain_base_state(module, dtype)
     check_against_checkpoint(state, name, getattr(model, "name_or_path", None))
     result = fresh.load_state_dict(state, strict=False)

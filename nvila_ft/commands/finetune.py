@@ -61,6 +61,8 @@ def finetune(cfg: DictConfig) -> float | None:
     precision.check(policy)
     trainer_config.check()
     deepspeed.check(policy, precision)
+    if deepspeed.offload_optimizer and trainer_config.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ConfigError(f"trainer.optim = {trainer_config.optim}: ZeRO-Offload steps DeepSpeed's CPU Adam; use adamw_torch, or a deepspeed option without offload")
     source.check()
     resume = None
     if trainer_config.resume:
@@ -143,11 +145,15 @@ def finetune(cfg: DictConfig) -> float | None:
     if eval_options.before_training and resume is None:
         evaluate("before_training")
 
-    # 4. train
+    # 4. train, with the memory levers of trainer.* (none changes what is learned)
+    model.selective_loss = trainer_config.selective_loss
+    if trainer_config.checkpointed_components():
+        model.activation_checkpointing_enable(components=trainer_config.checkpointed_components())
     eval_dataset = ConversationDataset(validation, processor) if validation else None
     sampler = train_sampler(data_options, train, check.train.lengths if check else [], trainer_config.per_device_train_batch_size, cfg.seed)
     collator = Collator(processor, max_tokens=data_options.max_tokens if data_options.packing else None)
-    trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, collator, train_sampler=sampler)
+    trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, collator, train_sampler=sampler,
+                            offload_activations=trainer_config.offload_activations)
     result = trainer.train(resume_from_checkpoint=resume)
     with gathered_parameters(model):
         if is_main_process():

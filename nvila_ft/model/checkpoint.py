@@ -13,7 +13,9 @@ temporary directory so that an interrupted save never leaves a loadable half-mod
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 from nvila_ft.atomic import atomic_directory, write_json
 from nvila_ft.model.config import CheckpointError, NVILAConfig
 from nvila_ft.model.projector import MultimodalProjector
+from nvila_ft.model.vision_tower import drop_unused, unused_keys
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
@@ -112,20 +115,43 @@ def _require_safetensors(folder: Path) -> None:
         )
 
 
-def _load_transformers_model(cls: type, folder: Path, dtype: torch.dtype, attn_implementation: str, **kwargs: Any) -> Any:
-    """A stock transformers model from a component folder: local, safetensors only, strict on weight names."""
+def _load_transformers_model(
+    cls: type, folder: Path, dtype: torch.dtype, attn_implementation: str, skipped: Any = None, **kwargs: Any
+) -> Any:
+    """A stock transformers model from a component folder: local, safetensors only, strict on weight names except
+    those `skipped(keys)` returns (weights deliberately not built)."""
     _require_safetensors(folder)
-    model, info = cls.from_pretrained(
-        str(folder),
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-        use_safetensors=True,
-        output_loading_info=True,
-        **kwargs,
-    )
+    # transformers reports the skipped weights in a warning table; the strict check below is the report
+    quiet = contextlib.nullcontext() if skipped is None else _without_load_report()
+    with quiet:
+        model, info = cls.from_pretrained(
+            str(folder),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+            **kwargs,
+        )
+    if skipped is not None:
+        info = dict(info, unexpected_keys=sorted(set(info.get("unexpected_keys") or ()) - set(skipped(list(info.get("unexpected_keys") or ())))))
     _check_loading_info(folder, info)
     return model
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers' LOAD REPORT warning left out (its logger's level is left alone: transformers reads it)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def load_llm(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
@@ -136,15 +162,22 @@ def load_llm(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", 
 
 
 def load_vision_tower(root: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", **kwargs: Any) -> torch.nn.Module:
-    """SigLIP from `vision_tower/`; extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
+    """SigLIP from `vision_tower/` without what cannot affect the selected layer's features (the later encoder
+    layers, `post_layernorm`, the pooling head are never built; `save_checkpoint` copies them through from this
+    checkpoint); extra kwargs (quantization_config, device_map) go to `from_pretrained`."""
     from transformers import SiglipVisionModel
 
-    return _load_transformers_model(SiglipVisionModel, root / "vision_tower", dtype, attn_implementation, **kwargs)
+    used = read_config(root).vision_layers_used
+    model = _load_transformers_model(
+        SiglipVisionModel, root / "vision_tower", dtype, attn_implementation,
+        skipped=lambda keys: unused_keys(keys, used), num_hidden_layers=used, vision_use_head=False, **kwargs,
+    )
+    return drop_unused(model, used)
 
 
-def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(folder: Path, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of a folder's `model.safetensors` or sharded `model-*.safetensors` (via the index), one
-    tensor in memory at a time."""
+    tensor in memory at a time; only `keys` when given."""
     index = folder / "model.safetensors.index.json"
     files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     for name in files:
@@ -153,7 +186,8 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: not found")
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                yield key, handle.get_tensor(key)
+                if keys is None or key in keys:
+                    yield key, handle.get_tensor(key)
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -250,6 +284,7 @@ def save_checkpoint(
     if config.llm.get("tie_word_embeddings", False):
         llm_state.pop("lm_head.weight", None)
     vision_state = official_keys("vision_tower", plain_state_dict(model.vision_tower.model, "vision_tower"))
+    vision_state |= dropped_vision_weights(model, vision_state)
     projector_state = plain_state_dict(model.mm_projector, "mm_projector")
     cast = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
 
@@ -277,6 +312,27 @@ def save_checkpoint(
             top["_name_or_path"] = str(final)
         write_json(staging / "config.json", top)
     return final
+
+
+def dropped_vision_weights(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official vision-tower tensors `state` lacks because the tower was loaded without them (`drop_unused`),
+    read unchanged from the checkpoint the model was loaded from (`model.name_or_path`)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    raw = {k: v for k, v in model.config.vision_tower.items() if k != "architectures"}
+    with torch.device("meta"):
+        whole = SiglipVisionModel(SiglipVisionConfig(**raw))
+    missing = set(official_keys("vision_tower", whole.state_dict())) - set(state)
+    if not missing:
+        return {}
+    folder = Path(str(getattr(model, "name_or_path", ""))) / "vision_tower"
+    found = dict(iter_safetensors(folder, missing)) if (folder / "config.json").is_file() else {}
+    if len(found) != len(missing):
+        raise CheckpointError(
+            f"the vision tower was loaded without its unused weights ({', '.join(sorted(missing)[:3])}, ...) and "
+            f"{folder} no longer has them; an export needs the checkpoint the model was loaded from"
+        )
+    return found
 
 
 def _declared_dtype(raw: dict[str, Any]) -> torch.dtype | None:

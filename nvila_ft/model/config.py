@@ -157,6 +157,12 @@ class NVILAConfig:
         return int(self.raw.get("mm_vision_select_layer", -2))
 
     @property
+    def vision_layers_used(self) -> int:
+        """SigLIP encoder layers that run: those up to the selected one (26 of 27 with the official -2)."""
+        layers = int(self.vision_tower["num_hidden_layers"])
+        return self.select_layer % (layers + 1) if self.select_layer < 0 else self.select_layer
+
+    @property
     def select_feature(self) -> str:
         return self.raw.get("mm_vision_select_feature") or "patch"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from nvila_ft.model.checkpoint import (
     save_checkpoint,
 )
 from nvila_ft.model.config import NVILAConfig
-from nvila_ft.model.losses import soft_cross_entropy
+from nvila_ft.model.losses import selective_cross_entropy, soft_cross_entropy
 from nvila_ft.model.media_encoders import video_features
 from nvila_ft.model.media_layout import output_grid, s2_tile_count
 from nvila_ft.model.multiscale import merge_scales, merge_tiles, split_tiles, tokens_to_map
@@ -48,6 +49,9 @@ class NVILAForConditionalGeneration(nn.Module):
     supports_gradient_checkpointing = True
     # forward() takes `num_items_in_batch` and normalises the loss by it (Trainer passes it when this is True)
     accepts_loss_kwargs = True
+    # training forwards with labels compute the loss from the supervised positions only and return no logits
+    # (`nvila_ft.model.losses.selective_cross_entropy`); finetune sets it from `trainer.selective_loss`
+    selective_loss = False
 
     def __init__(
         self,
@@ -61,7 +65,7 @@ class NVILAForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.llm = llm
-        self.vision_tower = VisionTower(vision_tower, config.select_layer)
+        self.vision_tower = VisionTower(vision_tower, config.vision_layers_used)
         self.mm_projector = mm_projector
         self.tokenizer = tokenizer
         self.token_ids = token_ids(tokenizer)
@@ -120,36 +124,56 @@ class NVILAForConditionalGeneration(nn.Module):
         return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------ gradient checkpointing
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
-        """Checkpoint every SigLIP and Qwen2 layer. Non-reentrant by default, so frozen inputs still pass gradients."""
+    def _checkpointable(self, components: Sequence[str]) -> list[nn.Module]:
+        modules = {"vision_tower": self.vision_tower.model, "llm": self.llm}
+        unknown = [c for c in components if c not in modules]
+        if unknown:
+            raise ValueError(f"cannot checkpoint {unknown}; the checkpointed components are {', '.join(modules)}")
+        return [modules[c] for c in components]
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        components: Sequence[str] = ("vision_tower", "llm"),
+        **options: Any,
+    ) -> None:
+        """Checkpoint every layer of the given components (SigLIP's and/or Qwen2's). Non-reentrant by default, so
+        frozen inputs still pass gradients. `options` (transformers' `every_n_layers`, `offload`) go to each
+        component where its transformers version takes them."""
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        for module in (self.llm, self.vision_tower.model):
+        options = {k: v for k, v in options.items() if v is not None}
+        for module in self._checkpointable(components):
             if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.18
-                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
             else:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if kwargs["use_reentrant"]:
                 # reentrant checkpoints pass no gradient unless their inputs require it (frozen embeddings + LoRA)
                 module.enable_input_require_grads()
-        if hasattr(self.llm, "config"):
+        if "llm" in components and hasattr(self.llm, "config"):
             self.llm.config.use_cache = False
 
     def activation_checkpointing_disable(self) -> None:
-        for module in (self.llm, self.vision_tower.model):
+        for module in self._checkpointable(("vision_tower", "llm")):
             if hasattr(module, "activation_checkpointing_disable"):
                 module.activation_checkpointing_disable()
             else:
                 module.gradient_checkpointing_disable()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def gradient_checkpointing_disable(self) -> None:
         self.activation_checkpointing_disable()
 
+    def checkpointed_components(self) -> tuple[str, ...]:
+        """The components whose layers are checkpointed now, in the order ("vision_tower", "llm")."""
+        modules = zip(("vision_tower", "llm"), self._checkpointable(("vision_tower", "llm")))
+        return tuple(name for name, module in modules if any(getattr(m, "gradient_checkpointing", False) for m in module.modules()))
+
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.llm.modules())
+        return bool(self.checkpointed_components())
 
     # ------------------------------------------------------------------ media
     def _vision_dtype(self) -> torch.dtype:
@@ -287,7 +311,9 @@ class NVILAForConditionalGeneration(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits over the checkpoint's vocabulary; `loss` when labels are given (mean over supervised tokens).
+        """Logits over the checkpoint's vocabulary; `loss` when labels are given (mean over supervised tokens, or
+        their sum over `num_items_in_batch`). With `selective_loss` a training forward with labels returns the loss
+        only (no logits), computed from the supervised positions.
 
         Packed rows come with `position_ids` (restarting at 0 for each sample) and no `attention_mask`: attention
         then stays within each sample. Otherwise positions follow the attention mask (left or right padding).
@@ -300,6 +326,8 @@ class NVILAForConditionalGeneration(nn.Module):
         if packed:
             use_cache = False  # transformers finds packed samples from position_ids only without a cache
         soft_tokens = self.config.time_token_ids if (self.training and labels is not None) else []
+        if self.selective_loss and self.training and labels is not None and past_key_values is None:
+            return self._selective_forward(inputs_embeds, attention_mask, position_ids, labels, soft_tokens, num_items_in_batch, **kwargs)
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         output = self.llm(
             inputs_embeds=inputs_embeds,
@@ -312,8 +340,27 @@ class NVILAForConditionalGeneration(nn.Module):
             **kwargs,
         )
         if soft_tokens:
-            output.loss = soft_cross_entropy(output.logits, labels, soft_tokens, self.config.soft_ce_std)
+            output.loss = soft_cross_entropy(output.logits, labels, soft_tokens, self.config.soft_ce_std, num_items_in_batch)
         return output
+
+    def _selective_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        labels: torch.Tensor,
+        soft_tokens: list[int],
+        num_items_in_batch: torch.Tensor | int | None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The training loss without full-vocabulary logits: Qwen2's decoder (final norm included), then only the
+        supervised positions through lm_head, in chunks. `logits` is None."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # LoRA layers stay active
+        decoded = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        loss = selective_cross_entropy(
+            decoded.last_hidden_state, labels, llm.get_output_embeddings(), soft_tokens, self.config.soft_ce_std, num_items_in_batch
+        )
+        return CausalLMOutputWithPast(loss=loss, hidden_states=decoded.hidden_states, attentions=decoded.attentions)
 
     def default_generation_config(self) -> GenerationConfig:
         """Greedy decoding up to 512 new tokens, stopping at NVILA's stop tokens (as the official default:

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import SiglipVisionModel
+
+if TYPE_CHECKING:
+    from transformers import SiglipVisionModel
 
 
 class VisionTower(nn.Module):
-    """Runs SigLIP on square tiles and returns `hidden_states[select_layer]` for every patch token.
+    """Runs SigLIP on square tiles and returns the hidden states after its first `num_layers_used` encoder layers
+    (`hidden_states[select_layer]`) for every patch token.
 
-    Only the layers up to the selected one are computed: with the official select layer -2 the last encoder
-    layer and `post_layernorm` never influence the output, so running them would only cost time (they stay
-    in the module and in exports).
+    With the official select layer -2 the last encoder layer and `post_layernorm` never influence the output.
+    A tower loaded from a checkpoint does not hold them at all (`drop_unused`, `load_vision_tower`); a tower built
+    whole (presets) keeps them, never runs them and keeps them frozen.
     """
 
-    def __init__(self, model: SiglipVisionModel, select_layer: int = -2) -> None:
+    def __init__(self, model: SiglipVisionModel, num_layers_used: int) -> None:
         super().__init__()
         self.model = model
-        num_layers = model.config.num_hidden_layers
-        self.num_layers_used = select_layer % (num_layers + 1) if select_layer < 0 else select_layer
+        self.num_layers_used = num_layers_used
 
     @property
     def transformer(self) -> nn.Module:
@@ -33,7 +38,7 @@ class VisionTower(nn.Module):
 
     def unused_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the parameters that cannot affect the selected features:
-        the encoder layers after the selected one and `post_layernorm`."""
+        the encoder layers after the selected one and `post_layernorm` (none once they are dropped)."""
         used = {id(p) for p in self.transformer.embeddings.parameters()}
         used |= {id(p) for layer in self.used_layers() for p in layer.parameters()}
         return [name for name, p in self.named_parameters() if id(p) not in used]
@@ -47,3 +52,30 @@ class VisionTower(nn.Module):
             output = layer(hidden, None)
             hidden = output[0] if isinstance(output, tuple) else output
         return hidden.to(pixel_values.dtype)
+
+
+def unused_keys(keys: list[str], num_layers_used: int) -> list[str]:
+    """The state-dict keys (official or module names) of what cannot affect the features of the first
+    `num_layers_used` layers: later encoder layers, `post_layernorm`, the pooling `head`."""
+    pattern = re.compile(r"^(vision_model\.)?(encoder\.layers\.(\d+)\.|post_layernorm\.|head\.)")
+    unused = []
+    for key in keys:
+        match = pattern.match(key)
+        if match and (match.group(3) is None or int(match.group(3)) >= num_layers_used):
+            unused.append(key)
+    return unused
+
+
+def drop_unused(model: SiglipVisionModel, num_layers_used: int) -> SiglipVisionModel:
+    """Remove (in place) the encoder layers after the first `num_layers_used`, `post_layernorm` and the pooling
+    head, which cannot affect the selected features; the stock forward is then unavailable (VisionTower runs
+    the layers itself). Returns the model."""
+    body = getattr(model, "vision_model", model)
+    del body.encoder.layers[num_layers_used:]
+    for name in ("post_layernorm", "head"):
+        if hasattr(body, name):
+            delattr(body, name)
+    body.use_head = False
+    model.config.num_hidden_layers = num_layers_used
+    model.config.vision_use_head = False
+    return model

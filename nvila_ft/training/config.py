@@ -138,10 +138,24 @@ class EvalOptions:
         return records[: self.max_records] if self.max_records else records
 
 
+# `trainer.optim` values: optimizers that take nvila-ft's per-component parameter groups (transformers builds
+# them by name; the 8-bit and paged ones are bitsandbytes').
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+    "adafactor", "sgd",
+)
+# components whose layers `trainer.gradient_checkpointing` can checkpoint, in the order data flows
+CHECKPOINTABLE = ("vision_tower", "llm")
+
+
 @dataclass
 class TrainerConfig:
     """The knobs of a fine-tuning run; `extra` passes any other `transformers.TrainingArguments` field.
 
+    Memory levers: selective_loss projects only the supervised positions through lm_head, in chunks (no logits of
+    every position); gradient_checkpointing is true (every component of CHECKPOINTABLE), false, or a list of them;
+    offload_activations keeps the tensors saved for backward in CPU memory (pinned on CUDA), parameters excepted;
+    optim is one of OPTIMIZERS (8-bit and paged AdamW from bitsandbytes keep the per-component groups).
     distributed_timeout_s: how long a process waits in a collective for the others before the job fails (a
     crashed process under torchrun ends the job at once; this bounds the other launchers).
     """
@@ -157,8 +171,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    gradient_checkpointing: bool = False
-    selective_loss: bool = False
+    gradient_checkpointing: bool | list[str] = False
+    selective_loss: bool = True
+    offload_activations: bool = False
     eval_steps: int | None = 100
     save_steps: int = 100
     save_total_limit: int | None = 2
@@ -171,10 +186,6 @@ class TrainerConfig:
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def checkpointed_components(self) -> tuple[str, ...]:
-        """The components whose layers are checkpointed (gradient checkpointing)."""
-        return ("vision_tower", "llm") if self.gradient_checkpointing else ()
-
     def check(self) -> None:
         if self.learning_rate <= 0:
             raise ConfigError(f"trainer.learning_rate = {self.learning_rate}: must be > 0")
@@ -185,6 +196,22 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key} = {getattr(self, key)}: must be >= 1")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ConfigError(f"trainer.eval_steps = {self.eval_steps}: must be >= 1 or null")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"trainer.optim = {self.optim!r}; use one of {', '.join(OPTIMIZERS)}")
+        self.checkpointed_components()
+
+    def checkpointed_components(self) -> tuple[str, ...]:
+        """The components `gradient_checkpointing` names, in the order of CHECKPOINTABLE."""
+        chosen = self.gradient_checkpointing
+        if isinstance(chosen, bool):
+            return CHECKPOINTABLE if chosen else ()
+        unknown = [c for c in chosen if c not in CHECKPOINTABLE]
+        if unknown:
+            raise ConfigError(
+                f"trainer.gradient_checkpointing: {', '.join(map(repr, unknown))} is not a component; use true, false "
+                f"or a list of {', '.join(CHECKPOINTABLE)}"
+            )
+        return tuple(c for c in CHECKPOINTABLE if c in chosen)
 
     def training_arguments(
         self,
@@ -195,14 +222,10 @@ class TrainerConfig:
         report_to: list[str] | None = None,
         deepspeed: dict | None = None,
     ) -> Any:
-        """The `transformers.TrainingArguments` of this run."""
-        import dataclasses
-
+        """The `transformers.TrainingArguments` of this run. Gradient checkpointing is not among them: the Trainer
+        would checkpoint every component; finetune enables it per component on the model."""
         from transformers import TrainingArguments
 
-        # transformers >= 5.20 renamed gradient checkpointing to activation checkpointing
-        prefix = "activation" if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient"
-        checkpointing = {f"{prefix}_checkpointing": self.gradient_checkpointing, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
         evaluate = has_eval and self.eval_steps is not None
         steps = dict(save_steps=self.save_steps, eval_steps=self.eval_steps if evaluate else None)
         if evaluate and self.load_best_model_at_end and self.save_steps % self.eval_steps:
@@ -240,7 +263,6 @@ class TrainerConfig:
             deepspeed=deepspeed,
             disable_tqdm=False,
             **steps,
-            **checkpointing,
         )
         arguments.update(self.extra)  # any other TrainingArguments field, or one of the above on purpose
         try:

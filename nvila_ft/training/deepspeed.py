@@ -86,6 +86,8 @@ class DeepSpeedConfig:
             "zero_optimization": zero,
             # nvila-ft builds the optimizer (per-component groups); DeepSpeed's CPU Adam is used when offloading
             "zero_force_ds_cpu_optimizer": False,
+            # ... which may be bitsandbytes' 8-bit / paged AdamW (trainer.optim), not on DeepSpeed's tested list
+            "zero_allow_untested_optimizer": True,
         }
         config.update(self.extra)
         return config

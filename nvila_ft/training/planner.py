@@ -27,13 +27,14 @@ from nvila_ft.adapters.apply import apply_policy, get_component
 from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.presets import build_from_config
+from nvila_ft.model.vision_tower import drop_unused
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS / cuDNN workspaces and kernels (typical on H100/A100)
 ALLOCATOR_SLACK = 0.05  # fragmentation of PyTorch's caching allocator, as a share of everything else
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 BNB_8BIT_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
-FLOAT32_ADAM_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "paged_adamw_32bit")
+FLOAT32_ADAM_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps the states of smaller tensors in float32
 BNB_BLOCK = 256  # one float32 absmax per block of 8-bit state
 
@@ -131,6 +132,7 @@ def meta_model(config: NVILAConfig, policy: AdapterPolicy, dtype: torch.dtype, l
     compute dtype as autocast computes; LoRA adapters in float32 when the run keeps trainable tensors so (PEFT
     then runs their inputs in float32 too)."""
     model = build_from_config(config, dtype=dtype, device="meta").train()  # training mode: dropout keeps masks
+    drop_unused(model.vision_tower.model, model.vision_tower.num_layers_used)  # never loaded (see the loader)
     counting = copy.deepcopy(policy)
     for name in COMPONENTS:
         component = getattr(counting, name)

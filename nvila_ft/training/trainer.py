@@ -7,6 +7,7 @@ without it (a run killed while saving) is never resumed from.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -20,6 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 from nvila_ft.adapters.artifacts import restore_adapter_weights, save_adapters
 from nvila_ft.adapters.optim import parameter_groups
 from nvila_ft.data.packing import PackedBatchSampler
+from nvila_ft.training.offload import offloaded_activations
 
 COMPLETE_MARKER = "COMPLETE"
 ADAPTERS_DIR = "adapters"
@@ -43,12 +45,14 @@ def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
 class NVILATrainer(Trainer):
     """Trainer whose optimizer follows the adapter policy and whose checkpoints are adapter artifacts."""
 
-    def __init__(self, *args: Any, train_sampler: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, train_sampler: Any = None, offload_activations: bool = False, **kwargs: Any) -> None:
         """train_sampler: a `PackedBatchSampler` (one packed row per micro-batch) or a per-sample sampler such as
-        `LengthGroupedSampler`; None is the Trainer's shuffled order."""
+        `LengthGroupedSampler`; None is the Trainer's shuffled order. offload_activations: training forwards keep
+        what they save for backward in CPU memory (`offloaded_activations`)."""
         super().__init__(*args, **kwargs)
         self.positions_seen = 0
         self.train_sampler = train_sampler
+        self.offload_activations = offload_activations
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.train_sampler is not None and not isinstance(self.train_sampler, PackedBatchSampler):
@@ -115,7 +119,9 @@ class NVILATrainer(Trainer):
         positions = inputs.pop("num_positions", None)
         if positions is not None and model.training:
             self.positions_seen += int(positions)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        offload = self.offload_activations and model.training and torch.is_grad_enabled()
+        with offloaded_activations(pin_memory=torch.cuda.is_available()) if offload else contextlib.nullcontext():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None):
         inputs.pop("num_positions", None)
@@ -195,7 +201,7 @@ class NaNGuard(TrainerCallback):
 
 def build_trainer(
     model: Any, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any, callbacks: list | None = None,
-    train_sampler: Any = None,
+    train_sampler: Any = None, offload_activations: bool = False,
 ) -> NVILATrainer:
     reference: list[NVILATrainer] = []
     trainer = NVILATrainer(
@@ -206,6 +212,7 @@ def build_trainer(
         data_collator=collator,
         callbacks=[NaNGuard(), *(callbacks or [])],
         train_sampler=train_sampler,
+        offload_activations=offload_activations,
     )
     reference.append(trainer)
     trainer.remove_callback(ProgressCallback)
