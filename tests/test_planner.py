@@ -189,19 +189,26 @@ def small_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "policy_name, precision, tolerance",
-    [("ln_vit_lora_llm", "fp32", 0.10), ("ft_vit_ft_llm", "fp32", 0.10), ("frozen_vit_lora_llm", "fp32", 0.10),
-     ("lora_vit_lora_llm", "fp32", 0.10), ("ln_vit_lora_llm", "bf16", 0.15), ("ft_vit_ft_llm", "bf16", 0.15)],
+    "policy_name, precision, tolerance, levers",
+    [("ln_vit_lora_llm", "fp32", 0.10, ()), ("ft_vit_ft_llm", "fp32", 0.10, ()), ("frozen_vit_lora_llm", "fp32", 0.10, ()),
+     ("lora_vit_lora_llm", "fp32", 0.10, ()), ("ln_vit_lora_llm", "bf16", 0.15, ()), ("ft_vit_ft_llm", "bf16", 0.15, ()),
+     ("ln_vit_lora_llm", "fp32", 0.10, ("selective_loss", "llm")),
+     ("ft_vit_lora_llm", "fp32", 0.10, ("selective_loss", "vision_tower", "llm"))],
 )
-def test_planned_peak_is_near_the_measured_peak(small_checkpoint, policy_name, precision, tolerance):
+def test_planned_peak_is_near_the_measured_peak(small_checkpoint, policy_name, precision, tolerance, levers):
     """A step of the 8B layout at small width (378 positions, 14 tiles): the plan against the profiler's peak of
-    tensor bytes; float32 within 10%, bf16 autocast within 15% (autocast's cached weight copies are not planned)."""
+    tensor bytes; float32 within 10%, bf16 autocast within 15% (autocast's cached weight copies are not planned);
+    with the levers too (logits only at supervised positions, checkpointing per component)."""
     from nvila_ft.data.processor import NVILAProcessor
     from nvila_ft.training.peak import peak_bytes
 
     policy = preset_policy(ROOT / "adapters" / f"{policy_name}.yaml")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = built(small_checkpoint, policy, dtype)
+    checkpointing = tuple(c for c in ("vision_tower", "llm") if c in levers)
+    model.selective_loss = "selective_loss" in levers
+    if checkpointing:
+        model.activation_checkpointing_enable(components=checkpointing)
     processor = NVILAProcessor(model.tokenizer, model.config)
     chat = conversation(128, 128, 200)
     batch = processor(chat)
@@ -217,5 +224,6 @@ def test_planned_peak_is_near_the_measured_peak(small_checkpoint, policy_name, p
     measured = peak_bytes(step, "cpu")
     size = processor.measure(chat)
     estimate = planner.plan(load_config(small_checkpoint), policy, SampleDemand(size.positions, size.tiles, size.supervised),
-                            RunShape(weights_dtype=dtype, cuda=False))
+                            RunShape(weights_dtype=dtype, cuda=False, checkpointing=checkpointing,
+                                     selective_loss="selective_loss" in levers))
     assert abs(estimate.total - measured) / measured <= tolerance, (estimate.by_item(), measured)

@@ -399,7 +399,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
     config = model.config
     rows = shape.micro_batch
     lines = []
-    working = 0
+    working = recomputed = 0
     for name, tokens, count in (
         ("vision_tower", config.patches_per_side**2, model.vision_tower.num_layers_used),
         ("llm", sample.positions, len(_layers(model, "llm"))),
@@ -411,12 +411,15 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
         width = config.llm_hidden_size if name == "llm" else config.vision_hidden_size
         dtype_bytes = DTYPE_BYTES.get(next(_layers(model, name)[0].parameters()).dtype, 4)
         if name in shape.checkpointing and per_layer:
-            kept = count * batch * tokens * width * dtype_bytes + per_layer  # inputs kept, one layer recomputed
-            note = f"checkpointed: {count} layer inputs + one layer recomputed"
+            kept = count * batch * tokens * width * dtype_bytes  # the layers' inputs; one layer is recomputed at a time
+            note = f"checkpointed: {count} layer inputs"
+            recomputed = max(recomputed, per_layer)
         else:
             kept, note = count * per_layer, f"{count} layers x {per_layer / 2**20:,.1f} MiB"
         lines.append(Line(name, "activations", kept, note))
         working = max(working, per_layer)
+    if recomputed:
+        lines.append(Line("run", "activations", recomputed, "the one checkpointed layer recomputed during backward"))
     if sample.tiles:
         lines.append(Line("mm_projector", "activations", _projector_activations(model, rows * sample.tiles), ""))
     logits_positions = sample.supervised if shape.selective_loss else sample.positions
