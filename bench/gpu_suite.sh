@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite of issue 8, one script that finishes in under 8 minutes on one H100/H200:
+#   (a) the official setting: NVILA-8B, batch 1, one 448x448 tile, ~300 positions, checkpointing off, for the
+#       low-memory presets (LN-ViT + QLoRA / LoRA / FP8-base LoRA), nvila-ft beside the plain PEFT baseline;
+#   (b) NVILA-8B, one 1344x896 image through Dynamic-S2 (3,073 positions) + 512 text tokens, checkpointing on;
+#   (c) NVILA-Lite-2B, an 8-frame video + 256 text tokens.
+# Every run is one JSON line (bench/real_dims.py) in $OUT/gpu.jsonl, beside the environment in $OUT/env.txt.
+#
+#   bash bench/gpu_suite.sh            # on the GPU machine (random weights, no download)
+#   TOY=1 bash bench/gpu_suite.sh      # rehearsal on a CPU at toy width (nvila-8b-small stands in for both)
+#
+# Needs torch (CUDA), transformers, peft, accelerate, bitsandbytes, torchao, hydra-core, omegaconf, av: wheels that
+# the machine lacks go in .wheels/ (carried) and are installed offline first.
+set -euo pipefail
+OUT=${OUT:-$(mktemp -d)}
+WORK=${WORK:-/tmp/nvila-real-dims}
+STEPS=${STEPS:-20}
+PY=${PYTHON:-python}
+if [ -d .wheels ]; then $PY -m pip install --quiet --no-index --find-links .wheels bitsandbytes torchao hydra-core omegaconf av 2>&1 | tail -2 || true; fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+BIG=nvila-8b; LITE=nvila-lite-2b
+if [ "${TOY:-0}" = 1 ]; then BIG=nvila-8b-small; LITE=nvila-8b-small; STEPS=${STEPS_TOY:-2}; fi
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no GPU"
+  $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+run() { timeout 300 $PY bench/real_dims.py --workdir "$WORK" --steps "$STEPS" --out "$OUT/gpu.jsonl" "$@" || echo "{\"failed\": \"$*\"}" >> "$OUT/gpu.jsonl"; }
+run --preset $BIG --setting official --policies ln_vit_qlora_llm ln_vit_lora_llm ln_vit_fp8_lora_llm
+run --preset $BIG --setting official --policies ln_vit_lora_llm --modes nvila-ft --fp8 tensorwise
+run --preset $BIG --setting s2 --policies ln_vit_lora_llm
+run --preset $LITE --setting video --policies ln_vit_lora_llm
+echo "results: $OUT/gpu.jsonl"
