@@ -10,7 +10,8 @@ loss, no checkpointing: what the default `Trainer` step does). One JSON line per
   `max_memory_allocated` (and reserved) over one step; both after a first step created the optimizer states;
 - peak_rss_bytes: the process's peak resident memory (CPU; includes the memory-mapped checkpoint);
 - step_seconds: the median of the timed steps; tokens_per_second: LLM positions / step_seconds;
-- planned_bytes / plan_error_percent: nvila-ft's planner for the same run (no CUDA context on the CPU);
+- planned_bytes / plan_error_percent: nvila-ft's planner for the same run, its tensor bytes (without the CUDA
+  context and allocator slack, which neither measure counts);
 - mfu: on a GPU, model FLOPs (6 x LLM parameters x positions + attention) / step / the GPU's bf16 peak.
 
     .venv/bin/python bench/real_dims.py --preset nvila-lite-2b --policies ln_vit_lora_llm --out bench/results/cpu.jsonl
@@ -167,7 +168,7 @@ def run(args) -> dict:
     peak = peak_bytes(step, device)
     seconds = statistics.median(times)
     shape = RunShape(weights_dtype=dtype, checkpointing=checkpointing, selective_loss=args.mode == "nvila-ft", cuda=device == "cuda")
-    planned = plan(model.config, policy, SampleDemand(size.positions, size.tiles, size.supervised), shape).total
+    planned = plan(model.config, policy, SampleDemand(size.positions, size.tiles, size.supervised), shape).allocated
     out = {
         "preset": args.preset, "setting": args.setting, "policy": args.policy, "mode": args.mode, "precision": args.precision,
         "fp8_compute": args.fp8 if args.mode == "nvila-ft" else None, "device": device, "positions": size.positions, "tiles": size.tiles, "steps_timed": args.steps,

@@ -119,6 +119,13 @@ class Plan:
         phases = [sum(items.get(item, 0) for item in phase) for phase in (ACTIVATION_PHASE, GRADIENT_PHASE)]
         return sum(items.get(item, 0) for item in STEADY) + max(phases)
 
+    @property
+    def allocated(self) -> int:
+        """The peak of tensor bytes alone (what `torch.cuda.max_memory_allocated` reports): the total without the
+        CUDA context and the allocator's slack."""
+        items = self.by_item()
+        return self.total - items.get("CUDA context", 0) - items.get("allocator slack", 0)
+
     def by_item(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for line in self.lines:
@@ -476,6 +483,9 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
         out.append(Change([f"trainer.per_device_train_batch_size=1 trainer.gradient_accumulation_steps=x{shape.micro_batch}"],
                           "micro-batch 1 (same global batch)", "slower steps",
                           lambda p, s, c: (p, replace(s, micro_batch=1), c)))
+    if shape.trainable_float32 and shape.weights_dtype != torch.float32:
+        out.append(Change(["precision.trainable_float32=false"], "trained tensors (LoRA, norms) in 16 bits",
+                          "16-bit updates of the trained tensors", lambda p, s, c: (p, replace(s, trainable_float32=False), c)))
     if policy.llm.method in ("lora", "dora"):
         quantized = replace(policy.llm, method="qlora", dora=policy.llm.method == "dora")
         out.append(Change(["adapters.llm.method=qlora"], "4-bit QLoRA base for the LLM", "a little accuracy, slower steps",
