@@ -12,7 +12,8 @@ loss, no checkpointing: what the default `Trainer` step does). One JSON line per
 - step_seconds: the median of the timed steps; tokens_per_second: LLM positions / step_seconds;
 - planned_bytes / plan_error_percent: nvila-ft's planner for the same run, its tensor bytes (without the CUDA
   context and allocator slack, which neither measure counts);
-- mfu: on a GPU, model FLOPs (6 x LLM parameters x positions + attention) / step / the GPU's bf16 peak.
+- mfu: on a GPU, model FLOPs (6 x LLM parameters x positions; attention and the vision tower left out, so it
+  understates) / step time / the GPU's dense bf16 peak.
 
     .venv/bin/python bench/real_dims.py --preset nvila-lite-2b --policies ln_vit_lora_llm --out bench/results/cpu.jsonl
 """
@@ -180,7 +181,9 @@ def run(args) -> dict:
     }
     if device == "cuda":
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        llm_params = sum(p.numel() for p in model.llm.parameters())
+        from nvila_ft.adapters.apply import parameter_count
+
+        llm_params = sum(parameter_count(p) for p in model.llm.parameters())  # 4-bit weights are stored packed
         flops = 6 * llm_params * size.positions
         name = torch.cuda.get_device_name(0)
         peak_flops = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
