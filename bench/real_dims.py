@@ -39,7 +39,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     # name: (image size or None, video frames or None, text words, checkpointing)
-    "official": ((448, 448), None, 44, ()),  # one 448x448 tile: 256 (8B) / 121 (Lite) visual tokens, ~300 positions
+    # one 448x448 image: one tile for NVILA-Lite (121 visual tokens, ~200 positions); Dynamic-S2 NVILA-8B still
+    # tiles it at every scale (1 + 4 + 9 tiles, 2,304 visual tokens), so the paper's "one tile, 256 tokens" is not
+    # reproducible with the released 8B projector: its runs here are ~2,350 positions
+    "official": ((448, 448), None, 44, ()),
     "s2": ((1344, 896), None, 512, ("vision_tower", "llm")),  # Dynamic-S2 at 1344x896: 3,073 positions (8B)
     "video": (None, 8, 256, ()),  # an 8-frame video
 }
@@ -67,8 +70,8 @@ def checkpoint_dir(preset: str, dtype: torch.dtype, workdir: Path) -> Path:
     from nvila_ft.model.presets import build_model
 
     target = workdir / f"{preset}-{str(dtype).removeprefix('torch.')}"
-    if not (target / "config.json").is_file():
-        build_model(preset, dtype=dtype).save_pretrained(target)
+    if not (target / "config.json").is_file():  # random weights, initialised on the GPU when there is one (fast)
+        build_model(preset, dtype=dtype, device="cuda" if torch.cuda.is_available() else None).save_pretrained(target)
     return target
 
 

@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
             import tempfile
 
             scratch = tempfile.mkdtemp(prefix="nvila-ft-plan-")
-            rest = rest + [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+            rest = rest + [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
+        # the plan (table or JSON) is the only thing on stdout; notices and warnings go to stderr
+        rest = rest + ["hydra.job_logging.handlers.console.stream=ext://sys.stderr"]
     if any(arg.startswith("run=") for arg in rest) and not any(arg.startswith("hydra.output_subdir") for arg in rest):
         rest = rest + ["hydra.output_subdir=null"]  # a command on an existing run never rewrites its .hydra/
     user_setting = os.environ.get("HYDRA_FULL_ERROR")
@@ -249,8 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
-    if command in ("validate-data", "plan") and any(results):
-        sys.exit(1)  # bad records were found / the run does not fit
+    if command == "validate-data" and any(results):
+        sys.exit(1)  # bad records were found
+    if command == "plan" and any(results):
+        sys.exit(results[-1])  # the run does not fit (commands.plan.DOES_NOT_FIT)
 
 
 if __name__ == "__main__":

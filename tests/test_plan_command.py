@@ -35,7 +35,7 @@ def released_8b(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("plan")
     args = ["model=nvila_8b", "precision=bf16", "trainer.per_device_train_batch_size=1", "adapters=ln_vit_lora_llm",
             "plan.gpu_memory=24", "--json"]
-    return json.loads(plan_cli(*args, cwd=cwd, check_rc=1).stdout), cwd
+    return json.loads(plan_cli(*args, cwd=cwd, check_rc=3).stdout), cwd  # 3: does not fit
 
 
 def test_default_run_plan_measures_every_record_and_writes_nothing(tmp_path):
@@ -60,12 +60,30 @@ def test_released_model_without_checkpoint_gets_a_verdict_and_ranked_changes(rel
     for line in plan["plans"]["p95"]["lines"]:
         items[line["item"]] = items.get(line["item"], 0) + line["bytes"]
     assert 16.0e9 < items["weights"] < 17.5e9  # NVILA-8B in bf16: about 8.2 billion parameters, 2 bytes each
-    assert not plan["plans"]["p95"]["fits"]
+    assert not plan["plans"]["max"]["fits"]
     changes = plan["changes"]
     assert changes and changes[-1]["fits"] and not any(c["fits"] for c in changes[:-1])
     totals = [c["together_bytes"] for c in changes]
     assert totals == sorted(totals, reverse=True) and totals[-1] <= 24 * GIB
-    assert all(c["alone_bytes"] < plan["plans"]["p95"]["total_bytes"] for c in changes)
+    assert all(c["alone_bytes"] < plan["plans"]["max"]["total_bytes"] for c in changes)
+
+
+def test_the_suggested_changes_are_a_run_that_finetune_accepts_and_that_fits(released_8b):
+    """Applying every suggested override makes a configuration that passes finetune's checks and plans as fitting."""
+    plan, cwd = released_8b
+    suggested = [o for change in plan["changes"] for o in change["overrides"]]
+    base = ["model=nvila_8b", "precision=bf16", "trainer.per_device_train_batch_size=1", "adapters=ln_vit_lora_llm"]
+    from hydra import compose, initialize_config_dir
+
+    from nvila_ft.cli import config_dir, register_config_groups
+    from nvila_ft.commands.common import build, check_run
+
+    register_config_groups()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*base, *suggested, "run_dir=unused", "model.path=null"])
+    check_run(build(cfg, "adapters"), build(cfg, "precision"), build(cfg, "trainer"), build(cfg, "deepspeed"))
+    again = json.loads(plan_cli(*base, *suggested, "plan.gpu_memory=24", "--json", cwd=cwd).stdout)
+    assert again["plans"]["max"]["total_bytes"] == plan["changes"][-1]["together_bytes"]
 
 
 def test_world_size_divides_what_zero_shards(released_8b):
@@ -82,10 +100,16 @@ def test_world_size_divides_what_zero_shards(released_8b):
     assert sharded == pytest.approx(single / 8 + gathered, rel=1e-3)
 
 
-def test_plan_errors_are_one_line(tmp_path):
-    result = plan_cli("task=vqa", cwd=tmp_path, check_rc=1)
+@pytest.mark.parametrize("override, says", [
+    ("task=vqa", "task.train.path"),
+    ("model.s2_scales=abc", "model.s2_scales"),
+    ("model.max_tiles=4", "needs at least 9 tiles"),
+    ("model.video_pool_sizes=[[4,1,1]]", "does not pool in time"),
+])
+def test_plan_errors_are_one_line(tmp_path, override, says):
+    result = plan_cli(override, cwd=tmp_path, check_rc=1)
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "task.train.path" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and says in result.stderr, result.stderr
 
 
 def test_remeasured_processor_follows_a_changed_configuration():

@@ -227,3 +227,39 @@ def test_planned_peak_is_near_the_measured_peak(small_checkpoint, policy_name, p
                             RunShape(weights_dtype=dtype, cuda=False, checkpointing=checkpointing,
                                      selective_loss="selective_loss" in levers))
     assert abs(estimate.total - measured) / measured <= tolerance, (estimate.by_item(), measured)
+
+
+# ------------------------------------------------------------------------------------- what divides what
+def test_zero_ddp_offload_and_accumulation_change_what_they_should(tiny_checkpoints):
+    from dataclasses import replace
+
+    policy = preset_policy(ROOT / "adapters" / "ln_vit_lora_llm.yaml")
+    config = load_config(tiny_checkpoints["nvila-8b-tiny"])
+    meta = planner.meta_model(config, policy, torch.bfloat16, lora_float32=False)
+    numels = [p.numel() for p in meta.parameters() if p.requires_grad]
+    trainable, adam = sum(numels), sum(8 * n + 4 for n in numels)  # two float32 moments and a step per tensor
+
+    def items(**shape) -> dict[str, int]:
+        return {l.item: l.bytes for l in planner.training_state_lines(meta, RunShape(weights_dtype=torch.bfloat16, cuda=False, **shape))}
+
+    zero2 = items(zero_stage=2, world_size=4)
+    # bf16 gradients and the float32 gradient partition, sharded; Adam states plus float32 master weights, sharded
+    assert zero2["gradients"] == -(-trainable * 2 // 4) + -(-trainable * 4 // 4)
+    assert zero2["optimizer"] == -(-(adam + 4 * trainable) // 4)
+    assert items(zero_stage=2, world_size=4, offload_optimizer=True)["optimizer"] == 0
+    assert items(zero_stage=2, world_size=4, offload_optimizer=True)["gradients"] == -(-trainable * 2 // 4)
+    ddp = items(world_size=2, trainable_float32=False)
+    assert ddp["gradients"] == 2 * trainable * 2  # DDP's buckets: a second gradient-sized buffer
+
+    sample = SampleDemand(64, 14, 3)
+    shape = RunShape(weights_dtype=torch.float32, cuda=False)
+    one = planner.plan(config, policy, sample, shape)
+    accumulated = planner.plan(config, policy, sample, replace(shape, gradient_accumulation=4))
+    by_item = one.by_item()
+    activation_phase = sum(by_item.get(k, 0) for k in planner.ACTIVATION_PHASE)
+    gradient_phase = sum(by_item.get(k, 0) for k in planner.GRADIENT_PHASE)
+    steady = one.total - max(activation_phase, gradient_phase)
+    # the earlier micro-batches' gradients are held through the later forwards
+    assert accumulated.total == steady + max(activation_phase + by_item["gradients"], gradient_phase)
+    offloaded = planner.plan(config, policy, sample, replace(shape, offload_activations=True)).by_item()
+    assert offloaded["activations"] < by_item["activations"]

@@ -166,14 +166,15 @@ def quantize_float8(module: nn.Module, targets: dict[str, Any]) -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
+    from nvila_ft.adapters.float8_weights import keep_float8_for_backward
     from peft import LoraConfig
 
     config = LoraConfig(**targets)
-    quantize_(
-        module,
-        Float8WeightOnlyConfig(),
-        filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and bool(check_target_module_exists(config, fqn)),
-    )
+    chosen = lambda m, fqn: isinstance(m, nn.Linear) and bool(check_target_module_exists(config, fqn))  # noqa: E731
+    quantize_(module, Float8WeightOnlyConfig(), filter_fn=chosen)
+    for name, linear in module.named_modules():
+        if isinstance(linear, nn.Linear) and hasattr(linear.weight, "dequantize") and chosen(linear, name):
+            keep_float8_for_backward(linear)  # no 16-bit copy of each weight held until backward
 
 
 # ------------------------------------------------------------------ application

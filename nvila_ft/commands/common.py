@@ -51,6 +51,17 @@ def build(cfg: DictConfig, where: str) -> Any:
         raise
 
 
+def check_run(policy: AdapterPolicy, precision: Precision, trainer: Any, deepspeed: Any) -> None:
+    """The checks a training run passes before anything loads (finetune; plan, for its run and its suggestions)."""
+    policy.check()
+    precision.check(policy)
+    trainer.check()
+    deepspeed.check(policy, precision)
+    if deepspeed.offload_optimizer and trainer.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ConfigError(f"trainer.optim = {trainer.optim}: ZeRO-Offload steps DeepSpeed's CPU Adam; use adamw_torch, "
+                          "or a deepspeed option without offload")
+
+
 def plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 

@@ -15,6 +15,7 @@ from nvila_ft.commands.common import (
     BASE_DIR,
     FINAL_DIR,
     build,
+    check_run,
     load_model,
     log,
     plain,
@@ -57,12 +58,7 @@ def finetune(cfg: DictConfig) -> float | None:
     data_options, eval_options = build(cfg, "data"), build(cfg, "eval")
     if policy is None:
         raise ConfigError("finetune needs an adapter policy (adapters=<preset>); adapters=none trains nothing")
-    policy.check()
-    precision.check(policy)
-    trainer_config.check()
-    deepspeed.check(policy, precision)
-    if deepspeed.offload_optimizer and trainer_config.optim not in ("adamw_torch", "adamw_torch_fused"):
-        raise ConfigError(f"trainer.optim = {trainer_config.optim}: ZeRO-Offload steps DeepSpeed's CPU Adam; use adamw_torch, or a deepspeed option without offload")
+    check_run(policy, precision, trainer_config, deepspeed)
     source.check()
     resume = None
     if trainer_config.resume:

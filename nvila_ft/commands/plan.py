@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nvila_ft.commands.common import build, log
+from nvila_ft.adapters.policy import PolicyError
+from nvila_ft.commands.common import build, check_run, log
 from nvila_ft.data.packing import PackingError, pack_first_fit_decreasing
 from nvila_ft.data.processor import NVILAProcessor, SampleError
 from nvila_ft.data.records import Record
@@ -32,7 +33,7 @@ DEFAULT_GPU_GIB = 24.0  # when no GPU is visible: the common 24 GB card (RTX 409
 @dataclass
 class PlanOptions:
     """The `plan:` section. gpu_memory: GiB of one GPU (None: the visible GPU, else 24); samples: records
-    measured (None: all); world_size: processes of the run (None: the launcher's WORLD_SIZE, else 1);
+    measured (None: all); world_size: processes of the run (None: 1, or the launcher's WORLD_SIZE in finetune);
     json: print the plan as JSON instead of a table."""
 
     gpu_memory: float | None = None
@@ -74,6 +75,8 @@ def run_shape(precision: Precision, trainer: TrainerConfig, deepspeed: Any, worl
         offload_params=bool(deepspeed and deepspeed.offload_params),
         world_size=world_size,
         selective_loss=trainer.selective_loss,
+        gradient_accumulation=trainer.gradient_accumulation_steps,
+        offload_activations=trainer.offload_activations,
         cuda=cuda,
     )
 
@@ -100,45 +103,43 @@ def packed_rows(samples: list[SampleDemand], max_tokens: int) -> list[SampleDema
 
 
 def model_config_and_processor(cfg: DictConfig, data: DataOptions) -> tuple[NVILAConfig, NVILAProcessor, str]:
-    """The run's model configuration (with its `model.<knob>` settings) and processor from config files only;
-    without a checkpoint on disk, the released configuration of the preset (text counted with the tiny
-    tokenizer, which gives more tokens than Qwen2's)."""
-    from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
-    from nvila_ft.model.presets import PRESETS, preset_config
-    from nvila_ft.model.settings import KNOBS, with_settings
+    """The run's model configuration (`ModelSource.config`: its `model.<knob>` settings applied and checked) and
+    processor, from config files only; without a checkpoint on disk (`model.path` unset), the configuration of
+    the preset, its text counted with the tiny tokenizer (which gives more tokens than Qwen2's)."""
+    from nvila_ft.model.checkpoint import resolve_checkpoint
     from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR
     from nvila_ft.model.tokenizer import load_tokenizer
 
-    settings = {key: OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-                for key in KNOBS if (value := cfg.model.get(key)) is not None}
-    path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.get("path")
-    if path is not None:
-        root = resolve_checkpoint(path)
-        config, tokenizer_dir, where = read_config(root), root / "llm", str(root)
+    node = cfg.model.copy()
+    if OmegaConf.is_missing(node, "path"):
+        node.path = None
+    source = build(OmegaConf.create({"model": node}), "model")
+    source.check()
+    config = source.config()
+    if source.path is not None:
+        tokenizer_dir, where = resolve_checkpoint(source.path) / "llm", str(resolve_checkpoint(source.path))
     else:
-        preset = cfg.model.get("preset")
-        if preset not in PRESETS:
-            raise ConfigError(f"model.preset = {preset!r} is not a preset ({', '.join(PRESETS)}); or set model.path")
-        config, tokenizer_dir, where = preset_config(preset), TINY_TOKENIZER_DIR, f"preset {preset} (its configuration; no weights loaded)"
-    config = with_settings(config, **settings)
+        tokenizer_dir, where = TINY_TOKENIZER_DIR, f"preset {source.preset} (its configuration; no weights loaded)"
     processor = NVILAProcessor(load_tokenizer(tokenizer_dir, config.chat_template), config, **data.processor_options())
     return config, processor, where
 
 
 # ---------------------------------------------------------------------------------------------- the plan
 def plan_run(config: NVILAConfig, policy: Any, stats: SequenceStats, shape: RunShape, budget: int,
-             p95_for: Callable[[NVILAConfig], SampleDemand]) -> dict[str, Any]:
-    """Plans at p50, p95 and the longest sample, and the cheapest changes that make the p95 plan fit.
-    `p95_for(config)`: the p95 sample under a changed model configuration (fewer tiles or frames)."""
-    model = planner.meta_model(config, policy, shape.weights_dtype, shape.trainable_float32 and shape.zero_stage == 0)
+             longest_for: Callable[[NVILAConfig], SampleDemand], runnable: Callable[[Any, RunShape], bool]) -> dict[str, Any]:
+    """Plans at p50, p95 and the longest sample, and the cheapest changes that make the longest fit.
+    `longest_for(config)`: the longest sample under a changed model configuration (fewer tiles);
+    `runnable(policy, shape)`: whether finetune would accept a changed run."""
+    model = planner.meta_model(config, policy, shape.weights_dtype, shape.lora_float32)
     plans = {q: planner.plan(config, policy, getattr(stats, q), shape, model=model) for q in ("p50", "p95", "max")}
-    return {"plans": plans, "changes": fitting_changes(config, policy, shape, budget, plans["p95"].total, p95_for)}
+    return {"plans": plans, "changes": fitting_changes(config, policy, shape, budget, plans["max"].total, longest_for, runnable)}
 
 
 def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: int, current: int,
-                    p95_for: Callable[[NVILAConfig], SampleDemand]) -> list[dict[str, Any]]:
+                    longest_for: Callable[[NVILAConfig], SampleDemand], runnable: Callable[[Any, RunShape], bool]) -> list[dict[str, Any]]:
     """Each candidate change alone, and applied together in order of cost until the plan fits (so the list ends
-    at the cheapest combination that fits, when one exists)."""
+    at the cheapest combination that fits, when one exists). A change that saves nothing, or that would make a
+    run finetune refuses, is left out."""
     if current <= budget:
         return []
 
@@ -146,22 +147,25 @@ def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: i
 
     def total(applied: tuple[Any, RunShape, NVILAConfig]) -> int:
         new_policy, new_shape, new_config = applied
-        lora_float32 = new_shape.trainable_float32 and new_shape.zero_stage == 0
-        key = (repr(new_policy), new_shape.weights_dtype, lora_float32)
+        key = (repr(new_policy), new_shape.weights_dtype, new_shape.lora_float32)
         if key not in models:
-            models[key] = planner.meta_model(new_config, new_policy, new_shape.weights_dtype, lora_float32)
-        return planner.plan(new_config, new_policy, p95_for(new_config), new_shape, model=models[key]).total
+            models[key] = planner.meta_model(new_config, new_policy, new_shape.weights_dtype, new_shape.lora_float32)
+        return planner.plan(new_config, new_policy, longest_for(new_config), new_shape, model=models[key]).total
 
     rows, together = [], (policy, shape, config)
     for change in planner.changes(policy, shape, config):
-        alone = total(change.apply(policy, shape, config))
-        if alone >= current:
+        alone = change.apply(policy, shape, config)
+        combined = change.apply(*together)
+        if not runnable(combined[0], combined[1]):
+            continue
+        alone_bytes = total(alone)
+        if alone_bytes >= current:
             continue  # saves nothing here
-        together = change.apply(*together)
-        combined = total(together)
+        together = combined
+        together_bytes = total(together)
         rows.append({"overrides": change.overrides, "change": change.description, "cost": change.cost,
-                     "alone_bytes": alone, "together_bytes": combined, "fits": combined <= budget})
-        if combined <= budget:
+                     "alone_bytes": alone_bytes, "together_bytes": together_bytes, "fits": together_bytes <= budget})
+        if together_bytes <= budget:
             break
     return rows
 
@@ -192,18 +196,19 @@ def table(result: dict[str, Any], budget: int, budget_source: str, stats: Sequen
     lines.append("")
     unit, scale = ("GiB", GIB) if p95.total >= 2 * GIB else ("MiB", 2**20)
     lines.append(f"{'component':<14}{'item':<22}{'p95 ' + unit:>12}{'max ' + unit:>12}  note")
-    longest = {(line.component, line.item, line.note): line.bytes for line in plans["max"].lines}
-    for line in p95.lines:
-        at_max = longest.get((line.component, line.item, line.note))
-        if at_max is None:  # same line, note at the other length differs
-            at_max = next((b for (c, i, _), b in longest.items() if c == line.component and i == line.item), line.bytes)
-        lines.append(f"{line.component:<14}{line.item:<22}{line.bytes / scale:>12.2f}{at_max / scale:>12.2f}  {line.note}")
+    rows: dict[tuple[str, str], list] = {}  # (component, item) -> [p95 bytes, max bytes, note], lines of both plans
+    for column, name in ((0, "p95"), (1, "max")):
+        for line in plans[name].lines:
+            row = rows.setdefault((line.component, line.item), [0, 0, line.note])
+            row[column] += line.bytes
+    for (component, item), (at_p95, at_max, note) in rows.items():
+        lines.append(f"{component:<14}{item:<22}{at_p95 / scale:>12.2f}{at_max / scale:>12.2f}  {note}")
     lines.append(f"{'total':<36}{p95.total / scale:>12.2f}{plans['max'].total / scale:>12.2f}  peak: steady + max(activation phase, gradient phase)")
     lines.append("")
     lines.append(f"GPU: {planner.gib(budget)} ({budget_source})")
     lines.append(one_line(plans, budget))
     if result["changes"]:
-        lines.append("changes, cheapest first, applied together until it fits (p95):")
+        lines.append("changes, cheapest first, applied together until the longest sample fits:")
         for row in result["changes"]:
             mark = "fits" if row["fits"] else ""
             lines.append(f"  {' '.join(row['overrides']):<48} alone {row['alone_bytes'] / GIB:6.2f}  together {row['together_bytes'] / GIB:6.2f} GiB"
@@ -248,32 +253,44 @@ def estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deepspee
         raise ConfigError("plan: no training record could be measured" + (f" (first: {problems[0]})" if problems else ""))
     stats = SequenceStats(samples, len(records))
 
-    def p95_for(config: NVILAConfig) -> SampleDemand:
+    def longest_for(config: NVILAConfig) -> SampleDemand:
         if config is processor.config:
-            return stats.p95
-        return SequenceStats(demands(processor.with_config(config))[0], len(records)).p95
+            return stats.max
+        return SequenceStats(demands(processor.with_config(config))[0], len(records)).max
+
+    def runnable(new_policy: Any, new_shape: RunShape) -> bool:
+        from nvila_ft.training.deepspeed import DeepSpeedConfig
+
+        new_deepspeed = DeepSpeedConfig(stage=new_shape.zero_stage, offload_optimizer=new_shape.offload_optimizer,
+                                        offload_params=new_shape.offload_params)
+        try:
+            check_run(new_policy, replace(precision, trainable_float32=new_shape.trainable_float32),
+                      replace(trainer, optim=new_shape.optim), new_deepspeed)
+        except (ConfigError, PolicyError):
+            return False
+        return True
 
     shape = run_shape(precision, trainer, deepspeed, options.processes())
     budget, _ = options.budget()
-    return plan_run(processor.config, policy, stats, shape, budget, p95_for), stats, problems
+    return plan_run(processor.config, policy, stats, shape, budget, longest_for, runnable), stats, problems
+
+
+DOES_NOT_FIT = 3  # the exit code of `nvila-ft plan` when the longest sample does not fit (1: a user error)
 
 
 def plan(cfg: DictConfig) -> int:
-    """Prints the plan; returns 0 when the longest sample fits, 1 when it does not."""
+    """Prints the plan; returns 0 when the longest sample fits, DOES_NOT_FIT when it does not."""
     policy, precision, trainer, deepspeed = build(cfg, "adapters"), build(cfg, "precision"), build(cfg, "trainer"), build(cfg, "deepspeed")
     data, task, options = build(cfg, "data"), build(cfg, "task"), build(cfg, "plan")
     if policy is None:
         raise ConfigError("plan needs an adapter policy (adapters=<preset>)")
-    policy.check()
-    precision.dtype  # noqa: B018 - validates the name (the GPU checks are for the machine that trains)
-    trainer.check()
-    deepspeed.check(policy, precision)
+    check_run(policy, precision, trainer, deepspeed)
     _, processor, where = model_config_and_processor(cfg, data)
     records = task.load(cfg.seed).train
     result, stats, problems = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, cfg.seed)
     budget, source = options.budget()
     print(as_json(result, budget, source, stats, where, problems) if options.json else table(result, budget, source, stats, where, problems))
-    return 0 if result["plans"]["max"].total <= budget else 1
+    return 0 if result["plans"]["max"].total <= budget else DOES_NOT_FIT
 
 
 def log_estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deepspeed: Any, data: DataOptions,
@@ -283,7 +300,7 @@ def log_estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deep
     options = replace(options, samples=min(options.samples or 200, 200))
     try:
         result, _, _ = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, seed)
-    except (ConfigError, ValueError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - the estimate is advice; it never stops the run
         log.warning("no memory plan for this run: %s", err)
         return
     judged = torch.cuda.is_available() or options.gpu_memory is not None
@@ -291,6 +308,6 @@ def log_estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deep
     plans = result["plans"]
     log.info("%s", one_line(plans, budget))
     if budget is not None and plans["max"].total > budget:
-        fix = " ".join(o for row in result["changes"] for o in row["overrides"]) if result["changes"] else ""
+        fix = " ".join(dict.fromkeys(o for row in result["changes"] for o in row["overrides"]))
         log.warning("this run is planned above the GPU's memory%s (nvila-ft plan <same overrides> shows why)",
                     f"; to fit: {fix}" if fix and result["changes"][-1]["fits"] else "")

@@ -124,6 +124,8 @@ class NVILAProcessor:
         clone = copy.copy(self)
         clone.config = config
         clone.layout = MediaLayout.from_tokenizer(config, self.tokenizer)
+        if self.num_video_frames == self.config.num_video_frames:  # not set apart from the config
+            clone.num_video_frames = config.num_video_frames
         return clone
 
     @classmethod

@@ -107,6 +107,12 @@ class NVILAConfig:
         return sorted(int(s) for s in scales)
 
     @property
+    def s2_min_tiles(self) -> int:
+        """The fewest tiles a Dynamic-S2 image takes at its largest scale: that scale's grid over the smallest."""
+        scales = self.s2_scales
+        return (scales[-1] // scales[0]) ** 2 if self.dynamic_s2 and scales else 1
+
+    @property
     def s2_resize_output_to_scale_idx(self) -> int:
         return int(self.raw.get("s2_resize_output_to_scale_idx", 0) or 0)
 

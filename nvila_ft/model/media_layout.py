@@ -71,9 +71,8 @@ def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile_siz
 
 def s2_grid(config: NVILAConfig, width: int, height: int) -> tuple[int, int]:
     """(rows, cols) of an image's largest-scale Dynamic-S2 tiles."""
-    scales = config.s2_scales
-    grids = candidate_grids((scales[-1] // scales[0]) ** 2, config.max_tiles)
-    cols, rows = closest_grid(width, height, grids, scales[0])
+    grids = candidate_grids(config.s2_min_tiles, config.max_tiles)
+    cols, rows = closest_grid(width, height, grids, config.s2_scales[0])
     return rows, cols
 
 

@@ -47,12 +47,10 @@ def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:
         changed.validate()
     except CheckpointError as err:
         raise CheckpointError(f"model settings {settings}: {err}") from None
-    if changed.dynamic_s2:
-        scales = changed.s2_scales
-        least = (scales[-1] // scales[0]) ** 2
-        if changed.max_tiles < least:
-            raise CheckpointError(f"model.max_tiles = {changed.max_tiles}: Dynamic-S2 at scales {scales} needs at least "
-                                  f"{least} tiles (the largest scale's {scales[-1] // scales[0]}x{scales[-1] // scales[0]} grid)")
+    if changed.dynamic_s2 and changed.max_tiles < changed.s2_min_tiles:
+        side = math.isqrt(changed.s2_min_tiles)
+        raise CheckpointError(f"model.max_tiles = {changed.max_tiles}: Dynamic-S2 at scales {changed.s2_scales} needs at "
+                              f"least {changed.s2_min_tiles} tiles (the largest scale's {side}x{side} grid)")
     _check_pools(changed, changed.num_video_frames)
     return changed
 
@@ -66,7 +64,10 @@ def _positive_int(value: Any, key: str) -> int:
 def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
     if not config.dynamic_s2:
         raise CheckpointError("model.s2_scales: this checkpoint has no Dynamic-S2 (its projector takes one scale)")
-    scales = [int(s) for s in (value.split(",") if isinstance(value, str) else value)]
+    try:
+        scales = [int(s) for s in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise CheckpointError(f"model.s2_scales = {value!r}: a list of whole numbers, e.g. [448,896,1344]") from None
     if len(scales) != len(config.s2_scales):
         raise CheckpointError(f"model.s2_scales = {scales}: the projector takes {len(config.s2_scales)} scales "
                               f"({config.mm_hidden_size} = {len(config.s2_scales)} x {config.vision_hidden_size} channels); "
@@ -83,7 +84,13 @@ def _video_encoder(config: NVILAConfig, value: Any) -> str:
                               "(only NVILA-Video's temporal-spatial pooling has pool sizes)")
     original = config.raw.get("video_encoder")
     encoder = json.loads(original) if isinstance(original, str) else dict(original)
-    encoder["pool_sizes"] = [[int(v) for v in size] for size in value]
+    try:
+        pools = [[int(v) for v in size] for size in value]
+    except (TypeError, ValueError):
+        pools = []
+    if not pools or any(len(size) != 3 for size in pools):
+        raise CheckpointError(f"model.video_pool_sizes = {value!r}: a list of [t, h, w], e.g. [[4,1,1]]")
+    encoder["pool_sizes"] = pools
     return json.dumps(encoder) if isinstance(original, str) else encoder
 
 

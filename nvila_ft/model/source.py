@@ -105,10 +105,12 @@ class ModelSource:
                 shutil.copytree(pretrained_checkpoint(self.preset), staging, dirs_exist_ok=True)
                 self._write_settings(staging)
             return
+        from nvila_ft.atomic import atomic_directory
         from nvila_ft.model.presets import save_preset_checkpoint
 
-        save_preset_checkpoint(target, self.preset, seed=self.seed)
-        self._write_settings(target)
+        with atomic_directory(target) as staging:  # the base appears whole, knobs included, or not at all
+            save_preset_checkpoint(staging, self.preset, seed=self.seed, overwrite=True)
+            self._write_settings(staging)
 
     def _write_settings(self, folder: Path) -> None:
         if self.settings():

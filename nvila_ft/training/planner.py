@@ -26,6 +26,7 @@ from torch import nn
 from nvila_ft.adapters.apply import apply_policy, get_component
 from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
 from nvila_ft.model.config import NVILAConfig
+from nvila_ft.model.losses import LOSS_CHUNK_ROWS
 from nvila_ft.model.presets import build_from_config
 from nvila_ft.model.vision_tower import drop_unused
 
@@ -70,7 +71,9 @@ class SequenceStats:
 
     @property
     def max(self) -> SampleDemand:
-        return self.quantile(1.0)
+        """The largest positions, tiles and supervised positions of the samples (not always one sample: a video
+        may have the most tiles and a long text the most positions)."""
+        return SampleDemand(*(max(getattr(s, f) for s in self.samples) for f in ("positions", "tiles", "supervised")))
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,15 @@ class RunShape:
     offload_params: bool = False
     world_size: int = 1
     selective_loss: bool = False  # only supervised positions go through lm_head
+    gradient_accumulation: int = 1  # micro-batches a step: their gradients live through the later forwards
+    offload_activations: bool = False  # tensors saved for backward kept in CPU memory
     cuda: bool = True  # count the CUDA context
+
+    @property
+    def lora_float32(self) -> bool:
+        """Whether trainable tensors are held in float32 beside 16-bit weights (nvila-ft does without DeepSpeed,
+        which keeps its own float32 master copies instead)."""
+        return self.trainable_float32 and self.zero_stage == 0 and self.weights_dtype != torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -114,10 +125,14 @@ class Plan:
 
     @property
     def total(self) -> int:
-        """The peak: steady memory plus the larger of the activation peak and the gradient peak."""
+        """The peak: steady memory plus the larger of the activation peak and the gradient peak. With gradient
+        accumulation the gradients of the earlier micro-batches are held through every later forward too."""
         items = self.by_item()
-        phases = [sum(items.get(item, 0) for item in phase) for phase in (ACTIVATION_PHASE, GRADIENT_PHASE)]
-        return sum(items.get(item, 0) for item in STEADY) + max(phases)
+        activation = sum(items.get(item, 0) for item in ACTIVATION_PHASE)
+        if self.shape.gradient_accumulation > 1:
+            activation += items.get("gradients", 0)
+        gradient = sum(items.get(item, 0) for item in GRADIENT_PHASE)
+        return sum(items.get(item, 0) for item in STEADY) + max(activation, gradient)
 
     @property
     def allocated(self) -> int:
@@ -186,7 +201,6 @@ def weight_lines(model: Any, policy: AdapterPolicy, shape: RunShape) -> list[Lin
     """Every component's weights by storage dtype; trainable tensors in float32 when they are kept so."""
     lines = []
     dtype_bytes = DTYPE_BYTES[shape.weights_dtype]
-    deepspeed = shape.zero_stage > 0
     for name in COMPONENTS:
         component = get_component(model, name)
         quantized = _quantized_linears(model, name, policy)
@@ -196,8 +210,7 @@ def weight_lines(model: Any, policy: AdapterPolicy, shape: RunShape) -> list[Lin
             if id(param) in quantized_ids:
                 continue
             if param.requires_grad:
-                float32 = shape.trainable_float32 and not deepspeed and shape.weights_dtype != torch.float32
-                trainable_bytes += param.numel() * (4 if float32 else dtype_bytes)
+                trainable_bytes += param.numel() * (4 if shape.lora_float32 else dtype_bytes)
             else:
                 plain += param.numel() * dtype_bytes
         total = plain + trainable_bytes + sum(_quantized_bytes(m, getattr(policy, name)) for m in quantized)
@@ -239,7 +252,7 @@ def optimizer_state_bytes(numels: Sequence[int], optim: str) -> int:
     if optim in FLOAT32_ADAM_OPTIMIZERS:
         per_tensor = 0 if optim == "paged_adamw_32bit" else 4  # bitsandbytes counts steps in Python
         return sum(8 * n + per_tensor for n in numels)
-    if optim == "adafactor":  # factored second moment: a row and a column vector (full for vectors)
+    if optim == "adafactor":  # an upper bound: a float32 value a parameter (its factored moments take less)
         return sum(4 * n for n in numels)
     if optim == "sgd":
         return 0
@@ -257,13 +270,17 @@ def training_state_lines(model: Any, shape: RunShape) -> list[Line]:
         grad_bytes = trainable * DTYPE_BYTES[shape.weights_dtype]
         if shape.zero_stage >= 2:
             grad_bytes = math.ceil(grad_bytes / shape.world_size)
-        grad_bytes += math.ceil(trainable * 4 / shape.world_size)
+        if not shape.offload_optimizer:  # the float32 gradient partition lives with the optimizer
+            grad_bytes += math.ceil(trainable * 4 / shape.world_size)
         lines.append(Line("run", "gradients", grad_bytes, f"{trainable:,} trainable; ZeRO-{shape.zero_stage} over {shape.world_size}"))
     else:
-        float32 = shape.trainable_float32 or shape.weights_dtype == torch.float32
-        lines.append(Line("run", "gradients", trainable * (4 if float32 else DTYPE_BYTES[shape.weights_dtype]),
-                          f"{trainable:,} trainable"))
-    lines.append(Line("run", "optimizer step", lines[0].bytes, "temporaries of the update, about the gradients' size"))
+        gradient_bytes = trainable * (4 if shape.lora_float32 or shape.weights_dtype == torch.float32 else DTYPE_BYTES[shape.weights_dtype])
+        note = f"{trainable:,} trainable"
+        if shape.world_size > 1:  # DDP reduces through its own buckets, a second gradient-sized buffer
+            gradient_bytes, note = 2 * gradient_bytes, note + ", DDP buckets"
+        lines.append(Line("run", "gradients", gradient_bytes, note))
+    step_bytes = 0 if shape.offload_optimizer else lines[0].bytes
+    lines.append(Line("run", "optimizer step", step_bytes, "on the CPU" if shape.offload_optimizer else "temporaries of the update, about the gradients' size"))
     states = optimizer_state_bytes(numels, shape.optim)
     note = f"{shape.optim}: {states / max(trainable, 1):.1f} bytes a trainable parameter"
     if deepspeed:
@@ -386,7 +403,8 @@ def _projector_activations(model: Any, tiles: int) -> int:
 
 
 def _loss_activations(model: Any, positions: int, rows: int, logits_positions: int) -> tuple[int, int]:
-    """(saved bytes of the final norm, lm_head and loss; transient bytes of the float32 logits)."""
+    """(saved bytes of the final norm, lm_head and loss; transient bytes of the float32 logits) for the full loss
+    over `logits_positions` positions."""
     base = get_component(model, "llm")
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     dtype = base.lm_head.weight.dtype
@@ -423,18 +441,31 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
             recomputed = max(recomputed, per_layer)
         else:
             kept, note = count * per_layer, f"{count} layers x {per_layer / 2**20:,.1f} MiB"
+        if shape.offload_activations:
+            kept, note = 0, note + ", offloaded to the CPU"
         lines.append(Line(name, "activations", kept, note))
         working = max(working, per_layer)
     if recomputed:
         lines.append(Line("run", "activations", recomputed, "the one checkpointed layer recomputed during backward"))
     if sample.tiles:
         lines.append(Line("mm_projector", "activations", _projector_activations(model, rows * sample.tiles), ""))
-    logits_positions = sample.supervised if shape.selective_loss else sample.positions
-    saved, transient = _loss_activations(model, sample.positions, rows, logits_positions)
-    lines.append(Line("llm", "loss", saved, f"log-probabilities of {logits_positions:,} positions x {config.vocab_size:,} tokens"))
+    supervised = min(sample.supervised, sample.positions)
+    if shape.selective_loss:
+        # the gathered hidden rows are kept; each chunk's logits are recomputed in backward, one chunk at a time
+        norm_saved, _ = _loss_activations(model, sample.positions, rows, 0)
+        hidden_bytes = DTYPE_BYTES.get(next(_layers(model, "llm")[0].parameters()).dtype, 4)
+        saved = norm_saved + rows * supervised * config.llm_hidden_size * hidden_bytes
+        logits_rows = min(rows * supervised, LOSS_CHUNK_ROWS)
+        transient = logits_rows * config.vocab_size * (hidden_bytes + 4)
+        note = f"hidden rows of {supervised:,} supervised positions; logits {logits_rows:,} rows at a time"
+    else:
+        saved, transient = _loss_activations(model, sample.positions, rows, sample.positions)
+        logits_rows = rows * sample.positions
+        note = f"log-probabilities of {sample.positions:,} positions x {config.vocab_size:,} tokens"
+    lines.append(Line("llm", "loss", saved, note))
     # at the turn to backward: the logits and their float32 copy (forward), or the gradients flowing back
     # through the logits or the largest layer (backward), whichever is larger
-    logits_grad = rows * logits_positions * config.vocab_size * 4
+    logits_grad = logits_rows * config.vocab_size * 4
     working = max(transient, working // 2, logits_grad)
     lines.append(Line("run", "backward working set", working, "float32 logits, or one layer's activation gradients"))
     return lines
@@ -443,8 +474,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
 # ---------------------------------------------------------------------------------------------- the plan
 def plan(config: NVILAConfig, policy: AdapterPolicy, sample: SampleDemand, shape: RunShape, model: Any = None) -> Plan:
     """The memory of one GPU for one micro-batch of `sample`-sized rows."""
-    lora_float32 = shape.trainable_float32 and shape.zero_stage == 0
-    model = model if model is not None else meta_model(config, policy, shape.weights_dtype, lora_float32)
+    model = model if model is not None else meta_model(config, policy, shape.weights_dtype, shape.lora_float32)
     lines = weight_lines(model, policy, shape) + training_state_lines(model, shape) + activation_lines(model, sample, shape)
     result = Plan(lines, sample, shape)
     if shape.cuda:
@@ -480,10 +510,14 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
         out.append(Change(["trainer.gradient_checkpointing=[vision_tower,llm]"], "checkpoint the vision tower's layers too",
                           "slower vision steps", lambda p, s, c: (p, replace(s, checkpointing=(*s.checkpointing, "vision_tower")), c)))
     if shape.micro_batch > 1:
-        out.append(Change([f"trainer.per_device_train_batch_size=1 trainer.gradient_accumulation_steps=x{shape.micro_batch}"],
+        accumulation = shape.gradient_accumulation * shape.micro_batch
+        out.append(Change(["trainer.per_device_train_batch_size=1", f"trainer.gradient_accumulation_steps={accumulation}"],
                           "micro-batch 1 (same global batch)", "slower steps",
-                          lambda p, s, c: (p, replace(s, micro_batch=1), c)))
-    if shape.trainable_float32 and shape.weights_dtype != torch.float32:
+                          lambda p, s, c, a=accumulation: (p, replace(s, micro_batch=1, gradient_accumulation=a), c)))
+    if not shape.offload_activations:
+        out.append(Change(["trainer.offload_activations=true"], "activations kept in CPU memory", "host transfers each step",
+                          lambda p, s, c: (p, replace(s, offload_activations=True), c)))
+    if shape.lora_float32:
         out.append(Change(["precision.trainable_float32=false"], "trained tensors (LoRA, norms) in 16 bits",
                           "16-bit updates of the trained tensors", lambda p, s, c: (p, replace(s, trainable_float32=False), c)))
     if policy.llm.method in ("lora", "dora"):
@@ -494,11 +528,13 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
         out.append(Change(["deepspeed=zero3"], f"ZeRO-3 over the {shape.world_size} processes", "communication",
                           lambda p, s, c: (p, replace(s, zero_stage=3), c)))
     if not shape.offload_optimizer and (shape.zero_stage > 0 or shape.world_size == 1):
-        out.append(Change(["deepspeed=zero2_offload" if shape.zero_stage < 3 else "deepspeed=zero3_offload"],
+        # ZeRO-Offload steps DeepSpeed's CPU Adam, which replaces any other optimizer
+        out.append(Change(["deepspeed=zero2_offload" if shape.zero_stage < 3 else "deepspeed=zero3_offload", "trainer.optim=adamw_torch"],
                           "optimizer states on the CPU (ZeRO-Offload)", "CPU-bound optimizer steps",
-                          lambda p, s, c: (p, replace(s, offload_optimizer=True, zero_stage=max(s.zero_stage, 2)), c)))
+                          lambda p, s, c: (p, replace(s, offload_optimizer=True, optim="adamw_torch", zero_stage=max(s.zero_stage, 2),
+                                                      offload_params=s.zero_stage == 3), c)))
     if config.image_aspect_ratio in ("dynamic", "dynamic_s2") and config.max_tiles > max(config.min_tiles, 1):
-        fewer = max(config.min_tiles, (config.s2_scales[-1] // config.s2_scales[0]) ** 2 if config.dynamic_s2 else 1, config.max_tiles // 2)
+        fewer = max(config.min_tiles, config.s2_min_tiles, config.max_tiles // 2)
         if fewer < config.max_tiles:
             out.append(Change([f"model.max_tiles={fewer}"], f"at most {fewer} tiles an image", "detail in large images",
                               lambda p, s, c, n=fewer: (p, s, _with_raw(c, max_tiles=n))))
