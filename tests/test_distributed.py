@@ -43,7 +43,8 @@ def free_port() -> int:
 def torchrun(args: list[str], cwd: Path, cache: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
     environment = dict(os.environ, NVILA_FT_CACHE=str(cache), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
                        PYTHONPATH=os.pathsep.join([str(HOOKS), str(Path(__file__).parents[1])]), **(env or {}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    # --standalone: torchrun takes a free port itself (no window in which another process can take it)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "nvila_ft.cli", *args]
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -202,7 +203,7 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes(where, straight, tmp_
     result = torchrun(["finetune", *COMMON, "trainer.max_steps=6", "trainer.per_device_train_batch_size=2",
                        f"hydra.run.dir={killed}"], tmp_path, cache, env={"NVILA_TEST_KILL": kill}, check=False, timeout=300)
     assert result.returncode != 0 and time.monotonic() - start < 120  # the other process did not hang
-    assert (killed / "checkpoint-2" / "COMPLETE").is_file() and not (killed / "final").exists()
+    assert (killed / "checkpoint-2" / "COMPLETE").is_file() and not (killed / "final").exists(), result.stderr[-3000:]
     assert (killed / "checkpoint-4" / "COMPLETE").is_file() == (where == "step")
     torchrun(["finetune", f"run={killed}", "trainer.resume=true"], tmp_path, cache)
     assert json.loads((killed / "metrics.json").read_text())["steps"] == 6
