@@ -117,12 +117,12 @@ def test_remeasured_processor_follows_a_changed_configuration():
     import numpy as np
     from PIL import Image
 
-    from nvila_ft.training.planner import _with_raw
+    from nvila_ft.model.settings import with_settings
 
     config = preset_config("nvila-lite-2b")
     processor = NVILAProcessor(load_tokenizer(TINY_TOKENIZER_DIR), config)
     chat = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(np.zeros((1000, 1400, 3), np.uint8))},
                                          {"type": "text", "text": "What is this?"}]}, {"role": "assistant", "content": "x"}]
-    fewer = processor.with_config(_with_raw(config, max_tiles=4))
+    fewer = processor.with_config(with_settings(config, max_tiles=4))
     assert fewer.measure(chat).tiles < processor.measure(chat).tiles
     assert fewer.measure(chat).positions == fewer.process(chat).length

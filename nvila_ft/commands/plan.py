@@ -132,22 +132,29 @@ def plan_run(config: NVILAConfig, policy: Any, stats: SequenceStats, shape: RunS
     `runnable(policy, shape)`: whether finetune would accept a changed run."""
     model = planner.meta_model(config, policy, shape.weights_dtype, shape.lora_float32)
     plans = {q: planner.plan(config, policy, getattr(stats, q), shape, model=model) for q in ("p50", "p95", "max")}
-    return {"plans": plans, "changes": fitting_changes(config, policy, shape, budget, plans["max"].total, longest_for, runnable)}
+    models = {_model_key(policy, shape): model}
+    return {"plans": plans, "changes": fitting_changes(config, policy, shape, budget, plans["max"].total, longest_for, runnable, models)}
+
+
+def _model_key(policy: Any, shape: RunShape) -> tuple:
+    """What a meta model depends on (building one takes seconds at 8B)."""
+    return (repr(policy), shape.weights_dtype, shape.lora_float32)
 
 
 def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: int, current: int,
-                    longest_for: Callable[[NVILAConfig], SampleDemand], runnable: Callable[[Any, RunShape], bool]) -> list[dict[str, Any]]:
+                    longest_for: Callable[[NVILAConfig], SampleDemand], runnable: Callable[[Any, RunShape], bool],
+                    models: dict[tuple, Any] | None = None) -> list[dict[str, Any]]:
     """Each candidate change alone, and applied together in order of cost until the plan fits (so the list ends
     at the cheapest combination that fits, when one exists). A change that saves nothing, or that would make a
     run finetune refuses, is left out."""
     if current <= budget:
         return []
 
-    models: dict[tuple, Any] = {}  # meta models by what shapes them (building one takes seconds at 8B)
+    models = {} if models is None else models  # meta models by _model_key
 
     def total(applied: tuple[Any, RunShape, NVILAConfig]) -> int:
         new_policy, new_shape, new_config = applied
-        key = (repr(new_policy), new_shape.weights_dtype, new_shape.lora_float32)
+        key = _model_key(new_policy, new_shape)
         if key not in models:
             models[key] = planner.meta_model(new_config, new_policy, new_shape.weights_dtype, new_shape.lora_float32)
         return planner.plan(new_config, new_policy, longest_for(new_config), new_shape, model=models[key]).total

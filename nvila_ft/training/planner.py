@@ -28,6 +28,7 @@ from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.losses import LOSS_CHUNK_ROWS
 from nvila_ft.model.presets import build_from_config
+from nvila_ft.model.settings import with_settings
 from nvila_ft.model.vision_tower import drop_unused
 
 GIB = 2**30
@@ -537,12 +538,8 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
         fewer = max(config.min_tiles, config.s2_min_tiles, config.max_tiles // 2)
         if fewer < config.max_tiles:
             out.append(Change([f"model.max_tiles={fewer}"], f"at most {fewer} tiles an image", "detail in large images",
-                              lambda p, s, c, n=fewer: (p, s, _with_raw(c, max_tiles=n))))
+                              lambda p, s, c, n=fewer: (p, s, with_settings(c, max_tiles=n))))
     return out
-
-
-def _with_raw(config: NVILAConfig, **values: Any) -> NVILAConfig:
-    return replace(config, raw={**config.raw, **values})
 
 
 def gib(value: int) -> str:
