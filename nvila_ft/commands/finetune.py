@@ -62,7 +62,9 @@ def finetune(cfg: DictConfig) -> float | None:
     source.check()
     resume = None
     if trainer_config.resume:
-        removed = remove_incomplete_checkpoints(run_dir)
+        # one process tidies (the others would race it for the same files); every process resumes from the
+        # newest complete checkpoint, which the tidying does not change
+        removed = remove_incomplete_checkpoints(run_dir) if is_main_process() else []
         for folder in removed:
             log.warning("removed %s: the run was stopped while it was being written", folder)
         checkpoints = complete_checkpoints(run_dir)
