@@ -169,3 +169,39 @@ def compute_metrics(
 def format_scores(scores: dict[str, float]) -> str:
     """"accuracy 0.9360, exact_match 0.9360, count 450" (counts as integers)."""
     return ", ".join(f"{k} {v:.0f}" if k == "count" else f"{k} {v:.4f}" for k, v in scores.items())
+
+
+# ----------------------------------------------------------------------------------------------- grounding
+def iou_accuracy(predictions: Sequence[str], references: Sequence[str], threshold: float = 0.5) -> dict[str, float]:
+    """Boxes written as `nvila_ft.data.boxes` says ("[x1, y1, x2, y2]", fractions of the image):
+
+    - iou_accuracy: share of predictions whose IoU with the reference box is >= `threshold` (RefCOCO's
+      Acc@0.5 by default; the key is "iou_accuracy_<100 x threshold>" for another threshold);
+    - mean_iou: the IoU averaged over all examples;
+    - malformed_box_rate: share of predictions from which no box could be read (`parse_box`).
+    A malformed prediction, or a reference that is not a box, counts as IoU 0: a miss, never an error.
+    """
+    from nvila_ft.data.boxes import iou, parse_box
+
+    _check_inputs(predictions, references)
+    ious, malformed = [], 0
+    for prediction, reference in zip(predictions, references):
+        predicted, expected = parse_box(prediction).box, parse_box(reference).box
+        malformed += predicted is None
+        ious.append(iou(predicted, expected) if predicted is not None and expected is not None else 0.0)
+    key = "iou_accuracy" if threshold == 0.5 else f"iou_accuracy_{round(threshold * 100)}"
+    return {
+        # 1e-9: an IoU of exactly the threshold is a hit although 2-decimal arithmetic lands a hair below it
+        key: sum(value >= threshold - 1e-9 for value in ious) / len(ious),
+        "mean_iou": sum(ious) / len(ious),
+        "malformed_box_rate": malformed / len(ious),
+    }
+
+
+def iou_accuracy_75(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """`iou_accuracy` at the stricter IoU >= 0.75 (key "iou_accuracy_75"; mean_iou and the malformed rate too)."""
+    return iou_accuracy(predictions, references, threshold=0.75)
+
+
+METRICS["iou_accuracy"] = iou_accuracy
+METRICS["iou_accuracy_75"] = iou_accuracy_75

@@ -3,7 +3,8 @@
 - majority answer: every validation question gets the most common training answer;
 - question prior: every validation question gets the most common training answer among training records of
   the same question type (the record's `question_type` when the data has one, else the same question text),
-  falling back to the majority answer for a question never seen in training.
+  falling back to the majority answer for a question never seen in training;
+- mean box (grounding data, when every training answer is a box): every question gets the mean training box.
 
 A fine-tuned model that scores no better than the question prior has learnt the answer distribution, not
 the task. Answers are compared after `normalize_answer`, so "Yes" and "yes." count as one answer.
@@ -44,10 +45,24 @@ def baseline_predictions(train: Sequence[Record], validation: Sequence[Record]) 
         if record.answer:
             by_question[_question_key(record)].append(record.answer)
     prior = {key: _most_common(values) for key, values in by_question.items()}
-    return {
+    baselines = {
         "majority_answer": [majority] * len(validation),
         "question_prior": [prior.get(_question_key(r), majority) for r in validation],
     }
+    mean = mean_box(answers)
+    if mean is not None:
+        baselines["mean_box"] = [mean] * len(validation)
+    return baselines
+
+
+def mean_box(answers: Sequence[str]) -> str | None:
+    """The coordinate-wise mean of box answers, written as a box; None unless every answer is a box."""
+    from nvila_ft.data.boxes import format_box, parse_box
+
+    boxes = [parse_box(a).box for a in answers]
+    if not boxes or any(b is None for b in boxes):
+        return None
+    return format_box(tuple(sum(b[i] for b in boxes) / len(boxes) for i in range(4)))
 
 
 def baseline_scores(train: Sequence[Record], validation: Sequence[Record], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
