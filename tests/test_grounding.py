@@ -290,3 +290,35 @@ def test_tiling_keeps_fractions_of_the_original_image(preset):
         # one pixel of the resized image either way (bicubic blur at the edges)
         assert _extent(part, rows, cols) == pytest.approx(truth, abs=1.5 / (tile * min(rows, cols))), (rows, cols)
     assert start == len(tiles)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_grounding_example_creates_data_finetunes_evaluates_and_predicts(tmp_path):
+    """examples/grounding.sh at toy size: RefCOCO-style records + images, finetune -> evaluate -> predict."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "grounding.sh"
+    run = tmp_path / "run"
+    env = dict(os.environ, NVILA_FT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable,
+               RECORDS="8", STEPS="2")
+    result = subprocess.run(["bash", str(script), str(run)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    refs = json.loads((run / "data" / "train.json").read_text())
+    assert len(refs) == 8 and {"image", "sentences", "bbox"} <= set(refs[0])
+    finetuned = json.loads((run / "metrics.json").read_text())
+    assert finetuned["steps"] == 2 and finetuned["validation_records"] == 4
+    for stage in ("before_training", "after_training"):
+        assert {"iou_accuracy", "mean_iou", "malformed_box_rate"} <= set(finetuned["metrics"][stage])
+    assert "mean_box" in finetuned["image_blind_baselines"]
+    evaluated = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert 0.0 <= evaluated["metrics"]["iou_accuracy"] <= 1.0 and evaluated["metrics"]["count"] == 4
+    rows = [json.loads(line) for line in (run / "evaluate" / "predictions.jsonl").read_text().splitlines()]
+    assert all(parse_box(row["reference"]).box is not None for row in rows)
+    predicted = [json.loads(line) for line in (run / "predict" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predicted) == 1 and isinstance(predicted[0]["answer"], str)
