@@ -263,25 +263,27 @@ def test_tiling_keeps_fractions_of_the_original_image(preset):
     """Dynamic-S2 (every scale) and NVILA-Lite tiles (grid and thumbnail) stretch the whole image, without padding
     or cropping: a box at fractions of the original is at the same fractions of what the model sees."""
     from nvila_ft.data.processor import NVILAProcessor
-    from nvila_ft.model.presets import build_model
+    from nvila_ft.model.checkpoint import read_config
+    from nvila_ft.model.pretrained import PRETRAINED_DIR
+    from nvila_ft.model.tokenizer import load_tokenizer
 
-    model = build_model(preset)
-    processor = NVILAProcessor(model.tokenizer, model.config)
+    config = read_config(PRETRAINED_DIR / preset)  # the shipped checkpoints' config.json, as finetune reads it
+    processor = NVILAProcessor(load_tokenizer(PRETRAINED_DIR / preset / "llm", config.chat_template), config)
     image = Image.new("RGB", (150, 90), "white")  # not square: 5:3
     ImageDraw.Draw(image).rectangle((30, 18, 74, 53), fill="black")  # pixel edges 30..75 x 18..54
     truth = (0.2, 0.2, 0.5, 0.6)
     items = processor.image_items(image, tile=True)
-    tile = model.config.tile_size
+    tile = config.tile_size
     if preset == "nvila-8b-tiny":
         tiles = items[0].tiles.numpy()
         rows, cols = items[0].grid
-        grids, start = [(s // tile, s // tile) for s in model.config.s2_scales[:-1]] + [(rows, cols)], 0
+        grids, start = [(s // tile, s // tile) for s in config.s2_scales[:-1]] + [(rows, cols)], 0
         assert (rows, cols) != (rows, rows)  # the last scale follows the aspect ratio
     else:
         tiles = np.concatenate([item.tiles.numpy() for item in items])
         from nvila_ft.model.media_layout import candidate_grids, closest_grid
 
-        cols, rows = closest_grid(*image.size, candidate_grids(model.config.min_tiles, model.config.max_tiles), tile)
+        cols, rows = closest_grid(*image.size, candidate_grids(config.min_tiles, config.max_tiles), tile)
         assert len(items) == rows * cols + 1  # the grid, then the whole-image thumbnail
         grids, start = [(rows, cols), (1, 1)], 0
     for rows, cols in grids:
