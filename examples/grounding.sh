@@ -13,6 +13,7 @@ run=${1:-outputs/example-grounding}
 records=${RECORDS:-600}         # training records to create (plus a quarter as many for validation)
 steps=${STEPS:-800}
 model=${MODEL:-"adapters=ln_vit_lora_llm adapters.llm.method=full"}
+extra=${EXTRA:-}                # more finetune overrides, e.g. "eval.before_training=false trainer.per_device_train_batch_size=4"
 data="$run/data"
 mkdir -p "$data/images"
 
@@ -50,7 +51,7 @@ EOF
 
 # 2. fine-tune on train.json, scored on val.json before and after (metrics.json: iou_accuracy, mean_iou, ...)
 nvila-ft finetune task=grounding task.train.path="$data/train.json" task.validation="$data/val.json" \
-    $model trainer.max_steps="$steps" hydra.run.dir="$run"
+    $model trainer.max_steps="$steps" $extra hydra.run.dir="$run"
 # 3. evaluate the run again (predictions.jsonl holds each answer beside its reference)
 nvila-ft evaluate run="$run" hydra.run.dir="$run/evaluate"
 # 4. ask for one box: the first validation image and its expression
