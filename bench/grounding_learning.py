@@ -12,9 +12,9 @@ box, read from the image's pixels).
     .venv/bin/python bench/grounding_learning.py --steps 500 1500 --overrides "adapters.llm.method=full" ""
     .venv/bin/python bench/grounding_learning.py --extra task.train.synthetic.grid=2
 
-The `""` override is the default policy (ln_vit_lora_llm): the tiny LLM's output rows for digits were never
-trained in its pretraining, so LoRA alone stays at a near-uniform loss over them; real NVILA checkpoints know
-digits and need no such change.
+The `""` override is the default policy (ln_vit_lora_llm): the tiny LLM never had to write a digit in its
+pretraining and gives digits almost no probability, which LoRA on its layers does not lift (the loss stays near
+uniform); real NVILA checkpoints write numbers and need no such change.
 """
 
 from __future__ import annotations

@@ -3,15 +3,16 @@
 # / "expression", "bbox" [x, y, w, h] in pixels}), fine-tune, evaluate (Acc@0.5, mean IoU), then ask for a box.
 # Answers are "[x1, y1, x2, y2]", fractions of the original image (nvila_ft/data/boxes.py).
 #
-# CPU, a few minutes: the pretrained tiny NVILA (the default model). Its LLM never saw digits in pretraining, so
-# its output rows for them are untrained and LoRA alone cannot move them: the example trains the tiny LLM fully.
+# CPU, about 7 minutes: the pretrained tiny NVILA (the default model). Its LLM never had to write a digit in
+# pretraining and gives digits almost no probability; LoRA on its layers does not lift that (the loss stays near
+# uniform), so the example trains the tiny LLM fully. Real NVILA checkpoints write numbers: keep LoRA there.
 # GPU, a real checkpoint: change the overrides, e.g.
 #   MODEL="model=nvila_8b model.path=/ckpt/NVILA-8B trainer=nvila adapters=ln_vit_lora_llm" bash examples/grounding.sh
 # and use your own RefCOCO-style file (task.train.path=refs.json, task.train.bbox_format=xywh|xyxy).
 set -euo pipefail
 run=${1:-outputs/example-grounding}
-records=${RECORDS:-600}         # training records to create (plus a quarter as many for validation)
-steps=${STEPS:-800}
+records=${RECORDS:-2000}        # training records to create (plus a quarter as many for validation)
+steps=${STEPS:-4000}
 model=${MODEL:-"adapters=ln_vit_lora_llm adapters.llm.method=full"}
 extra=${EXTRA:-}                # more finetune overrides, e.g. "eval.before_training=false trainer.per_device_train_batch_size=4"
 data="$run/data"
