@@ -421,3 +421,101 @@ class BuiltinData:
         records = source.records()
         self.errors = source.errors
         return records
+
+
+# ----------------------------------------------------------------------------------------------- robot episodes
+EPISODES_FILE = "episodes.json"
+MOVES = {(1, 0): "move right", (-1, 0): "move left", (0, 1): "move up", (0, -1): "move down", (0, 0): "grasp"}
+
+
+def make_robot_episodes_dataset(
+    out_dir: str | os.PathLike,
+    num_episodes: int = 300,
+    seed: int = 0,
+    grid: int = 4,
+    cell: int = 8,
+    media: str = "frames",
+    fps: int = 4,
+) -> Path:
+    """Pick-up episodes in a `grid` x `grid` world, written in the native episodes layout (`nvila_ft.data.episodes`).
+
+    A coloured block sits in one cell; a white gripper (a hollow square) starts in another and moves one cell a
+    step, first along x until it is in the block's column, then along y, then grasps. Frame i shows the scene
+    before step i's action, so every action is decidable from the step's last frame: x = sign(block column -
+    gripper column) (+1 = right), y = sign(gripper row - block row) once the columns agree (+1 = up), grip
+    "close" on the block. Each step has a "subgoal", an "action" {x, y, grip} and an "action_text" ("move left",
+    ..., "grasp"). `media`: "frames" (a folder of PNGs per episode) or "mp4". Returns the path of episodes.json.
+    """
+    _check_at_least("num_episodes", num_episodes, 1)
+    _check_at_least("grid", grid, 2)
+    _check_at_least("cell", cell, 4)
+    if media not in ("frames", "mp4"):
+        raise ValueError(f"media must be 'frames' or 'mp4', got {media!r}")
+    out_dir = Path(out_dir)
+    data_path = out_dir / EPISODES_FILE
+    params = {"num_episodes": num_episodes, "seed": seed, "grid": grid, "cell": cell, "media": media, "fps": fps}
+    manifest = {"generator": "robot_episodes", "version": GENERATOR_VERSION, "params": params, "count": num_episodes}
+    if _episodes_complete(out_dir, manifest):
+        return data_path
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    episodes = []
+    for index in range(num_episodes):
+        rng = np.random.default_rng([seed, index])
+        color_name = str(rng.choice(list(COLORS)))
+        cells = rng.choice(grid * grid, size=2, replace=False)
+        block, gripper = divmod(int(cells[0]), grid), divmod(int(cells[1]), grid)  # (row, column)
+        background = int(rng.integers(25, 61))
+        frames, steps = [], []
+        while True:
+            frames.append(_episode_frame(grid, cell, background, COLORS[color_name], block, gripper))
+            dx = int(np.sign(block[1] - gripper[1]))
+            dy = 0 if dx else int(np.sign(gripper[0] - block[0]))
+            on_block = gripper == block
+            steps.append({
+                "frame": len(frames) - 1,
+                "subgoal": "grasp the block" if on_block else "line up with the block" if dx else "reach the block",
+                "action": {"x": dx, "y": dy, "grip": "close" if on_block else "open"},
+                "action_text": MOVES[(dx, dy)],
+            })
+            if on_block:
+                break
+            gripper = (gripper[0] - dy, gripper[1] + dx)
+        name = f"episodes/ep_{index:06d}"
+        if media == "mp4":
+            from nvila_ft.data.media import write_video
+
+            (out_dir / "episodes").mkdir(parents=True, exist_ok=True)
+            write_video(frames, out_dir / f"{name}.mp4", fps=fps)
+            name += ".mp4"
+        else:
+            (out_dir / name).mkdir(parents=True, exist_ok=True)
+            for k, frame in enumerate(frames):
+                _save_png(frame, out_dir / name / f"frame_{k:04d}.png")
+        episodes.append({"episode_id": f"pick-{index:06d}", "video": name,
+                         "instruction": f"Pick up the {color_name} block.", "steps": steps})
+    atomic_write_json(data_path, episodes)
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return data_path
+
+
+def _episode_frame(grid: int, cell: int, background: int, color: tuple[int, int, int],
+                   block: tuple[int, int], gripper: tuple[int, int]) -> Image.Image:
+    frame = Image.new("RGB", (grid * cell, grid * cell), (background,) * 3)
+    draw = ImageDraw.Draw(frame)
+    row, column = block
+    draw.rectangle((column * cell + 1, row * cell + 1, column * cell + cell - 2, row * cell + cell - 2), fill=color)
+    row, column = gripper
+    width = max(cell // 4, 1)
+    draw.rectangle((column * cell, row * cell, column * cell + cell - 1, row * cell + cell - 1),
+                   outline=(255, 255, 255), width=width)
+    return frame
+
+
+def _episodes_complete(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        if json.loads((out_dir / MANIFEST_FILE).read_text()) != manifest:
+            return False
+        episodes = json.loads((out_dir / EPISODES_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return len(episodes) == manifest["count"] and all((out_dir / e["video"]).exists() for e in episodes)

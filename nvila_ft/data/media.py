@@ -14,6 +14,7 @@ import pathlib
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,21 @@ if TYPE_CHECKING:  # PyAV is imported lazily so that importing this module stays
 logger = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | bytes | Image.Image
-VideoSource = str | os.PathLike | Sequence[ImageSource]
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """Chosen frames of a video file or frame folder: `frames` are 0-based indices in decoding order (a folder's
+    files in `sorted()` name order), in the order the clip shows them. Only these frames are decoded."""
+
+    source: str | os.PathLike
+    frames: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.source} frames {list(self.frames)}"
+
+
+VideoSource = str | os.PathLike | Sequence[ImageSource] | VideoClip
 
 # What Pillow's plugins raise on bad data, at open or at decode time.
 _IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
@@ -206,7 +221,8 @@ def load_video(
     media_root: str | os.PathLike | None = None,
     intensity_window: Sequence[float] | None = None,
 ) -> list[Image.Image]:
-    """Return `num_frames` uniformly sampled RGB frames of a video file, a frame directory or a frame list.
+    """Return `num_frames` uniformly sampled RGB frames of a video file, a frame directory, a frame list or a
+    `VideoClip` (its chosen frames, then sampled the same way).
 
     Frames come in temporal order, with repeats when the video has fewer frames than asked for. A
     directory's frames are its non-hidden files in plain `sorted()` name order, as in official NVILA
@@ -228,14 +244,58 @@ def load_video(
                 raise MediaError(f"<frames list> item {index}: {e}") from e
         return frames
 
+    if isinstance(source, VideoClip):
+        clip = _load_clip(source, media_root, intensity_window)
+        return [clip[i] for i in sample_frame_indices(len(clip), num_frames)]
     path = resolve_media_path(source, media_root)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
-        if not files:
-            raise MediaError(f"{source}: frame directory is empty")
+        files = _frame_files(path, source)
         # Each frame goes through the media-root check again: a frame may be a symlink pointing out.
         return [load_image(files[i], media_root, intensity_window) for i in sample_frame_indices(len(files), num_frames)]
     return _load_video_file(path, num_frames)
+
+
+def _frame_files(path: pathlib.Path, source: object) -> list[pathlib.Path]:
+    files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+    if not files:
+        raise MediaError(f"{source}: frame directory is empty")
+    return files
+
+
+def _load_clip(
+    clip: VideoClip, media_root: str | os.PathLike | None, intensity_window: Sequence[float] | None
+) -> list[Image.Image]:
+    """The clip's frames, in its order; a video file is decoded only up to its last chosen frame."""
+    if not clip.frames or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in clip.frames):
+        raise ValueError(f"{clip}: frame indices must be a non-empty list of whole numbers >= 0")
+    path = resolve_media_path(clip.source, media_root)
+    last = max(clip.frames)
+    if path.is_dir():
+        files = _frame_files(path, clip.source)
+        if last >= len(files):
+            raise MediaError(f"{clip}: frame {last} asked for, the folder has {len(files)} frames (0-{len(files) - 1})",
+                             kind="video_frames")
+        images = {i: load_image(files[i], media_root, intensity_window) for i in set(clip.frames)}
+        return [images[i] for i in clip.frames]
+    import av
+
+    wanted, images = set(clip.frames), {}
+    with _open_video(path) as container:
+        # Decoding is sequential (seeking lands on key frames, not exact indices): stop after the last one needed.
+        decoded = 0
+        for position, frame in enumerate(_decode_frames(container, path)):
+            decoded = position + 1
+            if position in wanted:
+                try:
+                    images[position] = frame.to_image().convert("RGB")
+                except (av.FFmpegError, ValueError) as e:
+                    raise MediaError(f"{clip}: frame {position} failed to convert ({e})") from e
+            if position >= last:
+                break
+    if last not in images:
+        raise MediaError(f"{clip}: frame {last} asked for, the video has {decoded} decodable frames (0-{decoded - 1})",
+                         kind="video_frames")
+    return [images[i] for i in clip.frames]
 
 
 def _load_video_file(path: pathlib.Path, num_frames: int) -> list[Image.Image]:

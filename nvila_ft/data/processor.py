@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from nvila_ft.data.conversation import Part, Turn, normalize_messages
-from nvila_ft.data.media import MediaError, image_size, load_image, load_video
+from nvila_ft.data.media import MediaError, VideoClip, image_size, load_image, load_video
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
 from nvila_ft.model.config import NVILAConfig
@@ -158,7 +158,7 @@ class NVILAProcessor:
         return [ImageItem(self._single_tile(image))]
 
     def video_frames(self, source: Any, media_root: Path | None = None) -> torch.Tensor:
-        """[T, 3, S, S] for a video file, a folder of frames or a list of frames."""
+        """[T, 3, S, S] for a video file, a folder of frames, a list of frames or a `VideoClip` (chosen frames)."""
         frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.intensity_window)
         return torch.cat([self._single_tile(frame) for frame in frames])
 
@@ -295,7 +295,7 @@ class NVILAProcessor:
         try:
             self.layout.video_pools(frames)
         except ValueError as err:
-            name = source if isinstance(source, (str, os.PathLike)) else "<frames list>"
+            name = source if isinstance(source, (str, os.PathLike, VideoClip)) else "<frames list>"
             raise MediaError(f"{name}: {frames} frames decoded; {err}", kind="video_frames") from err
 
     def _fit(self, sample: ProcessedSample, media_end: int, truncate: bool, sample_id: str) -> None:
