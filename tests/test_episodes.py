@@ -169,6 +169,31 @@ def test_validation_file_is_read_like_train(tmp_path):
     assert len(validation.records()) == 4
 
 
+def test_json_lines_episodes_and_a_broken_line(tmp_path):
+    _write_episodes(tmp_path, [])
+    path = tmp_path / "episodes.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json\n" + json.dumps({**GOOD, "episode_id": "e2"}) + "\n")
+    source = RobotEpisodes(str(path), target="subgoal", on_error="collect", limit=2)
+    assert [r.id for r in source.records()] == ["e1#0", "e1#1"]
+    assert [e.origin for e in source.errors] == [f"{path}[1]"] and "not valid JSON" in source.errors[0].reason
+
+
+def test_processor_measures_and_validation_checks_episode_steps(tmp_path):
+    from nvila_ft.data.processor import NVILAProcessor
+    from nvila_ft.data.validation import validate_records
+    from nvila_ft.model.pretrained import pretrained_checkpoint
+
+    processor = NVILAProcessor.from_pretrained(pretrained_checkpoint("nvila-video-tiny"))
+    late = {**GOOD, "steps": [{"frame": 9, "subgoal": "go"}]}  # the folder has 6 frames
+    records = RobotEpisodes(str(_write_episodes(tmp_path, [GOOD, late])), target="subgoal", context_frames=3).records()
+    sample = processor.process(records[1].messages, sample_id=records[1].name, media_root=records[1].media_root)
+    size = processor.measure(records[1].messages, records[1].name, records[1].media_root)
+    assert size.positions == sample.length and size.tiles == processor.num_video_frames == sample.videos[0].shape[0]
+    report = validate_records(records, processor)
+    assert [(b.origin, b.kind) for b in report.bad] == [(records[2].origin, "video_frames")]
+    assert "frame 9 asked for, the folder has 6 frames" in report.bad[0].reason
+
+
 def test_builtin_episodes_actions_follow_the_scene(tmp_path):
     path = make_robot_episodes_dataset(tmp_path / "eps", num_episodes=20, seed=3, media="mp4")
     episodes = json.loads(path.read_text())
