@@ -1,16 +1,17 @@
 """Why the built-in "which way does the block move?" task (task=demo_video) stays near chance on the tiny NVILA-Video:
 where in the video path the direction of motion is (or is not) still readable.
 
-For each clip of the built-in robot_video data, the pretrained tiny NVILA-Video's projected frame tokens are taken
-(i) per frame, (ii) after its temporal pooling (the tokens the LLM receives), (iii) averaged over all pooled tokens
-(what an attention head that weighs the tokens alike passes on: order-blind), (iv) of the last frame alone; a
-logistic-regression probe is fitted on 300 clips and scored on the other 100 (chance 0.25).
+For each clip of the built-in robot_video data, a pretrained tiny model's video tokens are taken (i) as the LLM
+receives them (after temporal pooling, for NVILA-Video), (ii) averaged over all of them (what an attention head that
+weighs the tokens alike passes on: order-blind), (iii) of the last (pooled) frame alone; a logistic-regression probe
+is fitted on 300 clips and scored on the other 100 (chance 0.25).
 
-    .venv/bin/python bench/video_direction_probe.py
+    .venv/bin/python bench/video_direction_probe.py [--preset nvila-8b-tiny]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -19,7 +20,6 @@ import torch
 
 from nvila_ft.data.builtin import ANSWERS, make_robot_video_dataset
 from nvila_ft.data.processor import NVILAProcessor
-from nvila_ft.model.media_encoders import video_features
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.pretrained import pretrained_checkpoint
 
@@ -40,26 +40,30 @@ def probe(features: torch.Tensor, labels: torch.Tensor, train: int = 300, steps:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="nvila-video-tiny", help="a shipped pretrained tiny preset")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    root = pretrained_checkpoint("nvila-video-tiny")
+    root = pretrained_checkpoint(args.preset)
     model = NVILAForConditionalGeneration.from_pretrained(root)
     processor = NVILAProcessor.from_pretrained(root)
     spec = model.config.video_encoder
-    views: dict[str, list[torch.Tensor]] = {"per frame": [], "pooled (the LLM's input)": [],
-                                            "mean of the pooled tokens (order-blind)": [], "last frame only": []}
+    per_frame = model.config.tokens_per_tile  # tokens of one (pooled) frame
+    views: dict[str, list[torch.Tensor]] = {"video tokens (the LLM's input)": [], "their mean (order-blind)": [],
+                                            "last (pooled) frame only": []}
     labels = []
     with tempfile.TemporaryDirectory() as scratch:
         data = make_robot_video_dataset(Path(scratch), 400)
         with torch.no_grad():
             for record in json.loads(data.read_text()):
                 frames = processor.video_frames(record["video"], data.parent)
-                projected = model.mm_projector(model.vision_tower(frames))  # [frames, tokens, dim]
-                pooled = video_features(projected, spec)
-                for name, value in zip(views, (projected, pooled, pooled.mean(0), projected[-1])):
+                tokens = model.get_video_features(frames, torch.tensor([frames.shape[0]]))  # [tokens, dim]
+                for name, value in zip(views, (tokens, tokens.mean(0), tokens[-per_frame:])):
                     views[name].append(value.flatten())
                 labels.append(ANSWERS["direction"].index(record["conversations"][1]["value"]))
-    print(f"nvila-video-tiny: {model.config.num_video_frames} frames, temporal pooling {list(spec.pool_sizes)}, "
-          f"{model.config.tokens_per_tile} tokens per frame; held-out direction accuracy of a linear probe (chance 0.25)")
+    pooling = f"temporal pooling {list(spec.pool_sizes)}" if spec.kind == "tsp_video" else "no temporal pooling"
+    print(f"{args.preset}: {processor.num_video_frames} frames, {pooling}, {per_frame} tokens per (pooled) frame; "
+          "held-out direction accuracy of a linear probe (chance 0.25)")
     print("| features | dims | accuracy |\n|---|---|---|")
     for name, rows in views.items():
         features = torch.stack(rows)
