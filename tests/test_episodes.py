@@ -246,3 +246,12 @@ def test_example_data_finetune_and_evaluate_report_the_action_metrics(tmp_path):
         assert 0 <= result["metrics"][key] <= 1
     assert result["records"] == 2  # eval.max_records of the run
     assert "action_exact_match" in result["image_blind_baselines"]["majority_answer"]
+
+
+def test_without_a_path_the_source_reads_the_builtin_episodes(tmp_path):
+    source = RobotEpisodes(None, target="action_text", builtin={"num_episodes": 3, "seed": 5}, cache_dir=str(tmp_path))
+    records = source.records()
+    episodes = json.loads(source.file().read_text())
+    assert source.file().parent.parent == tmp_path
+    assert [r.answer for r in records] == [s["action_text"] for e in episodes for s in e["steps"]]
+    assert records[-1].answer == "grasp"
