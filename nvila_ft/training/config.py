@@ -221,9 +221,12 @@ class TrainerConfig:
         has_eval: bool,
         report_to: list[str] | None = None,
         deepspeed: dict | None = None,
+        arguments_class: type | None = None,
+        **more: Any,
     ) -> Any:
         """The `transformers.TrainingArguments` of this run. Gradient checkpointing is not among them: the Trainer
-        would checkpoint every component; finetune enables it per component on the model."""
+        would checkpoint every component; finetune enables it per component on the model. `arguments_class`: a
+        subclass to build instead (e.g. `trl.DPOConfig`), with its own fields in `more`."""
         from transformers import TrainingArguments
 
         evaluate = has_eval and self.eval_steps is not None
@@ -264,8 +267,9 @@ class TrainerConfig:
             disable_tqdm=False,
             **steps,
         )
+        arguments.update(more)
         arguments.update(self.extra)  # any other TrainingArguments field, or one of the above on purpose
         try:
-            return TrainingArguments(**arguments)
+            return (arguments_class or TrainingArguments)(**arguments)
         except (ValueError, TypeError) as err:  # transformers' own checks of these settings
             raise ConfigError(f"trainer: {err}") from err
