@@ -203,6 +203,18 @@ def test_reference_is_the_untouched_base_after_training(tiny_checkpoint, pairs, 
     assert torch.equal(next(nvila.mm_projector.parameters()), trained)  # the policy keeps its trained values
 
 
+def test_dpo_options_are_checked():
+    from nvila_ft.commands.dpo import DPOOptions
+    from nvila_ft.training.config import ConfigError
+
+    assert DPOOptions(loss_type="ipo").config_arguments()["loss_type"] == ["ipo"]
+    for bad, message in (({"loss_type": "dpo"}, "dpo.loss_type = 'dpo'"), ({"beta": 0}, "dpo.beta = 0"),
+                         ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "2 loss types"),
+                         ({"loss_type": "exo_pair"}, "label_smoothing > 0")):
+        with pytest.raises(ConfigError, match=message):
+            DPOOptions(**bad)
+
+
 def test_fully_trained_vision_tower_or_llm_is_refused():
     from nvila_ft.training.config import ConfigError
     from nvila_ft.training.preference import check_reference_policy
@@ -216,18 +228,19 @@ def test_fully_trained_vision_tower_or_llm_is_refused():
 @pytest.mark.slow
 def test_dpo_command_raises_the_margin_and_its_run_exports(tmp_path):
     cache, run = tmp_path / "cache", tmp_path / "run"
-    result = run_cli(["dpo", "task=demo_preference", f"hydra.run.dir={run}", "task.train.num_records=40",
-                      "trainer.max_steps=6", "trainer.per_device_train_batch_size=4", "trainer.learning_rate=3e-3",
-                      "trainer.logging_steps=1", "trainer.save_steps=3", "trainer.eval_steps=3", "eval.max_records=4",
+    # logged every 4 steps: the means of steps 1-4 and 5-8 (step 1 is at the reference: margin 0)
+    result = run_cli(["dpo", "task=demo_preference", f"hydra.run.dir={run}", "task.train.num_records=72",
+                      "trainer.max_steps=8", "trainer.per_device_train_batch_size=8", "trainer.learning_rate=2e-3",
+                      "trainer.logging_steps=4", "trainer.save_steps=4", "trainer.eval_steps=4", "eval.max_records=4",
+                      "eval.before_training=false",
                       "dpo.beta=0.5"], tmp_path, cache)
     assert "rewards/margins" in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     first, last = metrics["rewards"]["first"], metrics["rewards"]["last"]
-    assert metrics["steps"] == 6 and metrics["method"] == "dpo"
-    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
-    assert last["rewards/margins"] > first["rewards/margins"] + 1e-3
-    assert last["rewards/chosen"] > last["rewards/rejected"]
-    for step in (3, 6):
+    assert metrics["steps"] == 8 and metrics["method"] == "dpo"
+    assert last["rewards/margins"] > first["rewards/margins"] + 0.05 and last["rewards/margins"] > 0.1
+    assert last["rewards/accuracies"] > 0.5 and last["rewards/chosen"] > last["rewards/rejected"]
+    for step in (4, 8):
         assert (run / f"checkpoint-{step}" / "COMPLETE").is_file()
     assert (run / "final" / "adapter_policy.json").is_file()
     exported = run_cli(["export", f"run={run}"], tmp_path, cache)
@@ -243,7 +256,6 @@ def test_dpo_command_errors_are_one_line(tmp_path):
     checks = [
         (["task=preference", f"task.train.path={file}", "task.train.on_error=raise"], f"{file}[0]: field 'rejected'"),
         (["task=demo_preference", "adapters=ft_vit_lora_llm"], "adapters.vision_tower.method = full"),
-        (["dpo.loss_type=dpo"], "dpo.loss_type = 'dpo'"),
     ]
     for overrides, expected in checks:
         result = run_cli(["dpo", f"hydra.run.dir={tmp_path / 'run'}", *overrides], tmp_path, cache, check=False)
