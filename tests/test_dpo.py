@@ -246,7 +246,7 @@ def test_dpo_command_raises_the_margin_and_its_run_exports(tmp_path):
     exported = run_cli(["export", f"run={run}"], tmp_path, cache)
     assert "probe check" in exported.stdout + exported.stderr
     assert (run / "export-merged" / "config.json").is_file()
-    evaluated = run_cli(["evaluate", f"run={run}", f"hydra.run.dir={tmp_path / 'eval'}", "eval.max_records=4"], tmp_path, cache)
+    run_cli(["evaluate", f"run={run}", f"hydra.run.dir={tmp_path / 'eval'}", "eval.max_records=4"], tmp_path, cache)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["records"] == 4
 
 

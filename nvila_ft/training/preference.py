@@ -144,6 +144,10 @@ class PreferenceModel(nn.Module):
         self.backbone = NVILABackbone(model)
         self.config = copy.deepcopy(base_module(model.llm).config)
         self.generation_config = model.default_generation_config()
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # as transformers' Trainer would align them
+            value = getattr(model.tokenizer, name, None)
+            setattr(self.config, name, value)
+            setattr(self.generation_config, name, value)
         self.model_tags: list[str] = []
         self._checkpointed: tuple[str, ...] = ()
 
