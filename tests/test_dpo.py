@@ -261,3 +261,11 @@ def test_dpo_command_errors_are_one_line(tmp_path):
         result = run_cli(["dpo", f"hydra.run.dir={tmp_path / 'run'}", *overrides], tmp_path, cache, check=False)
         errors = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 1 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_only_the_final_reply_is_compared():
+    from nvila_ft.training.preference import reply_mask
+
+    ignore = IGNORE_INDEX  # an earlier answer (positions 2-3) is context; the final reply is positions 6-8
+    labels = torch.tensor([[ignore, ignore, 5, 6, ignore, ignore, 7, 8, 9, ignore], [ignore] * 8 + [4, 2]])
+    assert reply_mask(labels).tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, 1, 0], [0] * 8 + [1, 1]]
