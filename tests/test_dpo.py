@@ -269,3 +269,24 @@ def test_only_the_final_reply_is_compared():
     ignore = IGNORE_INDEX  # an earlier answer (positions 2-3) is context; the final reply is positions 6-8
     labels = torch.tensor([[ignore, ignore, 5, 6, ignore, ignore, 7, 8, 9, ignore], [ignore] * 8 + [4, 2]])
     assert reply_mask(labels).tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, 1, 0], [0] * 8 + [1, 1]]
+
+
+def test_reference_under_bf16_autocast_next_to_the_policy_graph(tiny_checkpoint, pairs, tmp_path):
+    """Mixed precision: the policy forward (with grad) casts and caches its trained weights; the reference pass in the
+    same autocast region must use the initial values, and the policy's backward must still work after it."""
+    trainer = make_trainer(tiny_checkpoint, pairs, tmp_path)
+    nvila = trainer.model.nvila
+    perturb(nvila)
+    nvila.eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "num_positions")}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    base = NVILAForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        policy = trainer.model(**inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+        with torch.no_grad():
+            reference = trainer.ref_model(**inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+            expected = reply_logps(base, batch)
+        policy.sum().backward()
+    assert torch.allclose(reference, expected, atol=1e-3) and not torch.allclose(policy.detach(), expected, atol=1e-2)
+    assert next(nvila.mm_projector.parameters()).grad is not None
