@@ -255,7 +255,6 @@ def test_dpo_command_errors_are_one_line(tmp_path):
     file = write_json(tmp_path / "prefs.json", [{"image": "a.png", "conversations": QUESTION, "chosen": "yes", "rejected": "yes"}])
     checks = [
         (["task=preference", f"task.train.path={file}", "task.train.on_error=raise"], f"{file}[0]: field 'rejected'"),
-        (["task=demo_preference", "adapters=ft_vit_lora_llm"], "adapters.vision_tower.method = full"),
     ]
     for overrides, expected in checks:
         result = run_cli(["dpo", f"hydra.run.dir={tmp_path / 'run'}", *overrides], tmp_path, cache, check=False)
