@@ -151,3 +151,34 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         MedicalVQA("x.json", "slake", split="test")
     with pytest.raises(DataError, match="no such file"):
         MedicalVQA(str(tmp_path / "none.json"), "slake").records()
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from nvila_ft.cli import config_dir, register_config_groups
+    from nvila_ft.commands.common import build
+
+    register_config_groups()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return build(compose("config", overrides=[*overrides, "run_dir=unused"]), "task")
+
+
+def test_task_configs_read_the_native_layouts(tmp_path):
+    path = tmp_path / "VQA_RAD Dataset Public.json"
+    path.write_text(json.dumps(VQA_RAD[:2]))
+    task = _compose(["task=vqa_rad", f"task.train.path='{path}'", f"task.validation.path='{path}'"])
+    data = task.load(seed=0)
+    assert [r.id for r in data.train] == ["7"] and [r.id for r in data.validation] == ["8"]
+    assert task.objective_metric == "overall" and "closed_accuracy" in task.metrics and "open_recall" in task.metrics
+    assert data.train[0].messages[0]["content"][-1]["text"].endswith("Answer the question using a single word or phrase.")
+    (tmp_path / "t.csv").write_text("Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
+                                    "f.jpg,Which?,CT,A:CT,B:MRI,C:PET,D:US,A\n")
+    task = _compose(["task=pmc_vqa", f"task.train.path={tmp_path / 't.csv'}", "task.val_fraction=0"])
+    (record,) = task.load(seed=0).train
+    prompt = "".join(p["text"] for p in record.messages[0]["content"] if p["type"] == "text")
+    assert prompt == "Which?\nA. CT\nB. MRI\nC. PET\nD. US\nAnswer with the option's letter from the given choices directly."
+    assert task.metrics == ["choice_accuracy"]
+    for name, layout in (("slake", "slake"), ("pathvqa", "pathvqa")):
+        task = _compose([f"task={name}", "task.train.path=x.json"])
+        assert task.train.layout == layout and task.objective_metric == "overall"
