@@ -144,9 +144,12 @@ def image_size(source: ImageSource, media_root: str | os.PathLike | None = None)
         raise MediaError(f"{fp}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
 def is_dicom(path: pathlib.Path) -> bool:
     """A DICOM file: `.dcm`/`.dicom`, or the "DICM" marker after the 128-byte preamble."""
-    if path.suffix.lower() in (".dcm", ".dicom"):
+    if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
         with open(path, "rb") as handle:
@@ -332,12 +335,12 @@ def dicom_video_frames(source: VideoSource, media_root: str | os.PathLike | None
     path = resolve_media_path(source, media_root)
     if path.is_dir():
         files = _frame_files(path)
-        dicoms = [f for f in files if is_dicom(f)]
-        if not dicoms:
+        # a series when a file is named .dcm or the first file is DICOM; frame-image folders are not opened here
+        if not files or not (any(f.suffix.lower() in DICOM_SUFFIXES for f in files) or is_dicom(files[0])):
             return None
-        if len(dicoms) != len(files):
+        if not all(is_dicom(f) for f in files):
             raise MediaError(f"{source}: mixes DICOM slices with other files")
-        return len(dicoms)
+        return len(files)
     if is_dicom(path):
         return int(_read_dicom(path, pixels=False).get("NumberOfFrames", 1) or 1)
     return None
