@@ -1,8 +1,10 @@
 """Scores for generated answers: each metric maps (predictions, references) to named floats.
 
 Every metric takes two equally long, non-empty lists of strings (one reference per prediction) and returns
-a dict. Scores lie in [0, 1], except BLEU, which keeps sacrebleu's 0-100 scale so that numbers can be
-compared with published sacrebleu results. Metrics are registered by name in `METRICS`; task configs name
+a dict; metrics that also take `question_types` / `choices` (the medical VQA ones at the end, which score
+closed, open and multiple-choice questions apart) get them from `compute_metrics`. Scores lie in [0, 1],
+except BLEU, which keeps sacrebleu's 0-100 scale so that numbers can be compared with published sacrebleu
+results. Metrics are registered by name in `METRICS`; task configs name
 them and `compute_metrics` combines several.
 
 Text normalisation (`normalize_answer`) follows SQuAD's evaluation script, with two deliberate differences:

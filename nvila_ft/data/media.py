@@ -230,7 +230,7 @@ def _dicom_display(values: np.ndarray, dataset: object, window: DicomWindow, pat
         except (TypeError, ValueError, IndexError) as e:
             raise MediaError(f"{path}: unreadable WindowCenter/WindowWidth ({e})") from e
         function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        scaled = apply_window(values, centre, max(width, 1.0), function) if width > 0 else _stretch(values)
+        scaled = apply_window(values, centre, width, function) if width > 0 else _stretch(values)
     else:
         scaled = _stretch(values)
     if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
