@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from nvila_ft.data.media import check_dicom_window
 
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao Float8LinearRecipeName values nvila-ft offers
 
@@ -84,7 +85,9 @@ class DataOptions:
 
     on_bad_record: "skip" (drop, list in data_report.txt) or "stop" (refuse to train); validate: check every
     record before training; intensity_window: [low, high] stored values of >8-bit grey images mapped to 0..255
-    (None: each image's own range). packing: train on rows of several samples up to `max_tokens` positions
+    (None: each image's own range); dicom_window: how DICOM images and series are displayed: a preset (lung, bone,
+    brain, mediastinum, soft_tissue, abdomen, liver), [centre, width], "full" (the image's range) or None (the
+    file's own window, else its full range). packing: train on rows of several samples up to `max_tokens` positions
     (`trainer.per_device_train_batch_size` rows per micro-batch; attention stays within each sample);
     group_by_length: without packing, batches of one modality and similar length.
     """
@@ -92,6 +95,7 @@ class DataOptions:
     on_bad_record: str = "skip"
     validate: bool = True
     intensity_window: list[float] | None = None
+    dicom_window: Any = None  # str | [centre, width] | None
     packing: bool = False
     max_tokens: int = 4096
     group_by_length: bool = False
@@ -106,11 +110,16 @@ class DataOptions:
         window = self.intensity_window
         if window is not None and (len(window) != 2 or not float(window[0]) < float(window[1])):
             raise ConfigError(f"data.intensity_window = {list(window)}: give [low, high] with low < high, or null")
+        try:
+            check_dicom_window(self.dicom_window)
+        except ValueError as err:
+            raise ConfigError(f"data.dicom_window: {err}") from None
 
     def processor_options(self) -> dict[str, Any]:
         """The NVILAProcessor arguments these options set."""
         window = None if self.intensity_window is None else [float(v) for v in self.intensity_window]
-        return {"intensity_window": window}
+        dicom = self.dicom_window if self.dicom_window is None or isinstance(self.dicom_window, str) else [float(v) for v in self.dicom_window]
+        return {"intensity_window": window, "dicom_window": dicom}
 
 
 @dataclass
