@@ -276,11 +276,57 @@ def make_robot_video_dataset(
     return _build(out_dir, "robot_video", params, questions, record, save)
 
 
+def make_preference_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int = 0,
+    source: str = "scan",
+    image_size: int = 64,
+) -> Path:
+    """Preference pairs over a built-in question-answer dataset (`source`: scan or shapes): each record keeps the
+    question and its media, with the right answer as `chosen` and one of the question type's wrong answers (drawn
+    uniformly) as `rejected`, in the LLaVA preference layout of `nvila_ft.data.preferences`:
+    {"id", "image", "conversations": [human "<image>\\n<question>"], "chosen", "rejected", "question_type"}.
+
+    The source dataset is written into `out_dir/source` by its own generator; data.json refers to its images.
+    Returns the path of data.json.
+    """
+    if source not in ("scan", "shapes"):
+        raise ValueError(f"source must be 'scan' or 'shapes' (closed answer sets), got {source!r}")
+    _check_at_least("num_records", num_records, 1)
+    out_dir = Path(out_dir)
+    data_path = out_dir / DATA_FILE
+    params = {"num_records": num_records, "seed": seed, "source": source, "image_size": image_size}
+    manifest = {"generator": "preference", "version": GENERATOR_VERSION, "params": params, "count": num_records}
+    if _is_complete(out_dir, manifest):
+        return data_path
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    base = BUILTIN_DATASETS[source](out_dir / "source", num_records, seed=seed, image_size=image_size)
+    records = []
+    for index, record in enumerate(json.loads(base.read_text())):
+        question, answer = record["conversations"]
+        wrong = [a for a in ANSWERS[record["question_type"]] if a != answer["value"]]
+        rng = np.random.default_rng([seed, index, 1])  # apart from the source's own draws for this record
+        records.append({
+            "id": record["id"],
+            "image": f"source/{record['image']}",
+            "conversations": [question],
+            "chosen": answer["value"],
+            "rejected": wrong[int(rng.integers(len(wrong)))],
+            "question_type": record["question_type"],
+        })
+    atomic_write_json(data_path, records)
+    atomic_write_json(out_dir / ANSWERS_FILE, json.loads((base.parent / ANSWERS_FILE).read_text()))
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return data_path
+
+
 BUILTIN_DATASETS: dict[str, Callable[..., Path]] = {
     "shapes": make_shapes_dataset,
     "scan": make_scan_dataset,
     "robot_video": make_robot_video_dataset,
     "scenes": make_scenes_dataset,
+    "preference": make_preference_dataset,
 }
 
 
@@ -415,9 +461,11 @@ class BuiltinData:
         return BUILTIN_DATASETS[self.dataset](root / name, self.num_records, seed=self.seed, **self.options)
 
     def records(self) -> list:
+        from nvila_ft.data.preferences import PreferenceJson
         from nvila_ft.data.sources import LlavaJson
 
-        source = LlavaJson(str(self.path()))
+        reader = PreferenceJson if self.dataset == "preference" else LlavaJson
+        source = reader(str(self.path()))
         records = source.records()
         self.errors = source.errors
         return records
