@@ -139,6 +139,8 @@ def test_one_record_per_step_with_its_window_instruction_and_target(tmp_path):
     assert records[0].media_root == str(tmp_path.resolve())
     subgoals = RobotEpisodes(str(path), target="subgoal").records()
     assert [r.answer for r in subgoals] == ["go", "grab"]
+    # an episode's steps are one group: a held-out share takes whole episodes, never neighbouring steps
+    assert records[0].meta["group"] == records[1].meta["group"] == f"{path}[0]"
 
 
 def test_bad_episodes_and_steps_name_file_episode_step_and_field(tmp_path):

@@ -131,7 +131,8 @@ class RobotEpisodes:
                 ]
                 record_id = f"{episode_id if episode_id is not None else index}#{step_index}"
                 out.append(Record(messages, where, record_id, root,
-                                  {"episode_id": episode_id, "step": step_index, "frame": frame}))
+                                  {"episode_id": episode_id, "step": step_index, "frame": frame,
+                                   "group": origin}))  # an episode's steps are held out together
         return out
 
     def _target(self, step: dict[str, Any]) -> str:
