@@ -474,3 +474,13 @@ def test_task_validation_is_one_override_for_every_source_type(tmp_path, media_d
         Task(name="t", train=llava, validation={"path": str(val), "colums": 3})
     with pytest.raises(ValueError, match="set task.validation.path"):
         Task(name="t", train=llava, validation={"path": None, "media_root": "/data"})
+
+
+def test_split_records_holds_out_whole_groups():
+    records = [Record([], f"f.json[{i}]", meta={"group": f"episode{i // 4}"}) for i in range(40)]  # 10 groups of 4
+    train, val = split_records(records, 0.2, seed=1)
+    held = {r.meta["group"] for r in val}
+    assert len(held) == 2 and len(val) == 8 and not held & {r.meta["group"] for r in train}
+    assert [r.origin for r in train + val] != [] and sorted(r.origin for r in train + val) == sorted(r.origin for r in records)
+    single = [Record([], f"f.json[{i}]", meta={"group": "one"}) for i in range(5)]
+    assert split_records(single, 0.5, seed=0) == (single, [])  # one group cannot be split

@@ -325,12 +325,58 @@ def make_grounding_dataset(
     return _build(out_dir, "grounding", params, questions, record, _save_png)
 
 
+def make_preference_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int = 0,
+    source: str = "scan",
+    image_size: int = 64,
+) -> Path:
+    """Preference pairs over a built-in question-answer dataset (`source`: scan or shapes): each record keeps the
+    question and its media, with the right answer as `chosen` and one of the question type's wrong answers (drawn
+    uniformly) as `rejected`, in the LLaVA preference layout of `nvila_ft.data.preferences`:
+    {"id", "image", "conversations": [human "<image>\\n<question>"], "chosen", "rejected", "question_type"}.
+
+    The source dataset is written into `out_dir/source` by its own generator; data.json refers to its images.
+    Returns the path of data.json.
+    """
+    if source not in ("scan", "shapes"):
+        raise ValueError(f"source must be 'scan' or 'shapes' (closed answer sets), got {source!r}")
+    _check_at_least("num_records", num_records, 1)
+    out_dir = Path(out_dir)
+    data_path = out_dir / DATA_FILE
+    params = {"num_records": num_records, "seed": seed, "source": source, "image_size": image_size}
+    manifest = {"generator": "preference", "version": GENERATOR_VERSION, "params": params, "count": num_records}
+    if _is_complete(out_dir, manifest):
+        return data_path
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    base = BUILTIN_DATASETS[source](out_dir / "source", num_records, seed=seed, image_size=image_size)
+    records = []
+    for index, record in enumerate(json.loads(base.read_text())):
+        question, answer = record["conversations"]
+        wrong = [a for a in ANSWERS[record["question_type"]] if a != answer["value"]]
+        rng = np.random.default_rng([seed, index, 1])  # apart from the source's own draws for this record
+        records.append({
+            "id": record["id"],
+            "image": f"source/{record['image']}",
+            "conversations": [question],
+            "chosen": answer["value"],
+            "rejected": wrong[int(rng.integers(len(wrong)))],
+            "question_type": record["question_type"],
+        })
+    atomic_write_json(data_path, records)
+    atomic_write_json(out_dir / ANSWERS_FILE, json.loads((base.parent / ANSWERS_FILE).read_text()))
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return data_path
+
+
 BUILTIN_DATASETS: dict[str, Callable[..., Path]] = {
     "shapes": make_shapes_dataset,
     "scan": make_scan_dataset,
     "robot_video": make_robot_video_dataset,
     "scenes": make_scenes_dataset,
     "grounding": make_grounding_dataset,
+    "preference": make_preference_dataset,
 }
 
 
@@ -478,9 +524,109 @@ class BuiltinData:
         return BUILTIN_DATASETS[self.dataset](root / name, self.num_records, seed=self.seed, **self.options)
 
     def records(self) -> list:
+        from nvila_ft.data.preferences import PreferenceJson
         from nvila_ft.data.sources import LlavaJson
 
-        source = LlavaJson(str(self.path()))
+        reader = PreferenceJson if self.dataset == "preference" else LlavaJson
+        source = reader(str(self.path()))
         records = source.records()
         self.errors = source.errors
         return records
+
+
+# ----------------------------------------------------------------------------------------------- robot episodes
+EPISODES_FILE = "episodes.json"
+MOVES = {(1, 0): "move right", (-1, 0): "move left", (0, 1): "move up", (0, -1): "move down", (0, 0): "grasp"}
+
+
+def make_robot_episodes_dataset(
+    out_dir: str | os.PathLike,
+    num_episodes: int = 300,
+    seed: int = 0,
+    grid: int = 4,
+    cell: int = 8,
+    media: str = "frames",
+    fps: int = 4,
+) -> Path:
+    """Pick-up episodes in a `grid` x `grid` world, written in the native episodes layout (`nvila_ft.data.episodes`).
+
+    A coloured block sits in one cell; a white gripper (a hollow square) starts in another and moves one cell a
+    step, first along x until it is in the block's column, then along y, then grasps. Frame i shows the scene
+    before step i's action, so every action is decidable from the step's last frame: x = sign(block column -
+    gripper column) (+1 = right), y = sign(gripper row - block row) once the columns agree (+1 = up), grip
+    "close" on the block. Each step has a "subgoal", an "action" {x, y, grip} and an "action_text" ("move left",
+    ..., "grasp"). `media`: "frames" (a folder of PNGs per episode) or "mp4". Returns the path of episodes.json.
+    """
+    _check_at_least("num_episodes", num_episodes, 1)
+    _check_at_least("grid", grid, 2)
+    _check_at_least("cell", cell, 4)
+    if media not in ("frames", "mp4"):
+        raise ValueError(f"media must be 'frames' or 'mp4', got {media!r}")
+    out_dir = Path(out_dir)
+    data_path = out_dir / EPISODES_FILE
+    params = {"num_episodes": num_episodes, "seed": seed, "grid": grid, "cell": cell, "media": media, "fps": fps}
+    manifest = {"generator": "robot_episodes", "version": GENERATOR_VERSION, "params": params, "count": num_episodes}
+    if _episodes_complete(out_dir, manifest):
+        return data_path
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    episodes = []
+    for index in range(num_episodes):
+        rng = np.random.default_rng([seed, index])
+        color_name = str(rng.choice(list(COLORS)))
+        cells = rng.choice(grid * grid, size=2, replace=False)
+        block, gripper = divmod(int(cells[0]), grid), divmod(int(cells[1]), grid)  # (row, column)
+        background = int(rng.integers(25, 61))
+        frames, steps = [], []
+        while True:
+            frames.append(_episode_frame(grid, cell, background, COLORS[color_name], block, gripper))
+            dx = int(np.sign(block[1] - gripper[1]))
+            dy = 0 if dx else int(np.sign(gripper[0] - block[0]))
+            on_block = gripper == block
+            steps.append({
+                "frame": len(frames) - 1,
+                "subgoal": "grasp the block" if on_block else "line up with the block" if dx else "reach the block",
+                "action": {"x": dx, "y": dy, "grip": "close" if on_block else "open"},
+                "action_text": MOVES[(dx, dy)],
+            })
+            if on_block:
+                break
+            gripper = (gripper[0] - dy, gripper[1] + dx)
+        name = f"episodes/ep_{index:06d}"
+        if media == "mp4":
+            from nvila_ft.data.media import write_video
+
+            (out_dir / "episodes").mkdir(parents=True, exist_ok=True)
+            write_video(frames, out_dir / f"{name}.mp4", fps=fps)
+            name += ".mp4"
+        else:
+            (out_dir / name).mkdir(parents=True, exist_ok=True)
+            for k, frame in enumerate(frames):
+                _save_png(frame, out_dir / name / f"frame_{k:04d}.png")
+        episodes.append({"episode_id": f"pick-{index:06d}", "video": name,
+                         "instruction": f"Pick up the {color_name} block.", "steps": steps})
+    atomic_write_json(data_path, episodes)
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    return data_path
+
+
+def _episode_frame(grid: int, cell: int, background: int, color: tuple[int, int, int],
+                   block: tuple[int, int], gripper: tuple[int, int]) -> Image.Image:
+    frame = Image.new("RGB", (grid * cell, grid * cell), (background,) * 3)
+    draw = ImageDraw.Draw(frame)
+    row, column = block
+    draw.rectangle((column * cell + 1, row * cell + 1, column * cell + cell - 2, row * cell + cell - 2), fill=color)
+    row, column = gripper
+    width = max(cell // 4, 1)
+    draw.rectangle((column * cell, row * cell, column * cell + cell - 1, row * cell + cell - 1),
+                   outline=(255, 255, 255), width=width)
+    return frame
+
+
+def _episodes_complete(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        if json.loads((out_dir / MANIFEST_FILE).read_text()) != manifest:
+            return False
+        episodes = json.loads((out_dir / EPISODES_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return len(episodes) == manifest["count"] and all((out_dir / e["video"]).exists() for e in episodes)

@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from nvila_ft.data.conversation import Part, Turn, normalize_messages
-from nvila_ft.data.media import MediaError, image_size, load_image, load_video
+from nvila_ft.data.media import MediaError, VideoClip, dicom_video_frames, image_size, load_image, load_video
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
 from nvila_ft.model.config import NVILAConfig
@@ -102,9 +102,11 @@ class NVILAProcessor:
         multi_image_tiling: bool | None = None,
         official_label_matching: bool = False,
         intensity_window: list[float] | None = None,
+        dicom_window: str | list[float] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.intensity_window = intensity_window
+        self.dicom_window = dicom_window
         self.official_label_matching = official_label_matching
         self.config = config
         self.token_ids = add_runtime_tokens(tokenizer)
@@ -158,8 +160,9 @@ class NVILAProcessor:
         return [ImageItem(self._single_tile(image))]
 
     def video_frames(self, source: Any, media_root: Path | None = None) -> torch.Tensor:
-        """[T, 3, S, S] for a video file, a folder of frames or a list of frames."""
-        frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.intensity_window)
+        """[T, 3, S, S] for a video file, a folder of frames, a list of frames or a `VideoClip` (chosen frames)."""
+        frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.intensity_window,
+                            self.dicom_window)
         return torch.cat([self._single_tile(frame) for frame in frames])
 
     # ------------------------------------------------------------------ one sample
@@ -205,6 +208,7 @@ class NVILAProcessor:
                 return escape_runtime_tokens(part.value)
             try:
                 if part.kind == "video":
+                    dicom_video_frames(part.value, root)  # a DICOM video's headers must read, as loading needs
                     runs.append(self.layout.video_positions(self.num_video_frames))
                     tiles += self.num_video_frames
                     return MEDIA_TOKENS["video"]
@@ -276,7 +280,7 @@ class NVILAProcessor:
             return escape_runtime_tokens(part.value)
         try:
             if part.kind == "image":
-                image = load_image(part.value, root, self.intensity_window)
+                image = load_image(part.value, root, self.intensity_window, self.dicom_window)
                 if "rescaled" in image.info:
                     sample.notes.append(image.info["rescaled"])
                 items = self.image_items(image, tile)
@@ -295,7 +299,7 @@ class NVILAProcessor:
         try:
             self.layout.video_pools(frames)
         except ValueError as err:
-            name = source if isinstance(source, (str, os.PathLike)) else "<frames list>"
+            name = source if isinstance(source, (str, os.PathLike, VideoClip)) else "<frames list>"
             raise MediaError(f"{name}: {frames} frames decoded; {err}", kind="video_frames") from err
 
     def _fit(self, sample: ProcessedSample, media_end: int, truncate: bool, sample_id: str) -> None:

@@ -670,19 +670,22 @@ def _describe_value(value: Any) -> str:
 def split_records(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Deterministic random train/validation split; both parts keep the records' original order.
 
-    The same records and seed give the same split on any machine (`random.Random(seed)`, not `hash()`).
-    With val_fraction > 0 and more than one record, validation gets at least one record and training keeps
-    at least one.
+    Records that share a `meta["group"]` (the steps of one robot episode) are held out together, so that no
+    validation record has a near-copy in training; `val_fraction` is then the share of groups. The same
+    records and seed give the same split on any machine (`random.Random(seed)`, not `hash()`). With
+    val_fraction > 0 and more than one group, validation gets at least one group and training keeps at least one.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     records = list(records)
-    if val_fraction == 0 or len(records) < 2:
+    units = [r.meta.get("group", ("record", i)) for i, r in enumerate(records)]
+    distinct = list(dict.fromkeys(units))
+    if val_fraction == 0 or len(distinct) < 2:
         return records, []
-    count = min(max(1, round(len(records) * val_fraction)), len(records) - 1)
-    chosen = set(random.Random(seed).sample(range(len(records)), count))
-    train = [r for i, r in enumerate(records) if i not in chosen]
-    val = [r for i, r in enumerate(records) if i in chosen]
+    count = min(max(1, round(len(distinct) * val_fraction)), len(distinct) - 1)
+    chosen = {distinct[i] for i in random.Random(seed).sample(range(len(distinct)), count)}
+    train = [r for r, unit in zip(records, units) if unit not in chosen]
+    val = [r for r, unit in zip(records, units) if unit in chosen]
     return train, val
 
 

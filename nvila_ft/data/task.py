@@ -88,8 +88,9 @@ class Task:
 def validation_source(spec: Any, train: Any) -> Any | None:
     """The validation source a task config gives: a built source as is; a path, or a mapping of arguments
     ({path, media_root, ...}), read like `train` (same source type and options, other file); a mapping whose
-    path is null means none. A train source without a `path` (built-in data) reads validation files as
-    LLaVA JSON."""
+    path is null means none (its other settings, e.g. a task's default validation `split`, wait for a path;
+    a media_root without a path is an error). A train source without a `path` (built-in data) reads
+    validation files as LLaVA JSON."""
     if spec is None or hasattr(spec, "records"):
         return spec
     if isinstance(spec, (str, os.PathLike)):
@@ -97,7 +98,7 @@ def validation_source(spec: Any, train: Any) -> Any | None:
     if not isinstance(spec, Mapping):
         raise ValueError(f"task.validation: expected a path or {{path, media_root}}, got {spec!r}")
     if spec.get("path") is None:
-        if any(v is not None for k, v in spec.items() if k != "path"):
+        if spec.get("media_root") is not None:
             raise ValueError("task.validation: set task.validation.path (the validation file) as well")
         return None
     from nvila_ft.data.sources import LlavaJson

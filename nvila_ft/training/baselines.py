@@ -65,27 +65,36 @@ def mean_box(answers: Sequence[str]) -> str | None:
     return format_box(tuple(sum(b[i] for b in boxes) / len(boxes) for i in range(4)))
 
 
+def metric_context(records: Sequence[Record]) -> dict[str, list[Any]]:
+    """What metrics may use beyond predictions and references: each record's question type and options."""
+    return {"question_types": [r.question_type for r in records], "choices": [r.meta.get("choices") for r in records]}
+
+
 def baseline_scores(train: Sequence[Record], validation: Sequence[Record], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
     """{baseline name: the task's metrics of its predictions on `validation`}."""
     if not validation:
         return {}
     references = [r.answer or "" for r in validation]
+    context = metric_context(validation)
     return {
-        name: compute_metrics(metrics, predictions, references)
+        name: compute_metrics(metrics, predictions, references, **context)
         for name, predictions in baseline_predictions(train, validation).items()
     }
 
 
 def scores_by_question_type(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, dict[str, float]]:
-    """{question type: {metric: score, "count": n}} of evaluated rows that carry a "question_type"."""
+    """{question type: {metric: score, "count": n}} of evaluated rows that carry a "question_type"; a type the
+    metric does not score (e.g. closed_accuracy of open questions) is left out."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("question_type") is not None:
             groups[str(row["question_type"])].append(row)
     out = {}
     for kind, members in sorted(groups.items()):
-        scores = compute_metrics([metric], [r["prediction"] for r in members], [r["reference"] for r in members])
-        out[kind] = {metric: scores[metric], "count": scores["count"]}
+        scores = compute_metrics([metric], [r["prediction"] for r in members], [r["reference"] for r in members],
+                                 question_types=[kind] * len(members), choices=[r.get("choices") for r in members])
+        if metric in scores:
+            out[kind] = {metric: scores[metric], "count": scores["count"]}
     return out
 
 

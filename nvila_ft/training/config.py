@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from nvila_ft.data.media import check_dicom_window
 
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao Float8LinearRecipeName values nvila-ft offers
 
@@ -84,7 +85,9 @@ class DataOptions:
 
     on_bad_record: "skip" (drop, list in data_report.txt) or "stop" (refuse to train); validate: check every
     record before training; intensity_window: [low, high] stored values of >8-bit grey images mapped to 0..255
-    (None: each image's own range). packing: train on rows of several samples up to `max_tokens` positions
+    (None: each image's own range); dicom_window: how DICOM images and series are displayed: a preset (lung, bone,
+    brain, mediastinum, soft_tissue, abdomen, liver), [centre, width], "full" (the image's range) or None (the
+    file's own window, else its full range). packing: train on rows of several samples up to `max_tokens` positions
     (`trainer.per_device_train_batch_size` rows per micro-batch; attention stays within each sample);
     group_by_length: without packing, batches of one modality and similar length.
     """
@@ -92,6 +95,7 @@ class DataOptions:
     on_bad_record: str = "skip"
     validate: bool = True
     intensity_window: list[float] | None = None
+    dicom_window: Any = None  # str | [centre, width] | None
     packing: bool = False
     max_tokens: int = 4096
     group_by_length: bool = False
@@ -106,11 +110,16 @@ class DataOptions:
         window = self.intensity_window
         if window is not None and (len(window) != 2 or not float(window[0]) < float(window[1])):
             raise ConfigError(f"data.intensity_window = {list(window)}: give [low, high] with low < high, or null")
+        try:
+            check_dicom_window(self.dicom_window)
+        except ValueError as err:
+            raise ConfigError(f"data.dicom_window: {err}") from None
 
     def processor_options(self) -> dict[str, Any]:
         """The NVILAProcessor arguments these options set."""
         window = None if self.intensity_window is None else [float(v) for v in self.intensity_window]
-        return {"intensity_window": window}
+        dicom = self.dicom_window if self.dicom_window is None or isinstance(self.dicom_window, str) else [float(v) for v in self.dicom_window]
+        return {"intensity_window": window, "dicom_window": dicom}
 
 
 @dataclass
@@ -221,9 +230,12 @@ class TrainerConfig:
         has_eval: bool,
         report_to: list[str] | None = None,
         deepspeed: dict | None = None,
+        arguments_class: type | None = None,
+        **more: Any,
     ) -> Any:
         """The `transformers.TrainingArguments` of this run. Gradient checkpointing is not among them: the Trainer
-        would checkpoint every component; finetune enables it per component on the model."""
+        would checkpoint every component; finetune enables it per component on the model. `arguments_class`: a
+        subclass to build instead (e.g. `trl.DPOConfig`), with its own fields in `more`."""
         from transformers import TrainingArguments
 
         evaluate = has_eval and self.eval_steps is not None
@@ -264,8 +276,9 @@ class TrainerConfig:
             disable_tqdm=False,
             **steps,
         )
+        arguments.update(more)
         arguments.update(self.extra)  # any other TrainingArguments field, or one of the above on purpose
         try:
-            return TrainingArguments(**arguments)
+            return (arguments_class or TrainingArguments)(**arguments)
         except (ValueError, TypeError) as err:  # transformers' own checks of these settings
             raise ConfigError(f"trainer: {err}") from err

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
 from nvila_ft.metrics import compute_metrics
+from nvila_ft.training.baselines import metric_context
 
 
 @dataclass
@@ -82,10 +83,11 @@ def evaluate_records(
     references = [r.answer or "" for r in records]
     rows = [
         {"origin": r.origin, "id": r.id, "question": r.question, "question_type": r.question_type,
-         "reference": ref, "prediction": pred}
+         "reference": ref, "prediction": pred} | ({"choices": r.meta["choices"]} if r.meta.get("choices") else {})
         for r, ref, pred in zip(records, references, predictions)
     ]
-    return Evaluation(compute_metrics(metrics, predictions, references), rows)
+    scores = compute_metrics(metrics, predictions, references, **metric_context(records))
+    return Evaluation(scores, rows)
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:

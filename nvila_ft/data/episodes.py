@@ -1,0 +1,189 @@
+"""Robot episodes -> one training record per step: the frames up to that step, the instruction, the target.
+
+The native layout, a JSON list (`.json`) or JSON Lines (`.jsonl`, one episode a line) of episodes, as
+LeRobot / RLDS exports flatten to (one episode, its language instruction, its per-step records):
+
+    {"episode_id": "pick-0007",                    # optional; records are named <episode_id>#<step>
+     "video": "episodes/pick-0007.mp4",            # an mp4 (any FFmpeg video) or a folder of frames,
+                                                   # relative to media_root (default: the file's folder)
+     "instruction": "pick up the red block",       # also read from "language_instruction" or "task"
+     "steps": [{"frame": 0,                        # 0-based frame index of the step's observation
+                                                   # (also "frame_index"); a folder's frames in sorted name order
+                "subgoal": "move above the block",
+                "action": {"x": 0.8, "y": 0.0, "grip": "open"},   # or a string
+                "action_text": "move right"}, ...]}
+
+One record per step. Its video is the window of `context_frames` frames ending at the step's frame, `frame_stride`
+apart and clamped at the episode's start (frame 9, 4 frames, stride 2 -> 3, 5, 7, 9; frame 1 -> 0, 0, 0, 1); only
+those frames are decoded. The processor brings the window to the model's `num_video_frames` and the model pools
+it in time as its config says. The prompt is the instruction, the answer the step's target:
+
+- `subgoal`: the step's "subgoal" text;
+- `action_text`: the step's "action_text", else its "action" when that is a string;
+- `action_tokens`: the step's "action" dict discretised by `action_fields` (`nvila_ft.data.actions`), e.g.
+  "x=+1 y=0 grip=open"; the action metrics (`action_exact_match`, ...) parse the model's answer back.
+
+A malformed episode or step raises DataError naming the file, the episode index, the step and the field, or with
+`on_error="collect"` lands in `errors` and the rest is kept. `limit` counts episodes. With `path=None` the
+built-in synthetic episodes (`nvila_ft.data.builtin.make_robot_episodes_dataset`, options in `builtin`) are
+generated into the cache and read like user data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nvila_ft.data.actions import ActionFormat
+from nvila_ft.data.media import VideoClip
+from nvila_ft.data.records import Record
+from nvila_ft.data.sources import (
+    _absolute_root,
+    _check_on_error,
+    _describe_value,
+    _json_entries,
+    _limited,
+    _RecordProblem,
+    _record_id,
+    _report,
+)
+from nvila_ft.data.validation import BadRecord
+
+TARGETS = ("subgoal", "action_text", "action_tokens")
+INSTRUCTION_FIELDS = ("instruction", "language_instruction", "task")
+FRAME_FIELDS = ("frame", "frame_index")
+
+
+def window(frame: int, context_frames: int, frame_stride: int) -> tuple[int, ...]:
+    """The `context_frames` frame indices ending at `frame`, `frame_stride` apart, clamped at 0."""
+    return tuple(max(0, frame - k * frame_stride) for k in reversed(range(context_frames)))
+
+
+class RobotEpisodes:
+    """Episodes in the native layout (module docstring) as per-step records."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        media_root: str | None = None,
+        target: str = "action_tokens",
+        context_frames: int = 2,
+        frame_stride: int = 1,
+        action_fields: Mapping[str, Mapping[str, Any]] | None = None,
+        limit: int | None = None,
+        on_error: str = "raise",
+        builtin: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"target = {target!r}: choose one of {list(TARGETS)}")
+        for name, value in (("context_frames", context_frames), ("frame_stride", frame_stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r}: a whole number >= 1")
+        if target == "action_tokens" and not action_fields:
+            raise ValueError("target = action_tokens needs action_fields, e.g. {x: {low: -1, high: 1, bins: 3}, "
+                             "grip: {values: [open, close]}}")
+        self.path, self.media_root, self.target = path, media_root, target
+        self.context_frames, self.frame_stride, self.limit = context_frames, frame_stride, limit
+        self.action_fields = action_fields
+        self.format = ActionFormat(action_fields) if action_fields else None
+        self.on_error = _check_on_error(on_error)
+        self.builtin, self.cache_dir = dict(builtin or {}), cache_dir
+        self.errors: list[BadRecord] = []
+
+    def file(self) -> Path:
+        """The episodes file: `path`, or the built-in episodes (generated on first use)."""
+        if self.path is not None:
+            return Path(self.path)
+        from nvila_ft.data.builtin import default_cache_dir, make_robot_episodes_dataset
+
+        options = dict(self.builtin)
+        name = "robot_episodes-" + re.sub(r"[^A-Za-z0-9=.,-]+", "_", "-".join(f"{k}={v}" for k, v in sorted(options.items())))
+        root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return make_robot_episodes_dataset(root / name, **options)
+
+    def records(self) -> list[Record]:
+        self.errors = []
+        file = self.file()
+        name = str(self.path) if self.path is not None else str(file)
+        root = _absolute_root(self.media_root, file.parent)
+        out: list[Record] = []
+        for index, entry in _limited(_json_entries(file, name), self.limit):
+            origin = f"{name}[{index}]"
+            try:
+                episode_id, video, instruction, steps = _episode(entry)
+            except _RecordProblem as problem:
+                _report(self, origin, problem)
+                continue
+            for step_index, step in enumerate(steps):
+                where = f"{origin}.steps[{step_index}]"
+                try:
+                    frame, answer = _frame(step), self._target(step)
+                except _RecordProblem as problem:
+                    _report(self, where, problem)
+                    continue
+                clip = VideoClip(video, window(frame, self.context_frames, self.frame_stride))
+                messages = [
+                    {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": instruction}]},
+                    {"role": "assistant", "content": answer},
+                ]
+                record_id = f"{episode_id if episode_id is not None else index}#{step_index}"
+                out.append(Record(messages, where, record_id, root,
+                                  {"episode_id": episode_id, "step": step_index, "frame": frame,
+                                   "group": origin}))  # an episode's steps are held out together
+        return out
+
+    def _target(self, step: dict[str, Any]) -> str:
+        if self.target == "subgoal":
+            return _text(step.get("subgoal"), "subgoal")
+        action = step.get("action")
+        if self.target == "action_text":
+            if step.get("action_text") is not None:
+                return _text(step["action_text"], "action_text")
+            if isinstance(action, str):
+                return _text(action, "action")
+            raise _RecordProblem("field 'action_text': missing (target action_text takes it, or a string 'action')",
+                                 kind="no_answer")
+        if not isinstance(action, Mapping):
+            raise _RecordProblem(f"field 'action': expected a dict of {list(self.format.fields)}, got "
+                                 f"{_describe_value(action)}", kind="no_answer" if action is None else "structure")
+        try:
+            return self.format.format(action)
+        except ValueError as err:
+            raise _RecordProblem(f"field 'action': {err}") from err
+
+
+def _episode(entry: Any) -> tuple[str | None, str, str, list[Any]]:
+    if isinstance(entry, _RecordProblem):
+        raise entry
+    if not isinstance(entry, dict):
+        raise _RecordProblem(f"expected a dict (an episode), got {type(entry).__name__}")
+    video = entry.get("video")
+    if not isinstance(video, str) or not video.strip():
+        raise _RecordProblem(f"field 'video': expected the path of a video file or frame folder, got {_describe_value(video)}")
+    key = next((k for k in INSTRUCTION_FIELDS if k in entry), "instruction")
+    instruction = _text(entry.get(key), key)
+    steps = entry.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise _RecordProblem(f"field 'steps': expected a non-empty list of steps, got {_describe_value(steps)}")
+    return _record_id(entry.get("episode_id")), video, instruction, steps
+
+
+def _frame(step: Any) -> int:
+    if not isinstance(step, dict):
+        raise _RecordProblem(f"expected a dict (a step), got {type(step).__name__}")
+    key = next((k for k in FRAME_FIELDS if k in step), "frame")
+    value = step.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _RecordProblem(f"field {key!r}: expected a frame index (a whole number >= 0), got {_describe_value(value)}")
+    return value
+
+
+def _text(value: Any, field: str) -> str:
+    if value is None:
+        raise _RecordProblem(f"field {field!r}: missing", kind="no_answer" if field != "instruction" else "structure")
+    if not isinstance(value, str) or not value.strip():
+        raise _RecordProblem(f"field {field!r}: expected non-empty text, got {_describe_value(value)}")
+    return value.strip()
