@@ -16,6 +16,7 @@ COMMANDS = {
     "export": ("nvila_ft.commands.export", "export", "write a run's merged model (official layout) or its adapters"),
     "validate-data": ("nvila_ft.commands.validate_data", "validate_data", "check a task's data without a GPU"),
     "plan": ("nvila_ft.commands.plan", "plan", "GPU memory of a finetune run, before anything loads (--json)"),
+    "prune": ("nvila_ft.commands.prune", "prune", "DeltaLoss pruning of a task's training data, in its own layout"),
 }
 USAGE = """usage: nvila-ft <command> [key=value ...] [-m] [--cfg job] [--help]
 
