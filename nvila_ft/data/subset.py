@@ -103,12 +103,13 @@ def _write_one(leaf: Any, prefix: str, indices: set[int], out: Path, media_root:
     file = Path(prefix)
     text = _read_text(file)
     suffix = file.suffix.lower()
-    if _is_json_lines(file, text) or (isinstance(leaf, TableSource) and suffix in (".jsonl", ".ndjson")):
+    table = isinstance(leaf, TableSource) and suffix not in (".jsonl", ".ndjson", ".json")
+    if not table and _is_json_lines(file, text):
         lines = [line for line in text.splitlines() if line.strip()]  # indices count non-blank lines, as the reader does
         kept = [line for i, line in enumerate(lines) if i in indices]
         atomic_write_bytes(out, "".join(line + "\n" for line in kept).encode())
         return WrittenSubset(prefix, out, len(kept), media_root, "json_lines")
-    if isinstance(leaf, TableSource) and suffix != ".json":
+    if table:
         delimiter = leaf.delimiter or ("\t" if suffix in (".tsv", ".tab") else ",")
         rows = list(csv.reader(text.splitlines(keepends=True), delimiter=delimiter))
         buffer = io.StringIO()
