@@ -117,6 +117,8 @@ def test_record_source():
     assert record_source(record, "question_type") == "color"
     assert record_source(Record([], "/d/x.json[3]"), "question_type") == "/d/x.json"
     assert record_source(record, "none") == "all"
+    assert record_source(record, "file_and_type") == "/d/x.json / color"
+    assert record_source(Record([], "/d/x.json[3]"), "file_and_type") == "/d/x.json"
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -229,17 +231,36 @@ def test_prune_command_end_to_end_and_bad_config(tmp_path):
     reread = LlavaJson(str(out / "pruned" / "data.json"), media_root=report["written"][0]["media_root"]).records()
     assert len(reread) == 10 and math.isfinite(kept[0]["delta"])
 
-    for args, message in [
-        (["prune.weak=base"], "prune.strong is not set"),
-        ([f"prune.strong={strong}", "prune.weak=base", "prune.keep_fraction=1.5"], "prune.keep_fraction = 1.5"),
-        ([f"prune.strong={tmp_path / 'nowhere'}", "prune.weak=base"], "does not exist"),
-    ]:
-        bad = run_cli(["prune", f"hydra.run.dir={tmp_path / 'bad'}", *args], tmp_path, cache, check=False)
-        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1
-    no_adapters = tmp_path / "empty-run"
-    (no_adapters / ".hydra").mkdir(parents=True)
-    (no_adapters / ".hydra" / "config.yaml").write_text((strong / ".hydra" / "config.yaml").read_text())
-    bad = run_cli(["prune", f"hydra.run.dir={tmp_path / 'bad'}", f"prune.strong={no_adapters}", "prune.weak=base"],
-                  tmp_path, cache, check=False)
-    assert bad.returncode == 1 and "prune.strong" in bad.stderr and "no trained adapters" in bad.stderr
+    bad = run_cli(["prune", f"hydra.run.dir={tmp_path / 'bad'}", "prune.weak=base"], tmp_path, cache, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "nvila-ft prune: error: prune.strong is not set: give `base` (the model option), a checkpoint directory or "
+        "a run directory of nvila-ft finetune, e.g. prune.strong=outputs/<run>"]
+
+
+def test_model_choices_and_their_errors(tmp_path):
+    from nvila_ft.commands.prune import PruneOptions, choose_model
+
+    with pytest.raises(ConfigError, match=r"^prune.weak is not set"):
+        PruneOptions(strong="base")
+    with pytest.raises(ConfigError, match=r"^prune.keep_fraction = 1.5: the share of each source kept, in \(0, 1\]$"):
+        PruneOptions(strong="base", weak="base", keep_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"^prune.batch_size = 0"):
+        PruneOptions(strong="base", weak="base", batch_size=0)
+    with pytest.raises(ConfigError, match=r"^prune.strong = .*nowhere: does not exist"):
+        choose_model("strong", str(tmp_path / "nowhere"), None, tmp_path)
+    with pytest.raises(ConfigError, match=r"neither a run directory .* nor a checkpoint"):
+        choose_model("weak", str(tmp_path), None, tmp_path)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model:\n  _target_: nvila_ft.model.source.ModelSource\n  preset: nvila-8b-tiny\n")
+    with pytest.raises(ConfigError, match=r"^prune.strong: .*run: no trained adapters"):
+        choose_model("strong", str(run), None, tmp_path)
+    (run / "config.json").write_text("{}")  # a run directory wins over a checkpoint file beside it
+    with pytest.raises(ConfigError, match="no trained adapters"):
+        choose_model("strong", str(run), None, tmp_path)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    choice = choose_model("weak", str(checkpoint), None, tmp_path)
+    assert choice.source.path == str(checkpoint) and choice.adapters is None

@@ -25,9 +25,10 @@ Selection (`PruneRule.select`), per record, in this order:
     round(keep_fraction * records of the source) (half up, at least 1): kept ("top_delta"), the rest dropped
     ("below_cut"). Trivial and harmful records never fill the budget, so a source keeps fewer when too few remain.
     Ties keep the earlier record.
-A record's source (`by`): "file" (default) its data file (the origin without "[index]": each file of a mixture is its
-own sub-dataset, as the paper's D_k), "question_type" its question type (records without one: their file), or
-"none" (the whole set at once).
+A record's source (`by`), the paper's sub-dataset D_k: "file_and_type" (default) its data file (the origin without
+"[index]": each file of a mixture is its own sub-dataset) and, when the record has one, its question type (a
+`question_type` field or column) within that file; "file" the file alone; "question_type" the question type across
+files (records without one: their file); "none" the whole set at once.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from nvila_ft.data.processor import SampleError
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
 
-SOURCE_KEYS = ("file", "question_type", "none")
+SOURCE_KEYS = ("file_and_type", "file", "question_type", "none")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def record_source(record: Record, by: str) -> str:
     file = record.origin.rpartition("[")[0] or record.origin
     if by == "file":
         return file
+    if by == "file_and_type":
+        return f"{file} / {record.question_type}" if record.question_type else file
     if by == "question_type":
         return record.question_type or file
     return "all"
@@ -152,13 +155,13 @@ def scores_for(records: list[Record], strong: list[TokenLoss | str], weak: list[
 class PruneRule:
     """keep_fraction: share of each source's records kept, in (0, 1]; trivial_loss: per-token loss (nats) under which
     a record is trivial when both models are under it; harmful_margin: how far (nats per token) the strong model's
-    loss may exceed the weak one's before the record is dropped as harmful; by: what a source is (file,
-    question_type, none)."""
+    loss may exceed the weak one's before the record is dropped as harmful; by: what a source is
+    (file_and_type, file, question_type, none)."""
 
     keep_fraction: float = 0.5
     trivial_loss: float = 0.05
     harmful_margin: float = 0.5
-    by: str = "file"
+    by: str = "file_and_type"
 
     def __post_init__(self) -> None:
         from nvila_ft.training.config import ConfigError
