@@ -203,6 +203,20 @@ def test_subset_of_a_parquet_dataset(tmp_path):
     assert [r.answer for r in again] == ["a1", "a3"]
 
 
+def test_subset_of_a_saved_dataset_dict(tmp_path):
+    import datasets
+
+    from nvila_ft.data.sources import HFDataset
+
+    rows = {"question": [f"q{i}" for i in range(5)], "answer": [f"a{i}" for i in range(5)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    source = HFDataset(str(tmp_path / "saved"), question_column="question", answer_column="answer", image_column=None)
+    records = source.records()
+    written = write_subset(source, [records[0].origin, records[4].origin], tmp_path / "out")
+    assert written[0].layout == "hf_saved" and written[0].path.name == "saved-subset"
+    assert datasets.load_from_disk(str(written[0].path))["answer"] == ["a0", "a4"]
+
+
 # ----------------------------------------------------------------------------------------------- command
 @pytest.mark.slow
 def test_prune_command_end_to_end_and_bad_config(tmp_path):
@@ -213,7 +227,7 @@ def test_prune_command_end_to_end_and_bad_config(tmp_path):
              "trainer.save_steps=100", *small], tmp_path, cache)
     out = tmp_path / "prune"
     result = run_cli(["prune", f"hydra.run.dir={out}", f"prune.strong={strong}", "prune.weak=base",
-                      "prune.keep_fraction=0.25", "task.train.num_records=40"], tmp_path, cache)
+                      "prune.keep_fraction=0.25", "prune.by=file", "task.train.num_records=40"], tmp_path, cache)
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and {"origin", "id", "strong_loss", "weak_loss", "delta", "decision", "reason"} <= set(rows[0])
     kept = [r for r in rows if r["decision"] == "kept"]
