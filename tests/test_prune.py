@@ -119,6 +119,9 @@ def test_record_source():
     assert record_source(record, "none") == "all"
     assert record_source(record, "file_and_type") == "/d/x.json / color"
     assert record_source(Record([], "/d/x.json[3]"), "file_and_type") == "/d/x.json"
+    answered = Record([{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}], "/d/x.json[3]",
+                      meta={"question_type": "lesion"})
+    assert record_source(answered, "file_type_answer") == "/d/x.json / lesion / answer 'yes'"
 
 
 @pytest.mark.parametrize("kwargs, field", [

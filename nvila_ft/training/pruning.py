@@ -28,7 +28,10 @@ Selection (`PruneRule.select`), per record, in this order:
 A record's source (`by`), the paper's sub-dataset D_k: "file_and_type" (default) its data file (the origin without
 "[index]": each file of a mixture is its own sub-dataset) and, when the record has one, its question type (a
 `question_type` field or column) within that file; "file" the file alone; "question_type" the question type across
-files (records without one: their file); "none" the whole set at once.
+files (records without one: their file); "file_type_answer" file, question type and reference answer: for tasks
+with a small closed answer set (yes/no, left/right), where a weak model's answer prior shifts the delta of every
+record of one answer alike, and per-source selection would keep mostly one answer (each stratum keeps at least one
+record, so free-text answers are hardly pruned); "none" the whole set at once.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from nvila_ft.data.processor import SampleError
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
 
-SOURCE_KEYS = ("file_and_type", "file", "question_type", "none")
+SOURCE_KEYS = ("file_and_type", "file", "question_type", "file_type_answer", "none")
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,9 @@ def record_source(record: Record, by: str) -> str:
     file = record.origin.rpartition("[")[0] or record.origin
     if by == "file":
         return file
-    if by == "file_and_type":
-        return f"{file} / {record.question_type}" if record.question_type else file
+    if by in ("file_and_type", "file_type_answer"):
+        source = f"{file} / {record.question_type}" if record.question_type else file
+        return source if by == "file_and_type" else f"{source} / answer {record.answer!r}"
     if by == "question_type":
         return record.question_type or file
     return "all"
@@ -156,7 +160,7 @@ class PruneRule:
     """keep_fraction: share of each source's records kept, in (0, 1]; trivial_loss: per-token loss (nats) under which
     a record is trivial when both models are under it; harmful_margin: how far (nats per token) the strong model's
     loss may exceed the weak one's before the record is dropped as harmful; by: what a source is
-    (file_and_type, file, question_type, none)."""
+    (file_and_type, file, question_type, file_type_answer, none)."""
 
     keep_fraction: float = 0.5
     trivial_loss: float = 0.05
