@@ -66,17 +66,19 @@ def answer_losses(
     from tqdm import tqdm
 
     results: list[TokenLoss | str] = [""] * len(records)
-    samples = []
-    for index, record in enumerate(records):
-        try:
-            samples.append((index, processor.process(record.messages, sample_id=record.name, media_root=record.media_root)))
-        except SampleError as err:
-            results[index] = str(err)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(samples), batch_size), desc="scoring", disable=not progress or None, leave=False):
-            chunk = samples[start : start + batch_size]
+        for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=not progress or None, leave=False):
+            chunk = []  # samples are made batch by batch: the media of one batch in memory at a time
+            for index in range(start, min(start + batch_size, len(records))):
+                record = records[index]
+                try:
+                    chunk.append((index, processor.process(record.messages, sample_id=record.name, media_root=record.media_root)))
+                except SampleError as err:
+                    results[index] = str(err)
+            if not chunk:
+                continue
             batch = processor.collate([sample for _, sample in chunk], padding_side="right")
             labels = batch.pop("labels")
             batch = {k: v.to(model.device) for k, v in batch.items()}
