@@ -3,7 +3,8 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 nice python bench/prune_vs_random.py [--dataset scan] [--seeds 0 1 2]
 
 1. A built-in dataset (default: `scan`, not part of the tiny model's pretraining) is generated and split into
-   train.json and a fixed held-out val.json (LLaVA JSON, one media folder).
+   train.json and a fixed held-out val.json (LLaVA JSON, one media folder). With --label-noise f, a share f of the
+   training records gets a wrong answer (another answer of its question type); val.json stays clean.
 2. strong: `nvila-ft finetune` on all of train.json for --strong-steps (weak: the base model, nvila_8b_tiny).
 3. `nvila-ft prune` keeps --keep-fraction of train.json; a random subset of the same size is drawn per seed.
 4. For each seed, `nvila-ft finetune` on the pruned file and on that seed's random file (same steps, same seed),
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nvila_ft.data.builtin import BUILTIN_DATASETS
+from nvila_ft.data.builtin import ANSWERS, BUILTIN_DATASETS
 
 
 def cli(args: list[str], env: dict[str, str]) -> None:
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="steps of each run on a half")
     parser.add_argument("--keep-fraction", type=float, default=0.5)
     parser.add_argument("--by", default="file", help="prune.by")
+    parser.add_argument("--label-noise", type=float, default=0.0, help="share of training answers made wrong")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default="bench/results/prune_vs_random.json")
@@ -67,6 +69,11 @@ def main() -> None:
     held = set(order[: args.val])
     train_file, val_file = data_file.parent / "train.json", data_file.parent / "val.json"
     train = [e for i, e in enumerate(entries) if i not in held]
+    noisy = set(random.Random(99).sample(range(len(train)), round(args.label_noise * len(train))))
+    for i in noisy:
+        answer = train[i]["conversations"][1]["value"]
+        train[i]["conversations"][1]["value"] = random.Random(i).choice(
+            [a for a in ANSWERS[train[i]["question_type"]] if a != answer])
     train_file.write_text(json.dumps(train))
     val_file.write_text(json.dumps([e for i, e in enumerate(entries) if i in held]))
 
@@ -79,7 +86,9 @@ def main() -> None:
     pruned_file = work / "prune" / "pruned" / "train.json"
     kept = len(json.loads(pruned_file.read_text()))
     report = json.loads((work / "prune" / "prune_report.json").read_text())
-    print(f"pruned: kept {kept} of {len(train)} ({report['by_reason']})", flush=True)
+    kept_noisy = sum(int(r["origin"].rpartition("[")[2][:-1]) in noisy for r in map(json.loads, (work / "prune" / "scores.jsonl").open())
+                     if r["decision"] == "kept")
+    print(f"pruned: kept {kept} of {len(train)} ({report['by_reason']}); wrong answers kept {kept_noisy} of {len(noisy)}", flush=True)
 
     rows = []
     for seed in args.seeds:
@@ -95,7 +104,7 @@ def main() -> None:
 
     mean = {k: sum(r[k]["accuracy"] for r in rows) / len(rows) for k in ("pruned", "random")}
     wall = time.time() - started
-    print(f"\n{args.dataset}: {len(train)} train / {args.val} held-out records, keep {kept}, "
+    print(f"\n{args.dataset}: {len(train)} train ({len(noisy)} wrong answers) / {args.val} held-out records, keep {kept}, "
           f"{args.steps} steps per run (strong: {args.strong_steps})")
     print("| seed | pruned (DeltaLoss) | random half |\n|---|---|---|")
     for r in rows:
@@ -105,6 +114,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "train": len(train), "kept": kept, "by_reason": report["by_reason"],
+                               "wrong_answers": len(noisy), "wrong_answers_kept": kept_noisy,
                                "strong": strong_scores, "runs": rows, "mean": mean, "wall_s": round(wall)}, indent=2) + "\n")
 
 
