@@ -41,7 +41,7 @@ class PruneOptions:
     weak: str | None = None
     keep_fraction: float = 0.5
     trivial_loss: float = 0.05
-    harmful_margin: float = 0.5
+    harmful_margin: float = 0.2
     by: str = "file_and_type"
     batch_size: int = 8
     output: str | None = None

@@ -166,7 +166,7 @@ class PruneRule:
 
     keep_fraction: float = 0.5
     trivial_loss: float = 0.05
-    harmful_margin: float = 0.5
+    harmful_margin: float = 0.2
     by: str = "file_and_type"
 
     def __post_init__(self) -> None:
