@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # DeltaLoss data pruning (NVILA): fine-tune briefly (the strong model), score every training record by how much more
-# likely the strong model finds its answer than the base (the weak model), keep the best half of each question type,
+# likely the strong model finds its answer than the base (the weak model), keep the best half of each question type
+# and answer,
 # then train on the pruned file. On a CPU with the pretrained tiny NVILA this takes a few minutes.
 #
 # Your own data and a GPU: put your LLaVA JSON in $data (media paths relative to its folder) and change MODEL, e.g.
@@ -35,9 +36,10 @@ task=(task=vqa "task.train.path=$train" "task.validation=$val" task.max_new_toke
 # 1. the strong model: a brief fine-tune on all of the training data
 nvila-ft finetune "${task[@]}" "${model[@]}" trainer.max_steps="$STRONG_STEPS" eval.before_training=false \
     hydra.run.dir="$run/strong"
-# 2. score and prune: strong = that run, weak = the base model; half of each question type is kept
+# 2. score and prune: strong = that run, weak = the base model; half of each (question type, answer) is kept:
+#    yes/no and left/right answers stay balanced (free-text answers: leave prune.by at its default, file_and_type)
 nvila-ft prune "${task[@]}" "${model[@]}" prune.strong="$run/strong" prune.weak=base prune.keep_fraction=0.5 \
-    prune.by=file_and_type hydra.run.dir="$run/prune"
+    prune.by=file_type_answer hydra.run.dir="$run/prune"
 # 3. train on the pruned file (same layout as the input; media paths resolve under the input's folder)
 nvila-ft finetune task=vqa task.train.path="$run/prune/pruned/$(basename "$train")" \
     task.train.media_root="$(dirname "$(realpath "$train")")" "task.validation=$val" task.max_new_tokens=8 \
