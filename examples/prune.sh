@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # DeltaLoss data pruning (NVILA): fine-tune briefly (the strong model), score every training record by how much more
 # likely the strong model finds its answer than the base (the weak model), keep the best half of each question type
-# and answer,
-# then train on the pruned file. On a CPU with the pretrained tiny NVILA this takes a few minutes.
+# and answer, then train on the pruned file. On a CPU with the pretrained tiny NVILA: about 2 minutes.
 #
-# Your own data and a GPU: put your LLaVA JSON in $data (media paths relative to its folder) and change MODEL, e.g.
+# Your own data on a GPU: give the run folder, your train and held-out files (LLaVA JSON, media paths relative to
+# the file's folder) and a real checkpoint, e.g.
 #   MODEL="model=nvila_lite_2b model.path=/ckpt/NVILA-Lite-2B precision=bf16 adapters=ln_vit_qlora_llm" \
 #   STRONG_STEPS=300 STEPS=2000 examples/prune.sh outputs/prune /data/train.json /data/val.json
-# (a CSV/TSV table or JSON Lines file works the same with its own task, e.g. task=csv_vqa; the pruned file keeps
-# the input's layout).
+# (`nvila-ft prune` itself reads any task source: CSV/TSV tables, JSON Lines, Hugging Face datasets, mixtures; it
+# writes the pruned data in the input's own layout.)
 set -euo pipefail
 run=${1:-outputs/example-prune}
 MODEL=${MODEL:-model=nvila_8b_tiny}
