@@ -1,6 +1,6 @@
 """Does training on the DeltaLoss-pruned half beat training on a random half of the same size?
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 nice python bench/prune_vs_random.py [--dataset scan] [--seeds 0 1 2]
+    PYTHONPATH=. OMP_NUM_THREADS=1 nice python bench/prune_vs_random.py [--label-noise 0.3] [--by file_type_answer] [--seeds 0 1 2]
 
 1. A built-in dataset (default: `scan`, not part of the tiny model's pretraining) is generated and split into
    train.json and a fixed held-out val.json (LLaVA JSON, one media folder). With --label-noise f, a share f of the
@@ -48,10 +48,10 @@ def main() -> None:
     parser.add_argument("--dataset", default="scan", choices=sorted(BUILTIN_DATASETS))
     parser.add_argument("--records", type=int, default=800, help="generated records (train + held out)")
     parser.add_argument("--val", type=int, default=200, help="held-out records")
-    parser.add_argument("--strong-steps", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=120, help="steps of each run on a half")
+    parser.add_argument("--strong-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="steps of each run on a half")
     parser.add_argument("--keep-fraction", type=float, default=0.5)
-    parser.add_argument("--by", default="file", help="prune.by")
+    parser.add_argument("--by", default="file_type_answer", help="prune.by")
     parser.add_argument("--label-noise", type=float, default=0.0, help="share of training answers made wrong")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
