@@ -17,6 +17,7 @@ COMMANDS = {
     "validate-data": ("nvila_ft.commands.validate_data", "validate_data", "check a task's data without a GPU"),
     "plan": ("nvila_ft.commands.plan", "plan", "GPU memory of a finetune run, before anything loads (--json)"),
     "dpo": ("nvila_ft.commands.dpo", "dpo", "preference-tune (DPO, IPO, ... with TRL) on chosen/rejected replies"),
+    "prune": ("nvila_ft.commands.prune", "prune", "DeltaLoss pruning of a task's training data, in its own layout"),
 }
 USAGE = """usage: nvila-ft <command> [key=value ...] [-m] [--cfg job] [--help]
 
