@@ -36,10 +36,10 @@ task=(task=vqa "task.train.path=$train" "task.validation=$val" task.max_new_toke
 # 1. the strong model: a brief fine-tune on all of the training data
 nvila-ft finetune "${task[@]}" "${model[@]}" trainer.max_steps="$STRONG_STEPS" eval.before_training=false \
     hydra.run.dir="$run/strong"
-# 2. score and prune: strong = that run, weak = the base model; half of each (question type, answer) is kept:
-#    yes/no and left/right answers stay balanced (free-text answers: leave prune.by at its default, file_and_type)
+# 2. score and prune: strong = that run, weak = the base model; half of each question type is kept, and of each
+#    answer where the answers are a small closed set (prune.by=auto): yes/no and left/right answers stay balanced
 nvila-ft prune "${task[@]}" "${model[@]}" prune.strong="$run/strong" prune.weak=base prune.keep_fraction=0.5 \
-    prune.by=file_type_answer hydra.run.dir="$run/prune"
+    hydra.run.dir="$run/prune"
 # 3. train on the pruned file (same layout as the input; media paths resolve under the input's folder)
 nvila-ft finetune task=vqa task.train.path="$run/prune/pruned/$(basename "$train")" \
     task.train.media_root="$(dirname "$(realpath "$train")")" "task.validation=$val" task.max_new_tokens=8 \

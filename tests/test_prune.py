@@ -14,7 +14,7 @@ from nvila_ft.data.records import Record
 from nvila_ft.data.sources import LlavaJson, Mixture, TableSource
 from nvila_ft.data.subset import origin_parts, write_subset
 from nvila_ft.training.config import ConfigError
-from nvila_ft.training.pruning import PruneRule, RecordScore, TokenLoss, answer_losses, record_source
+from nvila_ft.training.pruning import PruneRule, RecordScore, TokenLoss, answer_losses, record_source, record_sources
 from tests.test_cli import run_cli
 
 
@@ -122,6 +122,21 @@ def test_record_source():
     answered = Record([{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}], "/d/x.json[3]",
                       meta={"question_type": "lesion"})
     assert record_source(answered, "file_type_answer") == "/d/x.json / lesion / answer 'yes'"
+
+
+def test_auto_sources_split_closed_answer_sets_by_answer_only():
+    def record(index: int, kind: str, answer: str) -> Record:
+        return Record([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}], f"/d/x.json[{index}]",
+                      meta={"question_type": kind})
+
+    closed = [record(i, "lesion", "yes" if i % 2 else "no") for i in range(20)]  # 2 answers, 10 records each
+    free = [record(20 + i, "report", f"finding number {i}") for i in range(20)]  # every answer different
+    sources = record_sources(closed + free, "auto")
+    assert set(sources[:20]) == {"/d/x.json / lesion / answer 'yes'", "/d/x.json / lesion / answer 'no'"}
+    assert set(sources[20:]) == {"/d/x.json / report"}
+    few = [record(i, "lesion", "yes" if i % 2 else "no") for i in range(6)]  # 3 records an answer: not enough to split
+    assert set(record_sources(few, "auto")) == {"/d/x.json / lesion"}
+    assert PruneRule().by == "auto"
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -42,7 +42,7 @@ class PruneOptions:
     keep_fraction: float = 0.5
     trivial_loss: float = 0.05
     harmful_margin: float = 0.2
-    by: str = "file_and_type"
+    by: str = "auto"
     batch_size: int = 8
     output: str | None = None
     examples: int = 3

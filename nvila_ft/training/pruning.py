@@ -25,7 +25,9 @@ Selection (`PruneRule.select`), per record, in this order:
     round(keep_fraction * records of the source) (half up, at least 1): kept ("top_delta"), the rest dropped
     ("below_cut"). Trivial and harmful records never fill the budget, so a source keeps fewer when too few remain.
     Ties keep the earlier record.
-A record's source (`by`), the paper's sub-dataset D_k: "file_and_type" (default) its data file (the origin without
+A record's source (`by`), the paper's sub-dataset D_k: "auto" (default) "file_type_answer" where a file's question
+type has a small closed answer set (at most CLOSED_ANSWERS distinct answers, each given by CLOSED_SHARE records on
+average), else "file_and_type"; "file_and_type" its data file (the origin without
 "[index]": each file of a mixture is its own sub-dataset) and, when the record has one, its question type (a
 `question_type` field or column) within that file; "file" the file alone; "question_type" the question type across
 files (records without one: their file); "file_type_answer" file, question type and reference answer: for tasks
@@ -46,7 +48,9 @@ from nvila_ft.data.processor import SampleError
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
 
-SOURCE_KEYS = ("file_and_type", "file", "question_type", "file_type_answer", "none")
+SOURCE_KEYS = ("auto", "file_and_type", "file", "question_type", "file_type_answer", "none")
+CLOSED_ANSWERS = 20  # "auto": a stratum with at most this many distinct answers ...
+CLOSED_SHARE = 5     # ... and at least this many records per distinct answer is a closed answer set
 
 
 @dataclass(frozen=True)
@@ -144,13 +148,27 @@ def record_source(record: Record, by: str) -> str:
     return "all"
 
 
+def record_sources(records: list[Record], by: str) -> list[str]:
+    """Each record's source; "auto" decides per file and question type whether its answers are a closed set."""
+    if by != "auto":
+        return [record_source(r, by) for r in records]
+    strata = [record_source(r, "file_and_type") for r in records]
+    answers: dict[str, set[str]] = {}
+    for stratum, record in zip(strata, records):
+        answers.setdefault(stratum, set()).add(record.answer or "")
+    sizes = {stratum: strata.count(stratum) for stratum in answers}
+    closed = {s for s, a in answers.items() if len(a) <= CLOSED_ANSWERS and len(a) * CLOSED_SHARE <= sizes[s]}
+    return [record_source(r, "file_type_answer") if s in closed else s for s, r in zip(strata, records)]
+
+
 def scores_for(records: list[Record], strong: list[TokenLoss | str], weak: list[TokenLoss | str], by: str) -> list[RecordScore]:
     """RecordScores from the two models' answer_losses (same records, same order)."""
     out = []
-    for record, s, w in zip(records, strong, weak, strict=True):
+    sources = record_sources(records, by)
+    for record, s, w, source in zip(records, strong, weak, sources, strict=True):
         problems = [f"{name} model: {r}" for name, r in (("strong", s), ("weak", w)) if isinstance(r, str)]
         out.append(RecordScore(
-            record.origin, record.id, record_source(record, by),
+            record.origin, record.id, source,
             s if isinstance(s, TokenLoss) else None, w if isinstance(w, TokenLoss) else None,
             "; ".join(problems) or None,
         ))
@@ -162,12 +180,12 @@ class PruneRule:
     """keep_fraction: share of each source's records kept, in (0, 1]; trivial_loss: per-token loss (nats) under which
     a record is trivial when both models are under it; harmful_margin: how far (nats per token) the strong model's
     loss may exceed the weak one's before the record is dropped as harmful; by: what a source is
-    (file_and_type, file, question_type, file_type_answer, none)."""
+    (auto, file_and_type, file, question_type, file_type_answer, none)."""
 
     keep_fraction: float = 0.5
     trivial_loss: float = 0.05
     harmful_margin: float = 0.2
-    by: str = "file_and_type"
+    by: str = "auto"
 
     def __post_init__(self) -> None:
         from nvila_ft.training.config import ConfigError
