@@ -13,21 +13,22 @@ set -euo pipefail
 run=${1:-outputs/example-prune}
 MODEL=${MODEL:-model=nvila_8b_tiny}
 STRONG_STEPS=${STRONG_STEPS:-60}
-STEPS=${STEPS:-120}
+STEPS=${STEPS:-120}          # RECORDS=... (default 800) sets the size of the built-in sample, a quarter held out
 read -r -a model <<< "$MODEL"
 
 if [[ $# -ge 3 ]]; then
     train=$2 val=$3
 else  # a small LLaVA JSON dataset: built-in synthetic scans, split into train.json and a held-out val.json
     mkdir -p "$run/data"
-    python - "$run/data" <<'EOF'
+    python - "$run/data" "${RECORDS:-800}" <<'EOF'
 import json, random, sys
 from pathlib import Path
 from nvila_ft.data.builtin import make_scan_dataset
-entries = json.loads(make_scan_dataset(Path(sys.argv[1]), 800, seed=1234).read_text())
+count = int(sys.argv[2])
+entries = json.loads(make_scan_dataset(Path(sys.argv[1]), count, seed=1234).read_text())
 random.Random(0).shuffle(entries)
-Path(sys.argv[1], "val.json").write_text(json.dumps(entries[:200], indent=1))
-Path(sys.argv[1], "train.json").write_text(json.dumps(entries[200:], indent=1))
+Path(sys.argv[1], "val.json").write_text(json.dumps(entries[: count // 4], indent=1))
+Path(sys.argv[1], "train.json").write_text(json.dumps(entries[count // 4 :], indent=1))
 EOF
     train=$run/data/train.json val=$run/data/val.json
 fi

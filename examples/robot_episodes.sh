@@ -9,12 +9,13 @@
 #   model=nvila_8b_video model.path=/ckpt/NVILA-8B-Video adapters=ln_vit_lora_llm trainer=nvila
 #   task.train.path=/data/episodes.jsonl task.train.media_root=/data task.validation=/data/val.jsonl
 #   task.train.context_frames=8 task.train.frame_stride=4 task.train.action_fields=...   (your bins)
-# Usage: examples/robot_episodes.sh [RUN_DIR] [DATA_DIR]; STEPS=... sets the fine-tuning steps (default 2000).
+# Usage: examples/robot_episodes.sh [RUN_DIR] [DATA_DIR]; STEPS=... sets the fine-tuning steps (default 2000),
+# TRAIN_EPISODES / VAL_EPISODES the episodes created (300 / 60).
 set -euo pipefail
 run=${1:-outputs/example-robot-episodes}
 data=${2:-$run/data}
 steps=${STEPS:-2000}
-python "$(dirname "$0")/make_robot_episodes.py" "$data" --train 300 --val 60
+python "$(dirname "$0")/make_robot_episodes.py" "$data" --train "${TRAIN_EPISODES:-300}" --val "${VAL_EPISODES:-60}"
 task=(model=nvila_video_tiny task=robot_episodes task.train.path="$data/train/episodes.json"
       task.validation="$data/val/episodes.json")
 nvila-ft validate-data "${task[@]}" hydra.run.dir="$run/validate"

@@ -40,11 +40,10 @@ from nvila_ft.data.actions import ActionFormat
 from nvila_ft.data.media import VideoClip
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import (
+    json_file_records,
     _absolute_root,
     _check_on_error,
     _describe_value,
-    _json_entries,
-    _limited,
     _RecordProblem,
     _record_id,
     _report,
@@ -109,30 +108,28 @@ class RobotEpisodes:
         file = self.file()
         name = str(self.path) if self.path is not None else str(file)
         root = _absolute_root(self.media_root, file.parent)
+        return json_file_records(self, file, name, lambda entry, origin, index: self._step_records(entry, origin, index, root))
+
+    def _step_records(self, entry: Any, origin: str, index: int, root: str) -> list[Record]:
+        """One record per usable step of an episode; a bad step is reported and skipped, a bad episode raises."""
+        episode_id, video, instruction, steps = _episode(entry)
         out: list[Record] = []
-        for index, entry in _limited(_json_entries(file, name), self.limit):
-            origin = f"{name}[{index}]"
+        for step_index, step in enumerate(steps):
+            where = f"{origin}.steps[{step_index}]"
             try:
-                episode_id, video, instruction, steps = _episode(entry)
+                frame, answer = _frame(step), self._target(step)
             except _RecordProblem as problem:
-                _report(self, origin, problem)
+                _report(self, where, problem)
                 continue
-            for step_index, step in enumerate(steps):
-                where = f"{origin}.steps[{step_index}]"
-                try:
-                    frame, answer = _frame(step), self._target(step)
-                except _RecordProblem as problem:
-                    _report(self, where, problem)
-                    continue
-                clip = VideoClip(video, window(frame, self.context_frames, self.frame_stride))
-                messages = [
-                    {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": instruction}]},
-                    {"role": "assistant", "content": answer},
-                ]
-                record_id = f"{episode_id if episode_id is not None else index}#{step_index}"
-                out.append(Record(messages, where, record_id, root,
-                                  {"episode_id": episode_id, "step": step_index, "frame": frame,
-                                   "group": origin}))  # an episode's steps are held out together
+            clip = VideoClip(video, window(frame, self.context_frames, self.frame_stride))
+            messages = [
+                {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": instruction}]},
+                {"role": "assistant", "content": answer},
+            ]
+            record_id = f"{episode_id if episode_id is not None else index}#{step_index}"
+            out.append(Record(messages, where, record_id, root,
+                              {"episode_id": episode_id, "step": step_index, "frame": frame,
+                               "group": origin}))  # an episode's steps are held out together
         return out
 
     def _target(self, step: dict[str, Any]) -> str:

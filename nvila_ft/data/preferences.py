@@ -26,14 +26,12 @@ from typing import Any
 
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import (
+    json_file_records,
     _RecordProblem,
     _absolute_root,
     _check_on_error,
     _describe_value,
-    _json_entries,
-    _limited,
     _llava_record,
-    _report,
 )
 from nvila_ft.data.validation import BadRecord
 
@@ -52,16 +50,8 @@ class PreferenceJson:
 
     def records(self) -> list[Record]:
         self.errors = []
-        file = Path(self.path)
-        root = _absolute_root(self.media_root, file.parent)
-        out = []
-        for index, entry in _limited(_json_entries(file, self.path), self.limit):
-            origin = f"{self.path}[{index}]"
-            try:
-                out.append(preference_record(entry, origin, root))
-            except _RecordProblem as problem:
-                _report(self, origin, problem)
-        return out
+        root = _absolute_root(self.media_root, Path(self.path).parent)
+        return json_file_records(self, Path(self.path), self.path, lambda entry, origin, _: preference_record(entry, origin, root))
 
 
 def preference_record(entry: Any, origin: str, media_root: str) -> Record:

@@ -28,12 +28,11 @@ from nvila_ft.data.boxes import GROUNDING_PROMPT, PIXEL_FORMATS, BoxError, box_f
 from nvila_ft.data.media import MediaError, image_size
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import (
+    json_file_records,
     LlavaJson,
     _absolute_root,
     _check_on_error,
     _describe_value,
-    _json_entries,
-    _limited,
     _question_answer,
     _record_id,
     _RecordProblem,
@@ -100,16 +99,8 @@ class GroundingData:
 
     # -- RefCOCO-style records
     def _refcoco_records(self) -> list[Record]:
-        file = Path(self.path)
-        root = _absolute_root(self.media_root, file.parent)
-        out = []
-        for index, entry in _limited(_json_entries(file, self.path), self.limit):
-            origin = f"{self.path}[{index}]"
-            try:
-                out += self._refcoco_record(entry, origin, index, root)
-            except _RecordProblem as problem:
-                _report(self, origin, problem)
-        return out
+        root = _absolute_root(self.media_root, Path(self.path).parent)
+        return json_file_records(self, Path(self.path), self.path, lambda entry, origin, index: self._refcoco_record(entry, origin, index, root))
 
     def _refcoco_record(self, entry: Any, origin: str, index: int, root: str) -> list[Record]:
         if isinstance(entry, _RecordProblem):

@@ -22,7 +22,7 @@ import glob
 import json
 import random
 import string
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +84,25 @@ class LlavaJson:
 
     def records(self) -> list[Record]:
         self.errors = []
-        file = Path(self.path)
-        root = _absolute_root(self.media_root, file.parent)
-        out = []
-        for index, entry in _limited(_json_entries(file, self.path), self.limit):
-            origin = f"{self.path}[{index}]"
-            try:
-                out.append(_llava_record(entry, origin, root))
-            except _RecordProblem as problem:
-                _report(self, origin, problem)
-        return out
+        root = _absolute_root(self.media_root, Path(self.path).parent)
+        return json_file_records(self, Path(self.path), self.path, lambda entry, origin, _: _llava_record(entry, origin, root))
+
+
+def json_file_records(
+    source: Any, file: Path, name: str, make: Callable[[Any, str, int], Record | list[Record]]
+) -> list[Record]:
+    """What `make(entry, origin, index)` builds from each entry of a JSON / JSON Lines file (the first
+    `source.limit`); an entry's problem (`_RecordProblem`) is reported on `source` as its `on_error` says."""
+    out: list[Record] = []
+    for index, entry in _limited(_json_entries(file, name), source.limit):
+        origin = f"{name}[{index}]"
+        try:
+            made = make(entry, origin, index)
+        except _RecordProblem as problem:
+            _report(source, origin, problem)
+            continue
+        out += made if isinstance(made, list) else [made]
+    return out
 
 
 def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
