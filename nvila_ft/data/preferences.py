@@ -26,27 +26,19 @@ from typing import Any
 
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import (
+    LlavaJson,
     json_file_records,
     _RecordProblem,
     _absolute_root,
-    _check_on_error,
     _describe_value,
     _llava_record,
 )
-from nvila_ft.data.validation import BadRecord
 
 REJECTED = "rejected"  # the Record.meta key of the rejected reply
 
 
-class PreferenceJson:
-    """Preference records from a JSON / JSON Lines file (layouts in the module docstring)."""
-
-    def __init__(
-        self, path: str, media_root: str | None = None, limit: int | None = None, on_error: str = "raise"
-    ) -> None:
-        self.path, self.media_root, self.limit = str(path), media_root, limit
-        self.on_error = _check_on_error(on_error)
-        self.errors: list[BadRecord] = []  # malformed records of the last records() call (on_error="collect")
+class PreferenceJson(LlavaJson):
+    """Preference records from a JSON / JSON Lines file (layouts in the module docstring); settings as LlavaJson's."""
 
     def records(self) -> list[Record]:
         self.errors = []
