@@ -43,4 +43,11 @@ nvila-ft dpo "${task[@]}" trainer.max_steps=80 trainer.learning_rate=2e-3 dpo.be
     trainer.save_steps=40 hydra.run.dir="$run/train" "$@"
 nvila-ft evaluate run="$run/train" hydra.run.dir="$run/evaluate"
 nvila-ft export run="$run/train" export.output="$run/merged" export.overwrite=true hydra.run.dir="$run/export"
-python -c "import json, sys; r = json.load(open(sys.argv[1]))['rewards']; print('TRL rewards, first -> last log:', {k: f\"{r['first'][k]:.3f} -> {r['last'][k]:.3f}\" for k in r['first']})" "$run/train/metrics.json"
+python - "$run/train/metrics.json" <<'PY'
+import json, sys
+rewards = json.load(open(sys.argv[1])).get("rewards") or {}
+if rewards:
+    print("TRL rewards, first -> last log:", {k: f"{rewards['first'][k]:.3f} -> {rewards['last'][k]:.3f}" for k in rewards["first"]})
+else:
+    print("no rewards logged: the run was shorter than trainer.logging_steps")
+PY

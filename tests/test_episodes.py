@@ -219,37 +219,6 @@ def test_builtin_episodes_actions_follow_the_scene(tmp_path):
         assert (c1 - c0, r0 - r1) == (step["action"]["x"], step["action"]["y"])
 
 
-# ----------------------------------------------------------------------------------------------- end to end
-@pytest.mark.slow
-def test_example_data_finetune_and_evaluate_report_the_action_metrics(tmp_path):
-    import runpy
-    import sys
-    from pathlib import Path
-
-    from tests.test_cli import run_cli
-
-    repo = Path(__file__).resolve().parents[1]
-    data, run, cache = tmp_path / "data", tmp_path / "run", tmp_path / "cache"
-    argv = sys.argv
-    try:
-        sys.argv = ["make_robot_episodes.py", str(data), "--train", "8", "--val", "3"]
-        runpy.run_path(str(repo / "examples" / "make_robot_episodes.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    task = ["model=nvila_video_tiny", "task=robot_episodes", f"task.train.path={data / 'train' / 'episodes.json'}",
-            f"task.validation={data / 'val' / 'episodes.json'}", "cpu_threads=1"]
-    run_cli(["finetune", *task, "trainer.max_steps=3", "trainer.per_device_train_batch_size=4", "eval.before_training=false",
-             "eval.max_records=2", "data.validate=false",
-             "trainer.eval_steps=3", "trainer.save_steps=3", f"hydra.run.dir={run}"], tmp_path, cache)
-    run_cli(["evaluate", f"run={run}", f"hydra.run.dir={run / 'evaluate'}"], tmp_path, cache)
-    result = json.loads((run / "evaluate" / "metrics.json").read_text())
-    for key in ("action_exact_match", "action_field_accuracy", "action_field_accuracy/x",
-                "action_field_accuracy/grip", "action_malformed_rate"):
-        assert 0 <= result["metrics"][key] <= 1
-    assert result["records"] == 2  # eval.max_records of the run
-    assert "action_exact_match" in result["image_blind_baselines"]["majority_answer"]
-
-
 def test_without_a_path_the_source_reads_the_builtin_episodes(tmp_path):
     source = RobotEpisodes(None, target="action_text", builtin={"num_episodes": 3, "seed": 5}, cache_dir=str(tmp_path))
     records = source.records()

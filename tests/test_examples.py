@@ -47,8 +47,11 @@ def test_robot_episodes_example(tmp_path):
     run_example("robot_episodes.sh", [str(run)], tmp_path, STEPS="2", TRAIN_EPISODES="4", VAL_EPISODES="2")
     episodes = read_json(run / "data" / "train" / "episodes.json")
     assert len(episodes) == 4 and {"episode_id", "video", "instruction", "steps"} <= set(episodes[0])
-    scores = read_json(run / "evaluate" / "metrics.json")["metrics"]
-    assert {"action_exact_match", "action_field_accuracy", "action_malformed_rate"} <= set(scores)
+    evaluated = read_json(run / "evaluate" / "metrics.json")
+    for key in ("action_exact_match", "action_field_accuracy", "action_field_accuracy/x",
+                "action_field_accuracy/grip", "action_malformed_rate"):
+        assert 0 <= evaluated["metrics"][key] <= 1
+    assert "action_exact_match" in evaluated["image_blind_baselines"]["majority_answer"]
     assert (run / "merged" / "config.json").is_file()
 
 
@@ -68,7 +71,8 @@ def test_prune_example(tmp_path):
 @pytest.mark.slow
 def test_dpo_example(tmp_path):
     run = tmp_path / "dpo"
-    run_example("dpo.sh", [str(run), "trainer.max_steps=2", "trainer.eval_steps=1", "trainer.save_steps=1"], tmp_path)
+    run_example("dpo.sh", [str(run), "trainer.max_steps=2", "trainer.eval_steps=1", "trainer.save_steps=1",
+                                     "trainer.logging_steps=1"], tmp_path)
     pairs = read_json(run / "data" / "prefs.json")
     assert {"image", "conversations", "chosen", "rejected"} <= set(pairs[0])
     rewards = read_json(run / "train" / "metrics.json")["rewards"]
