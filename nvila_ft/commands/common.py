@@ -62,6 +62,20 @@ def check_run(policy: AdapterPolicy, precision: Precision, trainer: Any, deepspe
                           "or a deepspeed option without offload")
 
 
+def checkpoint_to_resume(run_dir: Path) -> str:
+    """The newest complete checkpoint of a run (trainer.resume=true). The main process first removes the folders a
+    stop left half-written (only one process, or they race over the same files); the choice does not depend on it."""
+    from nvila_ft.training.deepspeed import is_main_process
+    from nvila_ft.training.trainer import complete_checkpoints, remove_incomplete_checkpoints
+
+    for folder in remove_incomplete_checkpoints(run_dir) if is_main_process() else []:
+        log.warning("removed %s: the run was stopped while it was being written", folder)
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
+        raise ConfigError(f"trainer.resume=true but {run_dir} has no complete checkpoint to resume from")
+    return str(checkpoints[-1])
+
+
 def plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 

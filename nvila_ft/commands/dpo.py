@@ -12,6 +12,7 @@ from nvila_ft.adapters import format_report, trainable_report
 from nvila_ft.adapters.artifacts import save_adapters
 from nvila_ft.atomic import atomic_write_json
 from nvila_ft.commands.common import (
+    checkpoint_to_resume,
     FINAL_DIR,
     BASE_DIR,
     build,
@@ -32,7 +33,6 @@ from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
 from nvila_ft.training.plots import plot_history
-from nvila_ft.training.trainer import complete_checkpoints, remove_incomplete_checkpoints
 
 # TRL 1.16's DPOTrainer losses (`DPOConfig.loss_type`)
 LOSS_TYPES = (
@@ -110,14 +110,7 @@ def dpo(cfg: DictConfig) -> float | None:
     if data_options.packing or data_options.group_by_length:
         raise ConfigError("dpo batches each pair's two replies together; set data.packing=false and data.group_by_length=false")
     source.check()
-    resume = None
-    if trainer_config.resume:
-        for folder in remove_incomplete_checkpoints(run_dir):
-            log.warning("removed %s: the run was stopped while it was being written", folder)
-        checkpoints = complete_checkpoints(run_dir)
-        if not checkpoints:
-            raise ConfigError(f"trainer.resume=true but {run_dir} has no complete checkpoint to resume from")
-        resume = str(checkpoints[-1])
+    resume = checkpoint_to_resume(run_dir) if trainer_config.resume else None
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
 

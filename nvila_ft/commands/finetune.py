@@ -12,6 +12,7 @@ from nvila_ft.adapters.artifacts import save_adapters
 from nvila_ft.atomic import atomic_write_json
 from nvila_ft.commands.plan import log_estimate
 from nvila_ft.commands.common import (
+    checkpoint_to_resume,
     BASE_DIR,
     FINAL_DIR,
     build,
@@ -42,7 +43,7 @@ from nvila_ft.training.evaluation import evaluate_records, write_jsonl
 from nvila_ft.training.fp8 import convert_llm_to_float8
 from nvila_ft.metrics import format_scores
 from nvila_ft.training.plots import plot_history
-from nvila_ft.training.trainer import build_trainer, complete_checkpoints, remove_incomplete_checkpoints
+from nvila_ft.training.trainer import build_trainer
 
 def finetune(cfg: DictConfig) -> float | None:
     """Returns the task's objective metric after training (what a sweep optimises)."""
@@ -60,17 +61,7 @@ def finetune(cfg: DictConfig) -> float | None:
         raise ConfigError("finetune needs an adapter policy (adapters=<preset>); adapters=none trains nothing")
     check_run(policy, precision, trainer_config, deepspeed)
     source.check()
-    resume = None
-    if trainer_config.resume:
-        # one process tidies (the others would race it for the same files); every process resumes from the
-        # newest complete checkpoint, which the tidying does not change
-        removed = remove_incomplete_checkpoints(run_dir) if is_main_process() else []
-        for folder in removed:
-            log.warning("removed %s: the run was stopped while it was being written", folder)
-        checkpoints = complete_checkpoints(run_dir)
-        if not checkpoints:
-            raise ConfigError(f"trainer.resume=true but {run_dir} has no complete checkpoint to resume from")
-        resume = str(checkpoints[-1])
+    resume = checkpoint_to_resume(run_dir) if trainer_config.resume else None
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     if deepspeed.enabled:
