@@ -266,7 +266,9 @@ def choice_correct(prediction: str, reference: str, options: Mapping[str, str] |
     whose words equal an option's text picks that option (so "A mass" is the option "a mass", not the letter
     A); otherwise a first word that is a single letter picks that letter ("B", "(B) MRI"); otherwise the
     longest option text the prediction begins with picks that option. Without options this is
-    `closed_answer_correct`.
+    `closed_answer_correct`. Deliberately more lenient than VILA's PMC-VQA scorer (llava/eval/pmcvqa.py), which
+    counts only an output that is exactly the letter: a model that answers "B." or with the option's text
+    still chose B.
     """
     letter = normalize_answer(reference, drop_articles=False)
     letters = {normalize_answer(k, drop_articles=False): answer_words(v) for k, v in (options or {}).items()}
