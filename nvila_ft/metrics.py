@@ -201,7 +201,8 @@ def format_scores(scores: dict[str, float]) -> str:
 #   word (`medical_closed_correct`), and scores non-yes/no closed answers ("left") instead of skipping them.
 # Each example's answer type comes from `question_types` (the records' meta "question_type": VQA-RAD and
 # SLAKE's answer_type); an unknown or missing type is inferred from the reference: a yes/no answer is
-# "closed", a single option letter "choice", anything else "open" (PathVQA's own rule).
+# "closed" (a one-word answer of YES_WORDS / NO_WORDS, so also "absent"), a single option letter "choice", anything
+# else "open". (MedicalVQA's pathvqa layout sets PathVQA's own, stricter rule: exactly yes or no.)
 
 # Words that answer a yes/no question, judged by the answer's first word. "present"/"absent" and
 # "positive"/"negative" are how radiology and pathology reports say yes and no ("Is there a mass?" "Present.").
