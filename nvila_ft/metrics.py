@@ -196,9 +196,11 @@ def format_scores(scores: dict[str, float]) -> str:
 #   "/" split words: "x-ray" = "x ray", number words zero..ten read as digits: "two" = "2", `medical_words`).
 #   One deliberate difference: a word repeated in the prediction is counted at most as often as the reference
 #   has it (LLaVA-Med counts the prediction's repeats, so "lung lung" recalls 2/3 of "left lung"; here 1/2).
-# - closed accuracy: LLaVA-Med tests substrings ('yes' in the prediction or 'no' in it, then the reference in
-#   it), so "nodule" answers "no" and "no, yes" answers both; nvila-ft deliberately judges the prediction's first
-#   word (`medical_closed_correct`), and scores non-yes/no closed answers ("left") instead of skipping them.
+# - closed accuracy: LLaVA-Med tests substrings: a prediction containing 'yes' or 'no' scores 1 when it contains
+#   the reference and is left out of the count when it does not; any other prediction scores 0. So "nodule"
+#   answers "no", "no, yes" answers both, wrong yes/no answers vanish from the denominator and a right "left"
+#   scores 0. nvila-ft deliberately judges the prediction's first word (`medical_closed_correct`) and counts
+#   every closed question once.
 # Each example's answer type comes from `question_types` (the records' meta "question_type": VQA-RAD and
 # SLAKE's answer_type); an unknown or missing type is inferred from the reference: a yes/no answer is
 # "closed" (a one-word answer of YES_WORDS / NO_WORDS, so also "absent"), a single option letter "choice", anything
