@@ -126,6 +126,8 @@ def test_box_from_pixels_xywh_and_xyxy():
 def test_box_from_pixels_refuses_bad_boxes(bbox, fmt, message):
     with pytest.raises(BoxError, match=message.replace("[", r"\[")):
         box_from_pixels(bbox, 200, 100, fmt)
+    with pytest.raises(BoxError, match="the image is 0x100 pixels"):  # not a ZeroDivisionError
+        box_from_pixels([0, 0, 0.4, 0.4], 0, 100, fmt)
 
 
 # ----------------------------------------------------------------------------------------------- sources

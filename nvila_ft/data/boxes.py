@@ -122,6 +122,8 @@ def box_from_pixels(bbox: object, width: int, height: int, bbox_format: str = "x
     """
     if bbox_format not in PIXEL_FORMATS:
         raise ValueError(f"bbox_format must be one of {PIXEL_FORMATS}, got {bbox_format!r}")
+    if not (width >= 1 and height >= 1):
+        raise BoxError(f"the image is {width}x{height} pixels: no box can be measured on it")
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise BoxError(f"expected 4 numbers [{', '.join(_names(bbox_format))}] in pixels, got {_clip(repr(bbox))}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
