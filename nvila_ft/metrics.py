@@ -104,8 +104,8 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str,
     return {"accuracy": hits / len(predictions)}
 
 
-def _token_f1(prediction: str, reference: str) -> float:
-    predicted, expected = answer_words(prediction), answer_words(reference)
+def _token_f1(prediction: str, reference: str, words: Callable[[str], list[str]] = answer_words) -> float:
+    predicted, expected = words(prediction), words(reference)
     if not predicted or not expected:
         # SQuAD's rule: two empty answers agree, one empty answer scores nothing.
         return float(predicted == expected)
@@ -191,9 +191,20 @@ def format_scores(scores: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------- medical VQA
 # Medical VQA papers (LLaVA-Med, Med-Flamingo, PMC-VQA) report closed questions by accuracy, open ones by the
 # recall of the reference's words in the answer, and multiple choice by accuracy, each over its own questions.
+# Against LLaVA-Med's scorer (microsoft/LLaVA-Med llava/eval/run_eval.py, eval_metrics/glossary.py):
+# - open recall: the same normalisation of what matters for short answers (lower case, articles dropped, "-" and
+#   "/" split words: "x-ray" = "x ray", number words zero..ten read as digits: "two" = "2", `medical_words`).
+#   One deliberate difference: a word repeated in the prediction is counted at most as often as the reference
+#   has it (LLaVA-Med counts the prediction's repeats, so "lung lung" recalls 2/3 of "left lung"; here 1/2).
+# - closed accuracy: LLaVA-Med tests substrings: a prediction containing 'yes' or 'no' scores 1 when it contains
+#   the reference and is left out of the count when it does not; any other prediction scores 0. So "nodule"
+#   answers "no", "no, yes" answers both, wrong yes/no answers vanish from the denominator and a right "left"
+#   scores 0. nvila-ft deliberately judges the prediction's first word (`medical_closed_correct`) and counts
+#   every closed question once.
 # Each example's answer type comes from `question_types` (the records' meta "question_type": VQA-RAD and
 # SLAKE's answer_type); an unknown or missing type is inferred from the reference: a yes/no answer is
-# "closed", a single option letter "choice", anything else "open" (PathVQA's own rule).
+# "closed" (a one-word answer of YES_WORDS / NO_WORDS, so also "absent"), a single option letter "choice", anything
+# else "open". (MedicalVQA's pathvqa layout sets PathVQA's own, stricter rule: exactly yes or no.)
 
 # Words that answer a yes/no question, judged by the answer's first word. "present"/"absent" and
 # "positive"/"negative" are how radiology and pathology reports say yes and no ("Is there a mass?" "Present.").
@@ -258,7 +269,9 @@ def choice_correct(prediction: str, reference: str, options: Mapping[str, str] |
     whose words equal an option's text picks that option (so "A mass" is the option "a mass", not the letter
     A); otherwise a first word that is a single letter picks that letter ("B", "(B) MRI"); otherwise the
     longest option text the prediction begins with picks that option. Without options this is
-    `closed_answer_correct`.
+    `closed_answer_correct`. Deliberately more lenient than VILA's PMC-VQA scorer (llava/eval/pmcvqa.py), which
+    counts only an output that is exactly the letter: a model that answers "B." or with the option's text
+    still chose B.
     """
     letter = normalize_answer(reference, drop_articles=False)
     letters = {normalize_answer(k, drop_articles=False): answer_words(v) for k, v in (options or {}).items()}
@@ -275,10 +288,23 @@ def choice_correct(prediction: str, reference: str, options: Mapping[str, str] |
     return closed_answer_correct(prediction, reference)
 
 
+# LLaVA-Med's number words (glossary.py manual_map), read as digits on both sides of an open answer.
+NUMBER_WORDS = {word: str(value) for value, word in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
+
+
+def medical_words(text: str) -> list[str]:
+    """`answer_words` as medical VQA scorers compare open answers: words joined by "-" or "/" split apart and
+    number words zero..ten written as digits ("Two X-ray/CT views" -> ["2", "x", "ray", "ct", "views"])."""
+    words = answer_words(text.replace("-", " ").replace("/", " "))
+    return [NUMBER_WORDS.get(word, word) for word in words]
+
+
 def word_recall(prediction: str, reference: str) -> float:
-    """The share of the reference's words (normalised, counted with multiplicity) found in the prediction:
-    LLaVA-Med's open-question score. Two empty answers agree; one empty answer scores 0."""
-    predicted, expected = answer_words(prediction), answer_words(reference)
+    """The share of the reference's words (`medical_words`, counted with multiplicity) found in the prediction:
+    LLaVA-Med's open-question recall (see the note above on repeats). Two empty answers agree; one empty answer
+    scores 0."""
+    predicted, expected = medical_words(prediction), medical_words(reference)
     if not predicted or not expected:
         return float(predicted == expected)
     common = sum((collections.Counter(predicted) & collections.Counter(expected)).values())
@@ -322,8 +348,8 @@ def open_recall(predictions, references, question_types=None) -> dict[str, float
 
 
 def open_token_f1(predictions, references, question_types=None) -> dict[str, float]:
-    """SQuAD token F1 over the open questions; {} when there are none."""
-    scores = [_token_f1(p, r) for k, p, r, _ in _typed(predictions, references, question_types) if k == "open"]
+    """SQuAD token F1 of `medical_words` over the open questions; {} when there are none."""
+    scores = [_token_f1(p, r, medical_words) for k, p, r, _ in _typed(predictions, references, question_types) if k == "open"]
     return {"open_token_f1": _mean(scores)} if scores else {}
 
 

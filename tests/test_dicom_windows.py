@@ -168,3 +168,29 @@ def test_processor_measures_and_loads_a_dicom_series(tmp_path):
               {"role": "assistant", "content": "x"}]
     with pytest.raises(SampleError, match="broken.dcm: cannot read the DICOM header"):
         processor.measure(broken)
+
+
+def test_window_functions_by_hand_and_against_pydicom():
+    """PS3.3 C.11.2.1.2.1 (LINEAR), C.11.2.1.3.2 (LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID) at c=40, w=80, worked
+    out by hand, and equal to pydicom's own `apply_windowing` rescaled to 0..255."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    from nvila_ft.data.media import apply_window
+
+    x = np.array([0.0, 0.5, 40.0, 78.9, 79.0, 79.5])
+    # LINEAR: black at or below 40 - 0.5 - 79/2 = 0, white above 40 - 0.5 + 79/2 = 79, else ((x-39.5)/79+0.5)*255
+    linear = [0.0, (-39 / 79 + 0.5) * 255, (0.5 / 79 + 0.5) * 255, (39.4 / 79 + 0.5) * 255, 255.0, 255.0]
+    assert apply_window(x, 40, 80) == pytest.approx(linear)
+    exact = [0.0, (-39.5 / 80 + 0.5) * 255, 127.5, (38.9 / 80 + 0.5) * 255, (39 / 80 + 0.5) * 255, (39.5 / 80 + 0.5) * 255]
+    assert apply_window(x, 40, 80, "LINEAR_EXACT") == pytest.approx(exact)
+    assert apply_window(np.array([40.0, 60.0]), 40, 80, "SIGMOID") == pytest.approx([127.5, 255 / (1 + np.exp(-1))])
+    assert apply_window(np.array([9.4, 9.5, 9.6]), 10, 1).tolist() == [0.0, 0.0, 255.0]  # w = 1: a threshold at c - 0.5
+
+    dataset = Dataset()
+    dataset.PhotometricInterpretation, dataset.BitsStored, dataset.PixelRepresentation = "MONOCHROME2", 8, 0
+    dataset.WindowCenter, dataset.WindowWidth = 40, 80
+    for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        dataset.VOILUTFunction = function
+        theirs = apply_windowing(x.copy(), dataset)  # output range 0..255 for 8 unsigned bits
+        assert apply_window(x, 40, 80, function) == pytest.approx(theirs), function

@@ -208,9 +208,13 @@ def test_dpo_options_are_checked():
     from nvila_ft.training.config import ConfigError
 
     assert DPOOptions(loss_type="ipo").config_arguments()["loss_type"] == ["ipo"]
+    assert DPOOptions(loss_type=["sigmoid", "robust"], loss_weights=[1, 1], label_smoothing=0.1).label_smoothing == 0.1
     for bad, message in (({"loss_type": "dpo"}, "dpo.loss_type = 'dpo'"), ({"beta": 0}, "dpo.beta = 0"),
                          ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "2 loss types"),
-                         ({"loss_type": "exo_pair"}, "label_smoothing > 0")):
+                         ({"loss_type": "exo_pair"}, "label_smoothing > 0"),
+                         # TRL 1.16's sigmoid loss does not read label_smoothing; robust needs it below 0.5
+                         ({"label_smoothing": 0.1}, r"unused by loss_type \['sigmoid'\].*use robust"),
+                         ({"loss_type": "robust", "label_smoothing": 0.6}, r"robust loss needs it in \[0, 0.5\)")):
         with pytest.raises(ConfigError, match=message):
             DPOOptions(**bad)
 

@@ -70,6 +70,8 @@ def test_check_box_can_refuse_empty_boxes():
     ((0.0, 0.0, 0.5, 1.0), (0.25, 0.5, 1.0, 1.0), 0.125 / 0.75),       # overlap 0.25x0.5; union 0.5+0.375-0.125
     ((0.3, 0.3, 0.3, 0.6), (0.0, 0.0, 1.0, 1.0), 0.0),                 # degenerate (zero width) prediction
     ((0.3, 0.3, 0.3, 0.3), (0.3, 0.3, 0.3, 0.3), 0.0),                 # two points: no union
+    # pixel edges 0..10 and 1..11 of 100 px: 90/110, not VILA's inclusive-pixel 110/132 (the iou docstring)
+    ((0.0, 0.0, 0.10, 0.10), (0.01, 0.0, 0.11, 0.10), 90 / 110),
 ])
 def test_iou_against_hand_computation(a, b, expected):
     assert iou(a, b) == pytest.approx(expected)
@@ -124,6 +126,8 @@ def test_box_from_pixels_xywh_and_xyxy():
 def test_box_from_pixels_refuses_bad_boxes(bbox, fmt, message):
     with pytest.raises(BoxError, match=message.replace("[", r"\[")):
         box_from_pixels(bbox, 200, 100, fmt)
+    with pytest.raises(BoxError, match="the image is 0x100 pixels"):  # not a ZeroDivisionError
+        box_from_pixels([0, 0, 0.4, 0.4], 0, 100, fmt)
 
 
 # ----------------------------------------------------------------------------------------------- sources

@@ -9,6 +9,7 @@ from nvila_ft.metrics import (
     choice_correct,
     compute_metrics,
     medical_closed_correct,
+    medical_words,
     word_recall,
     yes_no,
 )
@@ -60,6 +61,19 @@ def test_word_recall():
     assert word_recall("lung", "Left lung") == 0.5
     assert word_recall("liver", "left lung") == 0.0
     assert word_recall("lung lung", "lung lung heart") == 2 / 3
+
+
+def test_word_recall_normalises_like_llava_med():
+    # LLaVA-Med's normalize_word (eval_metrics/glossary.py): "-" and "/" separate words, number words are digits.
+    assert word_recall("x ray", "X-ray") == 1.0
+    assert word_recall("left", "left-sided") == 0.5  # "left sided": 1 of 2 words
+    assert word_recall("two lesions", "2 lesions") == 1.0
+    assert word_recall("CT", "ct/mri") == 0.5
+    assert medical_words("Two X-ray/CT views.") == ["2", "x", "ray", "ct", "views"]
+    # open token F1 shares the normalisation: "2" vs "two" is a full match
+    assert compute_metrics(["open_token_f1"], ["two"], ["2"], question_types=["open"])["open_token_f1"] == 1.0
+    # deliberate: a repeated predicted word counts once per occurrence in the reference (LLaVA-Med: 2/3)
+    assert word_recall("lung lung", "left lung") == 0.5
 
 
 def test_split_metrics_by_hand():

@@ -117,12 +117,14 @@ def test_pmc_vqa_prompt_answer_and_choices(tmp_path):
 def test_pathvqa_json_lines_parquet_and_pickle(tmp_path):
     lines = [{"image": "train/img1.jpg", "question": "Is this necrosis?", "answer": "yes"},
              {"image": {"path": "train/img2.jpg", "bytes": None}, "question": "What is present?", "answer": "fibrin"},
-             {"image": 3, "question": "What?", "answer": "x"}]
+             {"image": 3, "question": "What?", "answer": "x"},
+             {"image": "train/img3.jpg", "question": "What is the stain result?", "answer": "positive"}]
     path = tmp_path / "pathvqa.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     source = MedicalVQA(str(path), "pathvqa", on_error="collect")
     records = source.records()
-    assert [r.question_type for r in records] == ["closed", "open"]
+    # PathVQA's rule (NVlabs/VILA llava/eval/pathvqa.py): closed iff the answer is exactly yes or no
+    assert [r.question_type for r in records] == ["closed", "open", "open"]
     assert _texts(records[1])[0] == [{"type": "image", "image": "train/img2.jpg"}]
     assert source.errors[0].origin == f"{path}[2]" and "field 'image'" in source.errors[0].reason
 

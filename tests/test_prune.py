@@ -56,6 +56,17 @@ def test_answer_losses_match_a_plain_loop(tmp_path):
     assert isinstance(batched[-1], str) and "missing.png" in batched[-1]
 
 
+def test_token_loss_by_hand_and_without_supervised_tokens():
+    from nvila_ft.training.pruning import _token_loss
+
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]])
+    # position 0 predicts token 1 (label 0: p = 1/2), position 1 predicts token 2 (label 0: p = 3/4)
+    got = _token_loss(logits, torch.tensor([-100, 0, 0]))
+    assert got.tokens == 2 and got.loss == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2)
+    empty = _token_loss(logits, torch.tensor([0, -100, -100]))  # only position 0 supervised: nothing predicts it
+    assert empty.tokens == 0 and math.isnan(empty.loss)
+
+
 # ----------------------------------------------------------------------------------------------- selection
 def score(index: int, strong: float | None, weak: float | None, source: str = "a.json") -> RecordScore:
     loss = lambda v: None if v is None else TokenLoss(3, v)  # noqa: E731

@@ -39,6 +39,8 @@ LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
+# the loss types whose TRL 1.16 formula uses DPOConfig.label_smoothing
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 # the reward metrics TRL logs, reported at the start and the end of training
 REWARD_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 
@@ -48,8 +50,10 @@ class DPOOptions:
     """The `dpo:` section: TRL's `DPOConfig` preference settings.
 
     beta: strength of the pull towards the reference (DPO's beta; IPO's tau). loss_type: one of LOSS_TYPES, or a
-    list of them combined with `loss_weights`. label_smoothing: the assumed share of flipped labels (robust, cDPO
-    with sigmoid; exo_pair needs > 0). disable_dropout: dropout off in policy and reference (TRL's default).
+    list of them combined with `loss_weights`. label_smoothing: the assumed share of flipped labels, which TRL 1.16
+    reads only in the loss types of SMOOTHED_LOSSES (robust: in [0, 0.5); exo_pair: > 0; aot, aot_unpaired); its
+    "sigmoid" loss ignores it (no cDPO there), so a non-zero value with none of those is refused rather than
+    silently unused. disable_dropout: dropout off in policy and reference (TRL's default).
     """
 
     beta: float = 0.1
@@ -72,6 +76,11 @@ class DPOOptions:
             raise ConfigError(f"dpo.label_smoothing = {self.label_smoothing}: must be in [0, 1)")
         if "exo_pair" in types and self.label_smoothing == 0:
             raise ConfigError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0 (the EXO paper uses 1e-3)")
+        if "robust" in types and self.label_smoothing >= 0.5:
+            raise ConfigError(f"dpo.label_smoothing = {self.label_smoothing}: the robust loss needs it in [0, 0.5)")
+        if self.label_smoothing and not set(types) & set(SMOOTHED_LOSSES):
+            raise ConfigError(f"dpo.label_smoothing = {self.label_smoothing} is unused by loss_type {types} (TRL reads it "
+                              f"only in {', '.join(SMOOTHED_LOSSES)}; for noisy preferences use robust, rDPO)")
         self.loss_type = types
 
     def config_arguments(self) -> dict:

@@ -100,7 +100,12 @@ def check_box(box: Box, allow_empty: bool = True) -> Box:
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two [x1, y1, x2, y2] boxes (continuous coordinates: boxes that only touch
-    share nothing). 0 when the union has no area."""
+    share nothing). 0 when the union has no area.
+
+    Deliberately not VILA's `computeIoU` (llava/eval/refcoco.py), which takes pixel boxes with inclusive ends and
+    adds 1 to every width and height: on fractions of the image there is no pixel to add, and both agree up to
+    about one pixel per edge (boxes 0..10 and 1..11 px wide, 10 px high: 90/110 = 0.82 here, 110/132 = 0.83 there).
+    """
     ax1, ay1, ax2, ay2 = a
     bx1, by1, bx2, by2 = b
     overlap = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
@@ -117,6 +122,8 @@ def box_from_pixels(bbox: object, width: int, height: int, bbox_format: str = "x
     """
     if bbox_format not in PIXEL_FORMATS:
         raise ValueError(f"bbox_format must be one of {PIXEL_FORMATS}, got {bbox_format!r}")
+    if not (width >= 1 and height >= 1):
+        raise BoxError(f"the image is {width}x{height} pixels: no box can be measured on it")
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise BoxError(f"expected 4 numbers [{', '.join(_names(bbox_format))}] in pixels, got {_clip(repr(bbox))}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):

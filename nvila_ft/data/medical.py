@@ -15,7 +15,9 @@ Layouts (field names as the releases spell them):
   base_type, content_type}; images under `imgs/` beside it (the default media root when it exists).
   `language` keeps one q_lang (default "en"; null keeps all).
 - pathvqa: the widely used Hugging Face layout (parquet/arrow, or JSON(L)) of {image (bytes, a
-  {"bytes", "path"} dict or a relative path), question, answer}; yes/no answers are closed, others open.
+  {"bytes", "path"} dict or a relative path), question, answer}; an answer that is exactly "yes" or "no" is
+  closed, any other open (PathVQA's own split, as NVlabs/VILA llava/eval/pathvqa.py scores it: "positive" or
+  "absent" answer open questions there, so they are scored by recall, not as yes/no synonyms).
   The original release's pickles are refused: loading a pickle can run arbitrary code.
 - pmc_vqa: PMC-VQA's CSV {Figure_path, Question, Answer, Choice A..Choice D, Answer_label}; images in
   `figures/` beside it (the default media root when it exists). The prompt is the question followed by one
@@ -51,7 +53,7 @@ from nvila_ft.data.sources import (
     _report,
 )
 from nvila_ft.data.validation import BadRecord
-from nvila_ft.metrics import answer_type
+from nvila_ft.metrics import answer_type, normalize_answer
 
 LAYOUTS = ("vqa_rad", "slake", "pathvqa", "pmc_vqa")
 # Where each layout keeps its images, relative to its annotation file (used when that folder exists).
@@ -157,7 +159,7 @@ class MedicalVQA:
         records = source.records()
         self.errors = list(source.errors)
         for record in records:
-            record.meta = {**record.meta, "question_type": answer_type(None, record.answer or ""), "dataset": self.layout}
+            record.meta = {**record.meta, "question_type": _yes_no_type(record.answer or ""), "dataset": self.layout}
         return records
 
     # -- one record
@@ -194,8 +196,9 @@ class MedicalVQA:
         return self._build(entry, origin, root, "img_name", kind, meta, "qid")
 
     def _image_question_answer(self, entry: dict[str, Any], origin: str, root: str) -> Record:
-        """The Hugging Face JSON(L) layout: {image, question, answer[, id|qid]}; the answer type is inferred."""
-        return self._build(entry, origin, root, "image", None, {}, "qid" if "qid" in entry else "id")
+        """The Hugging Face JSON(L) layout: {image, question, answer[, id|qid]}; yes/no answers are closed."""
+        kind = _yes_no_type(_text(entry, "answer", kind="no_answer"))
+        return self._build(entry, origin, root, "image", kind, {}, "qid" if "qid" in entry else "id")
 
     def _build(
         self, entry: dict[str, Any], origin: str, root: str, image_field: str, kind: str | None,
@@ -232,6 +235,12 @@ class MedicalVQA:
                 "answer_text": _optional_text(row, "Answer") or options[label]}
         record_id = _optional_text(row, "index") or _optional_text(row, "qid")
         return Record(_question_answer([figure], [], prompt, label), origin, record_id, root, meta)
+
+
+def _yes_no_type(answer: str) -> str:
+    """PathVQA's answer type (and the one of VQA-RAD's Hugging Face copy, which has none): "closed" for an answer
+    that is exactly yes or no, else "open"."""
+    return "closed" if normalize_answer(answer) in ("yes", "no") else "open"
 
 
 def _answer_type(entry: dict[str, Any]) -> str:

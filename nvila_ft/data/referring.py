@@ -164,5 +164,5 @@ def _expressions(entry: dict[str, Any]) -> list[str]:
 def _unwritable(box: Any) -> str | None:
     """Why a box cannot be an answer although it parses: no area once written with 2 decimals."""
     if box is not None and (box[2] <= box[0] or box[3] <= box[1]):
-        return f"zero area once written as {format_box(box)} (under half a hundredth of the image wide or high)"
+        return f"zero area once written as {format_box(box)} (a box under a hundredth of the image wide or high can round to one edge)"
     return None

@@ -39,6 +39,7 @@ record, so free-text answers are hardly pruned); "none" the whole set at once.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,8 @@ def answer_losses(
             batch = {k: v.to(model.device) for k, v in batch.items()}
             logits = model(**batch, use_cache=False).logits
             for row, (index, _) in enumerate(chunk):
-                results[index] = _token_loss(logits[row], labels[row].to(logits.device))
+                loss = _token_loss(logits[row], labels[row].to(logits.device))
+                results[index] = loss if loss.tokens else "no supervised answer token left (answer empty or cut off)"
     finally:
         model.train(was_training)
     return results
@@ -101,7 +103,8 @@ def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> TokenLoss:
     supervised = targets != IGNORE_INDEX
     rows = logits[:-1][supervised].float().log_softmax(-1)
     picked = rows.gather(1, targets[supervised].unsqueeze(1)).squeeze(1)
-    return TokenLoss(int(supervised.sum()), float(-picked.mean()))
+    count = int(supervised.sum())
+    return TokenLoss(count, float(-picked.mean()) if count else math.nan)
 
 
 @dataclass
@@ -156,7 +159,7 @@ def record_sources(records: list[Record], by: str) -> list[str]:
     answers: dict[str, set[str]] = {}
     for stratum, record in zip(strata, records):
         answers.setdefault(stratum, set()).add(record.answer or "")
-    sizes = {stratum: strata.count(stratum) for stratum in answers}
+    sizes = Counter(strata)
     closed = {s for s, a in answers.items() if len(a) <= CLOSED_ANSWERS and len(a) * CLOSED_SHARE <= sizes[s]}
     return [record_source(r, "file_type_answer") if s in closed else s for s, r in zip(strata, records)]
 
