@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,7 +107,10 @@ class MedicalVQA:
             raise DataError(f"{self.path}: no such file or folder")
         root = self._root(file)
         out: list[Record] = []
+        kept_languages: set[str | None] = set()
         for index, entry in self._entries(file):
+            if self.limit is not None and len(out) >= self.limit:
+                break
             origin = f"{self.path}[{index}]"
             try:
                 record = self._record(entry, origin, root)
@@ -115,8 +119,12 @@ class MedicalVQA:
                 continue
             if record is not None:
                 out.append(record)
-                if self.limit is not None and len(out) >= self.limit:
-                    break
+            elif self.layout == "slake":
+                kept_languages.add(_optional_text(entry, "q_lang"))
+        if not out and kept_languages and self.language is not None:
+            found = ", ".join(sorted(str(language) for language in kept_languages))
+            raise DataError(f"{self.path}: no record has q_lang {self.language!r} (the file's q_lang values: {found}); "
+                            "set language to one of them, or null for all")
         return out
 
     # -- files
@@ -127,6 +135,8 @@ class MedicalVQA:
 
     def _entries(self, file: Path) -> Iterator[tuple[int, Any]]:
         if self.layout == "pmc_vqa":
+            if file.suffix.lower() not in (".csv", ".tsv", ".tab"):
+                raise DataError(f"{self.path}: a pmc_vqa file is the release's CSV table, not {file.suffix or 'extensionless'}")
             return self._csv_rows(file)
         if file.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
             raise DataError(f"{self.path}: a {self.layout} file is JSON or JSON Lines (or parquet/arrow), not {file.suffix or 'extensionless'}")
@@ -210,7 +220,7 @@ class MedicalVQA:
         elif image is not None:
             images.append(image)
         if entry.get("video") is not None:
-            videos.append(_text(entry, "video"))
+            videos.append(_image_value(entry, "video"))
         kind = kind or answer_type(None, answer)
         meta = {"question_type": kind, "dataset": self.layout} | {k: v for k, v in meta.items() if v is not None}
         return Record(_question_answer(images, videos, question, answer), origin, _optional_text(entry, id_field), root, meta)
@@ -249,6 +259,8 @@ def _text(entry: dict[str, Any], field: str, kind: str = "structure") -> str:
         if value is None or value == "":
             raise _RecordProblem(f"field {field!r}: missing or empty", kind=kind)
         raise _RecordProblem(f"field {field!r}: expected text, got {_describe_value(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _RecordProblem(f"field {field!r}: expected text, got {value!r} (an empty spreadsheet cell?)", kind=kind)
     text = str(value).strip()
     if not text:
         raise _RecordProblem(f"field {field!r}: missing or empty", kind=kind)
@@ -261,13 +273,13 @@ def _optional_text(entry: dict[str, Any], field: str) -> str | None:
 
 
 def _image_value(entry: dict[str, Any], field: str) -> Any:
-    """An image field: a relative path, or (Hugging Face JSON) a {"path"} / {"bytes"} dict."""
+    """A media field (image or video): a relative path, or (Hugging Face JSON) a {"path"} dict."""
     value = entry.get(field)
     if isinstance(value, str) and value.strip():
         return value.strip()
     if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
         return value["path"]
     if value is None or value == "":
-        raise _RecordProblem(f"field {field!r}: missing or empty (the image file)")
-    raise _RecordProblem(f"field {field!r}: expected an image path, got {_describe_value(value)}")
+        raise _RecordProblem(f"field {field!r}: missing or empty (the media file)")
+    raise _RecordProblem(f"field {field!r}: expected a file path, got {_describe_value(value)}")
 
