@@ -109,6 +109,8 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
     """(record index, parsed record) of a JSON list or JSON Lines file; a line that is not JSON yields a
     `_RecordProblem` in place of its record, a JSON list that does not parse raises DataError."""
     text = _read_text(file)
+    if not text.strip():
+        raise DataError(f"{name}: empty file (expected a JSON list of records, or JSON Lines: one record a line)")
     if _is_json_lines(file, text):
         index = 0
         for line_number, line in enumerate(text.splitlines(), start=1):
