@@ -469,3 +469,41 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
                       f"hydra.run.dir={tmp_path / 'd'}"], tmp_path, cache, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     assert "adapters.vision_tower.method = full would keep a second copy" in result.stderr
+
+
+def test_prune_writes_medical_and_grounding_subsets_and_refuses_episodes_up_front(tmp_path):
+    """`nvila-ft prune` on a medical or grounding task wrote nothing after scoring both models (no subset writer):
+    the pruned data is now the kept entries of the original file, and a source it cannot write is refused before."""
+    from nvila_ft.data.subset import check_subset_source, write_subset
+
+    images = tmp_path / "VQA_RAD Image Folder"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    path = write(tmp_path / "VQA_RAD Dataset Public.json",
+                 json.dumps([{**VQA_RAD, "qid": f"q{i}", "answer": str(i)} for i in range(4)]))
+    source = MedicalVQA(path, "vqa_rad")
+    records = source.records()
+    [written] = write_subset(source, [records[1].origin, records[3].origin], tmp_path / "out")
+    assert written.media_root == str(images.resolve()) and written.records == 2
+    again = MedicalVQA(str(written.path), "vqa_rad", media_root=written.media_root).records()
+    assert [(r.id, r.answer) for r in again] == [("q1", "1"), ("q3", "3")]
+
+    header = "Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
+    table = write(tmp_path / "pmc" / "train_2.csv", header + "".join(
+        f"a.png,Q{i}?,x,A:one,B:two,C:three,D:four,{'ABCD'[i]}\n" for i in range(4)))
+    source = MedicalVQA(table, "pmc_vqa")
+    records = source.records()
+    [written] = write_subset(source, [records[2].origin], tmp_path / "out-pmc")
+    assert [r.answer for r in MedicalVQA(str(written.path), "pmc_vqa").records()] == ["C"]
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "b.png")
+    refs = write(tmp_path / "refs.json", json.dumps([{"image": "b.png", "expression": f"e{i}", "bbox": [1, 1, 5, 5]}
+                                                     for i in range(3)]))
+    source = GroundingData(refs)
+    [written] = write_subset(source, [source.records()[2].origin], tmp_path / "out-refs")
+    assert json.loads(written.path.read_text()) == [{"image": "b.png", "expression": "e2", "bbox": [1, 1, 5, 5]}]
+
+    episodes = RobotEpisodes(write(tmp_path / "episodes.json", "[]"), action_fields=ACTIONS)
+    with pytest.raises(DataError) as caught:
+        check_subset_source(episodes)
+    one_line(caught.value, "episodes.json", "cannot write a subset of a RobotEpisodes source")

@@ -101,7 +101,7 @@ class MedicalVQA:
                 "convert it to parquet or JSON Lines with image, question and answer fields (the layout of the "
                 "Hugging Face copy of PathVQA), e.g. by loading it once in a trusted session"
             )
-        if glob.has_magic(self.path) or file.is_dir() or file.suffix.lower() in (".parquet", ".arrow"):
+        if self.reads_hugging_face():
             return self._hugging_face()
         if not file.exists():
             raise DataError(f"{self.path}: no such file or folder")
@@ -128,6 +128,14 @@ class MedicalVQA:
         return out
 
     # -- files
+    def reads_hugging_face(self) -> bool:
+        """Whether `path` is a Hugging Face copy (parquet/arrow, a folder or a glob) rather than an annotation file."""
+        return glob.has_magic(self.path) or Path(self.path).is_dir() or Path(self.path).suffix.lower() in (".parquet", ".arrow")
+
+    def media_folder(self) -> str:
+        """The folder the annotation file's image paths are relative to (absolute)."""
+        return self._root(Path(self.path))
+
     def _root(self, file: Path) -> str:
         folder = IMAGE_FOLDERS.get(self.layout)
         default = file.parent / folder if folder and (file.parent / folder).is_dir() else file.parent
