@@ -496,6 +496,14 @@ def test_prune_writes_medical_and_grounding_subsets_and_refuses_episodes_up_fron
     [written] = write_subset(source, [records[2].origin], tmp_path / "out-pmc")
     assert [r.answer for r in MedicalVQA(str(written.path), "pmc_vqa").records()] == ["C"]
 
+    import datasets
+
+    datasets.Dataset.from_dict({"image": ["a.png"] * 3, "question": ["q0", "q1", "q2"], "answer": ["yes", "no", "liver"]}
+                               ).to_parquet(str(tmp_path / "pathvqa.parquet"))
+    source = MedicalVQA(str(tmp_path / "pathvqa.parquet"), "pathvqa")
+    [written] = write_subset(source, [source.records()[1].origin], tmp_path / "out-pathvqa")
+    assert [r.answer for r in MedicalVQA(str(written.path), "pathvqa").records()] == ["no"]
+
     Image.new("RGB", (20, 10)).save(tmp_path / "b.png")
     refs = write(tmp_path / "refs.json", json.dumps([{"image": "b.png", "expression": f"e{i}", "bbox": [1, 1, 5, 5]}
                                                      for i in range(3)]))

@@ -166,12 +166,15 @@ class MedicalVQA:
         for index, row in enumerate(rows):
             yield index, {(k.strip() if isinstance(k, str) else k): v for k, v in row.items()}
 
-    def _hugging_face(self) -> list[Record]:
-        """The Hugging Face copies of VQA-RAD / PathVQA (image, question, answer columns), via HFDataset."""
+    def hugging_face_source(self) -> HFDataset:
+        """The HFDataset that reads the Hugging Face copies of VQA-RAD / PathVQA (image, question, answer columns)."""
         if self.layout not in ("vqa_rad", "pathvqa"):
             raise DataError(f"{self.path}: {self.layout} is read from its own annotation file, not parquet/arrow/a folder")
-        source = HFDataset(self.path, media_root=self.media_root, question_column="question", answer_column="answer",
-                           image_column="image", limit=self.limit, on_error=self.on_error)
+        return HFDataset(self.path, media_root=self.media_root, question_column="question", answer_column="answer",
+                         image_column="image", limit=self.limit, on_error=self.on_error)
+
+    def _hugging_face(self) -> list[Record]:
+        source = self.hugging_face_source()
         records = source.records()
         self.errors = list(source.errors)
         for record in records:

@@ -6,7 +6,7 @@ the original lines; CSV/TSV (PMC-VQA's too) -> the header and the original rows 
 (nvila_ft.data.sources.HFDataset) -> the selected rows, as a saved dataset or data file of the input's kind. Each
 kept entry keeps its original order. Built-in data is LLaVA JSON in a cache folder: its subset is LLaVA JSON whose
 media paths are relative to that folder (returned as the file's media root). Medical VQA annotation files
-(VQA-RAD, SLAKE JSON; PMC-VQA CSV) and grounding files are copied the same way; their media root is the image
+(VQA-RAD, SLAKE JSON; PMC-VQA CSV; Hugging Face copies as HFDataset) and grounding files are copied the same way; their media root is the image
 folder they were read with. `check_subset_source` says up front whether a source can be written.
 """
 
@@ -42,9 +42,14 @@ def origin_parts(origin: str) -> tuple[str, int]:
 
 
 def leaf_sources(source: Any) -> list[Any]:
-    """The sources that read files: a Mixture's members, recursively; others as they are."""
+    """The sources that read files: a Mixture's members, recursively; a MedicalVQA of a Hugging Face copy, its
+    HFDataset; others as they are."""
+    from nvila_ft.data.medical import MedicalVQA
+
     if isinstance(source, Mixture):
         return [leaf for member in source.sources for leaf in leaf_sources(member)]
+    if isinstance(source, MedicalVQA) and source.reads_hugging_face():
+        return [source.hugging_face_source()]  # its records are that HFDataset's rows, by their origins
     return [source]
 
 
@@ -83,7 +88,7 @@ def _prefix_and_root(leaf: Any) -> tuple[str, str | None]:
     from nvila_ft.data.medical import MedicalVQA
     from nvila_ft.data.referring import GroundingData
 
-    if isinstance(leaf, MedicalVQA) and not leaf.reads_hugging_face():
+    if isinstance(leaf, MedicalVQA):
         return leaf.path, leaf.media_folder()
     if isinstance(leaf, GroundingData) and leaf.path is not None:
         root = leaf.media_root if leaf.media_root is not None else Path(leaf.path).parent
@@ -102,8 +107,8 @@ def _prefix_and_root(leaf: Any) -> tuple[str, str | None]:
         root = leaf.media_root or (path if path.is_dir() else path.parent)
         return leaf.path, str(Path(root).resolve())
     raise DataError(f"{getattr(leaf, 'path', None) or 'built-in data'}: cannot write a subset of a {type(leaf).__name__} "
-                    "source (supported: LlavaJson and PreferenceJson, TableSource, HFDataset, BuiltinData, MedicalVQA "
-                    "annotation files, GroundingData files, and Mixtures of them)")
+                    "source (supported: LlavaJson and PreferenceJson, TableSource, HFDataset, BuiltinData, MedicalVQA, "
+                    "GroundingData files, and Mixtures of them)")
 
 
 def _hf_name(leaf: HFDataset) -> str:
