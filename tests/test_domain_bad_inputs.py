@@ -139,6 +139,11 @@ def test_medical_file_mistakes(tmp_path):
     with pytest.raises(DataError) as caught:
         MedicalVQA(write(tmp_path / "train.tsv", "a\tb\n"), "vqa_rad").records()
     one_line(caught.value, "train.tsv", "JSON or JSON Lines")
+    folder = tmp_path / "vqa_rad"  # the release's folder, not its annotation file: was read without any image
+    write(folder / "VQA_RAD Dataset Public.json", [VQA_RAD])
+    with pytest.raises(DataError) as caught:
+        MedicalVQA(str(folder), "vqa_rad").records()
+    one_line(caught.value, str(folder), "no row has an image", "path=<folder>/VQA_RAD Dataset Public.json")
 
 
 # ------------------------------------------------------------------------------------------------ records

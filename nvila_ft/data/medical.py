@@ -177,6 +177,11 @@ class MedicalVQA:
         source = self.hugging_face_source()
         records = source.records()
         self.errors = list(source.errors)
+        if records and all(record.modality == "text" for record in records):
+            own = {"vqa_rad": "VQA_RAD Dataset Public.json", "pathvqa": None}[self.layout]
+            hint = f"; for the official release give its annotation file, path=<folder>/{own}" if own else ""
+            raise DataError(f"{self.path}: read as the Hugging Face copy of {self.layout}, but no row has an image "
+                            f"(no 'image' column){hint}")
         for record in records:
             record.meta = {**record.meta, "question_type": answer_type(None, record.answer or ""), "dataset": self.layout}
         return records
