@@ -520,3 +520,27 @@ def test_prune_writes_medical_and_grounding_subsets_and_refuses_episodes_up_fron
     with pytest.raises(DataError) as caught:
         check_subset_source(episodes)
     one_line(caught.value, "episodes.json", "cannot write a subset of a RobotEpisodes source")
+
+
+def test_validation_names_unsafe_and_broken_media_of_domain_records(media, tmp_path):
+    """Through the processor, as `validate-data` and training run them: a robot episode whose video leaves the media
+    root or whose window takes a symlinked frame, a VQA-RAD series folder holding a symlink out, a truncated DICOM."""
+    from nvila_ft.data.validation import validate_records
+
+    from .test_validation import make_processor
+
+    root, _ = media
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), root / "truncated.dcm")
+    step = {"frame": 1, "action": {"x": 0.0, "grip": "open"}}
+    episodes = [{"episode_id": "ok", "video": "frames", "instruction": "pick", "steps": [step]},
+                {"episode_id": "out", "video": "../outside", "instruction": "pick", "steps": [step]},
+                {"episode_id": "link", "video": "frames", "instruction": "pick", "steps": [{**step, "frame": 3}]}]
+    path = write(root / "episodes.json", json.dumps(episodes))
+    records = RobotEpisodes(path, action_fields=ACTIONS).records()
+    scans = [{**VQA_RAD, "qid": "series", "image_name": "series/"}, {**VQA_RAD, "qid": "cut", "image_name": "truncated.dcm"}]
+    records += MedicalVQA(write(root / "vqa_rad.json", json.dumps(scans)), "vqa_rad", media_root=str(root)).records()
+    report = validate_records(records, make_processor("nvila-video-tiny"))
+    kinds = {bad.origin: bad.kind for bad in report.bad}
+    assert kinds == {f"{path}[1].steps[0]": "unsafe_path", f"{path}[2].steps[0]": "unsafe_path",
+                     records[3].origin: "unsafe_path", records[4].origin: "corrupt_media"}, report.lines()
+    assert all("\n" not in line for line in report.lines())
