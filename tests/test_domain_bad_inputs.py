@@ -97,6 +97,13 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path, case, content, 
         one_line(caught.value, str(path), expected)
 
 
+def test_an_empty_json_lines_file_holds_no_record(tmp_path):
+    """Unlike an empty .json (not even []): prune writes one for a mixture's file none of whose records is kept."""
+    path = write(tmp_path / "empty.jsonl", "")
+    for name, source in file_sources(path).items():
+        assert source.records() == [] and source.errors == [], name
+
+
 def test_a_directory_or_a_binary_file_is_one_line(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

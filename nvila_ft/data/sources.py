@@ -109,9 +109,7 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
     """(record index, parsed record) of a JSON list or JSON Lines file; a line that is not JSON yields a
     `_RecordProblem` in place of its record, a JSON list that does not parse raises DataError."""
     text = _read_text(file)
-    if not text.strip():
-        raise DataError(f"{name}: empty file (expected a JSON list of records, or JSON Lines: one record a line)")
-    if _is_json_lines(file, text):
+    if _is_json_lines(file, text):  # an empty JSON Lines file holds no record (a pruned subset may be one)
         index = 0
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -122,6 +120,8 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
                 yield index, _RecordProblem(f"line {line_number}: not valid JSON ({e.msg} at column {e.colno})")
             index += 1
         return
+    if not text.strip():
+        raise DataError(f"{name}: empty file (expected a JSON list of records; an empty list is [])")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
