@@ -111,6 +111,11 @@ def test_a_directory_or_a_binary_file_is_one_line(tmp_path):
         with pytest.raises(DataError) as caught:
             source.records()
         one_line(caught.value, str(folder))
+    for pickle in (write(tmp_path / "data.pkl", b"(lp0\n."), write(tmp_path / "data.pickle", b"\x80\x04N.")):
+        for name, source in file_sources(pickle).items():  # a protocol-0 pickle is ASCII: refused by its name
+            with pytest.raises(DataError) as caught:
+                source.records()
+            one_line(caught.value, pickle, "a pickle")
     binary = write(tmp_path / "data.json", b"\xff\xfe\x00\x80garbage")
     for name, source in file_sources(binary).items():
         with pytest.raises(DataError) as caught:

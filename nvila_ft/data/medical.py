@@ -40,6 +40,7 @@ from typing import Any
 
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import (
+    PICKLE_SUFFIXES,
     DataError,
     HFDataset,
     _absolute_root,
@@ -58,7 +59,6 @@ LAYOUTS = ("vqa_rad", "slake", "pathvqa", "pmc_vqa")
 # Where each layout keeps its images, relative to its annotation file (used when that folder exists).
 IMAGE_FOLDERS = {"vqa_rad": "VQA_RAD Image Folder", "slake": "imgs", "pmc_vqa": "figures"}
 PMC_VQA_LETTERS = ("A", "B", "C", "D")
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 _OPTION_PREFIX = re.compile(r"^\s*([A-Da-d])\s*[:.)]\s*")
 
 

@@ -37,6 +37,8 @@ ON_ERROR = ("raise", "collect")
 LLAVA_MEDIA_FIELDS = (("image", "image"), ("images", "image"), ("video", "video"), ("videos", "video"))
 # `datasets` builders for local data files, by file extension.
 HF_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+# Never read: unpickling runs arbitrary code.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 
 
 class DataError(ValueError):
@@ -658,6 +660,9 @@ def _absolute_root(media_root: str | None, default: Path) -> str:
 
 
 def _read_text(file: Path) -> str:
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise DataError(f"{file}: a pickle, which can run arbitrary code when loaded, so nvila-ft does not read it; "
+                        "convert it to JSON or JSON Lines")
     try:
         return file.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
     except (OSError, UnicodeDecodeError) as e:
