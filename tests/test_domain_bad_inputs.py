@@ -215,6 +215,10 @@ def test_medical_limit_and_language(tmp_path):
         MedicalVQA(path, "slake", language="english").records()
     one_line(caught.value, path, "no record has q_lang 'english'", "en, zh")
     assert len(MedicalVQA(path, "slake", language="zh").records()) == 1
+    no_split = write(tmp_path / "hf.json", json.dumps([VQA_RAD]))  # a copy without phrase_type: all train
+    with pytest.raises(DataError) as caught:
+        MedicalVQA(no_split, "vqa_rad", split="test").records()
+    one_line(caught.value, no_split, "no record is in VQA-RAD's test split", "split to null")
 
 
 def test_pmc_vqa_rows(tmp_path):

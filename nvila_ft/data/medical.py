@@ -107,7 +107,8 @@ class MedicalVQA:
             raise DataError(f"{self.path}: no such file or folder")
         root = self._root(file)
         out: list[Record] = []
-        kept_languages: set[str | None] = set()
+        other_languages: set[str | None] = set()  # of the records a filter (language, split) left out
+        filtered = 0
         for index, entry in self._entries(file):
             if self.limit is not None and len(out) >= self.limit:
                 break
@@ -119,13 +120,20 @@ class MedicalVQA:
                 continue
             if record is not None:
                 out.append(record)
-            elif self.layout == "slake":
-                kept_languages.add(_optional_text(entry, "q_lang"))
-        if not out and kept_languages and self.language is not None:
-            found = ", ".join(sorted(str(language) for language in kept_languages))
-            raise DataError(f"{self.path}: no record has q_lang {self.language!r} (the file's q_lang values: {found}); "
-                            "set language to one of them, or null for all")
+            else:
+                filtered += 1
+                other_languages.add(_optional_text(entry, "q_lang"))
+        if not out and filtered:
+            raise DataError(f"{self.path}: {self._filter_left_nothing(other_languages)}")
         return out
+
+    def _filter_left_nothing(self, languages: set[str | None]) -> str:
+        """Why a file whose records were all filtered out gave none, and what to set instead."""
+        if self.layout == "slake":
+            found = ", ".join(sorted(str(language) for language in languages))
+            return f"no record has q_lang {self.language!r} (the file's q_lang values: {found}); set language to one of them, or null for all"
+        return (f"no record is in VQA-RAD's {self.split} split (test questions have a phrase_type starting with 'test'); "
+                "set split to null to keep every question")
 
     # -- files
     def reads_hugging_face(self) -> bool:
