@@ -3,7 +3,8 @@ task; the run directory has finetune's layout, so `evaluate run=` and `export ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -68,8 +69,12 @@ class DPOOptions:
         unknown = [t for t in types if t not in LOSS_TYPES]
         if not types or unknown:
             raise ConfigError(f"dpo.loss_type = {self.loss_type!r}: use one (or a list) of {', '.join(LOSS_TYPES)}")
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta = {self.beta}: must be > 0")
+        if not math.isfinite(self.beta) or self.beta <= 0:
+            raise ConfigError(f"dpo.beta = {self.beta}: must be a finite number > 0")
+        owned = sorted(set(self.extra) & ({f.name for f in fields(self)} - {"extra"}))
+        if owned:
+            raise ConfigError(f"dpo.extra sets {owned}, which are dpo options of their own; set dpo.{owned[0]}=... "
+                              "instead (so that they are checked)")
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ConfigError(f"dpo.loss_weights: {len(self.loss_weights)} weights for {len(types)} loss types")
         if not 0 <= self.label_smoothing < 1:

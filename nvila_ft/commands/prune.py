@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nvila_ft.atomic import atomic_write_bytes, atomic_write_json
 from nvila_ft.commands.common import build, load_model, log, seed_everything, trained_adapters
-from nvila_ft.data.subset import WrittenSubset, write_subset
+from nvila_ft.data.subset import WrittenSubset, check_subset_source, write_subset
 from nvila_ft.model.source import ModelSource
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
@@ -108,6 +108,7 @@ def prune(cfg: DictConfig) -> None:
     set_cpu_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     rule = options.rule
+    check_subset_source(task.train)  # before the two models score everything
     choices = [choose_model(name, getattr(options, name), cfg, out_dir) for name in ("strong", "weak")]
 
     records = [task.format(r) for r in task.train.records()]

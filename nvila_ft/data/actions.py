@@ -11,7 +11,7 @@ could read and one problem per missing, unknown, repeated or invalid field.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +73,11 @@ class ActionFormat:
             if not isinstance(spec, Mapping):
                 raise ValueError(f"{where}: expected {{low, high, bins}} or {{values: [...]}}, got {spec!r}")
             if "values" in spec:
-                values = [str(v).lower() for v in spec["values"] or []]
+                given = spec["values"]
+                # a bare string would be read letter by letter ("open" -> o, p, e, n)
+                values = [str(v).lower() for v in given] if isinstance(given, Sequence) and not isinstance(given, str) else []
                 if not values or len(set(values)) != len(values) or any(" " in v or "=" in v or not v for v in values):
-                    raise ValueError(f"{where}.values: distinct non-empty words without '=', got {spec['values']!r}")
+                    raise ValueError(f"{where}.values: a list of distinct non-empty words without '=', got {spec['values']!r}")
                 self.fields[name] = {"values": values}
                 continue
             try:

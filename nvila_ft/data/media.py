@@ -155,6 +155,8 @@ def image_size(source: ImageSource, media_root: str | os.PathLike | None = None)
     try:
         with Image.open(fp) as opened:
             return opened.size
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{fp}: refused as a decompression bomb ({e})") from e
     except _IMAGE_DECODE_ERRORS as e:
         raise MediaError(f"{fp}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -266,11 +268,24 @@ def _read_dicom(path: pathlib.Path, pixels: bool = True) -> object:
     try:
         dataset = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
         if pixels:
+            _check_dicom_pixel_count(dataset, path)
             dataset.pixel_array  # noqa: B018 - decode now, so that a broken file fails here
+    except MediaError:
+        raise
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for unreadable or compressed data
         what = "decode DICOM" if pixels else "read the DICOM header"
         raise MediaError(f"{path}: cannot {what} ({type(e).__name__}: {e})") from e
     return dataset
+
+
+def _check_dicom_pixel_count(dataset: object, path: pathlib.Path) -> None:
+    """Refuse a DICOM whose header declares a frame larger than Pillow refuses for any image (twice
+    `Image.MAX_IMAGE_PIXELS`), before its (possibly compressed) pixel data is decoded into that much memory."""
+    limit = Image.MAX_IMAGE_PIXELS
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    if limit is not None and rows * columns > 2 * limit:
+        raise MediaError(f"{path}: refused as a decompression bomb (the header declares {columns}x{rows} pixels a "
+                         f"frame, over twice Pillow's limit of {limit} pixels)")
 
 
 def _dicom_frames(dataset: object, path: pathlib.Path, indices: Sequence[int] | None, window: DicomWindow) -> list[Image.Image]:
@@ -349,7 +364,8 @@ def dicom_video_frames(source: VideoSource, media_root: str | os.PathLike | None
         return None
     path = resolve_media_path(source, media_root)
     if path.is_dir():
-        files = _frame_files(path)
+        # each file through the media-root check before it is opened: a slice may be a symlink pointing out
+        files = [resolve_media_path(f, media_root) for f in _frame_files(path)]
         # a series when a file is named .dcm or the first file is DICOM; frame-image folders are not opened here
         if not files or not (any(f.suffix.lower() in DICOM_SUFFIXES for f in files) or is_dicom(files[0])):
             return None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any
 
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import (
+    PICKLE_SUFFIXES,
     DataError,
     HFDataset,
     _absolute_root,
@@ -59,7 +61,6 @@ LAYOUTS = ("vqa_rad", "slake", "pathvqa", "pmc_vqa")
 # Where each layout keeps its images, relative to its annotation file (used when that folder exists).
 IMAGE_FOLDERS = {"vqa_rad": "VQA_RAD Image Folder", "slake": "imgs", "pmc_vqa": "figures"}
 PMC_VQA_LETTERS = ("A", "B", "C", "D")
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 _OPTION_PREFIX = re.compile(r"^\s*([A-Da-d])\s*[:.)]\s*")
 
 
@@ -102,13 +103,17 @@ class MedicalVQA:
                 "convert it to parquet or JSON Lines with image, question and answer fields (the layout of the "
                 "Hugging Face copy of PathVQA), e.g. by loading it once in a trusted session"
             )
-        if glob.has_magic(self.path) or file.is_dir() or file.suffix.lower() in (".parquet", ".arrow"):
+        if self.reads_hugging_face():
             return self._hugging_face()
         if not file.exists():
             raise DataError(f"{self.path}: no such file or folder")
         root = self._root(file)
         out: list[Record] = []
+        other_languages: set[str | None] = set()  # of the records a filter (language, split) left out
+        filtered = 0
         for index, entry in self._entries(file):
+            if self.limit is not None and len(out) >= self.limit:
+                break
             origin = f"{self.path}[{index}]"
             try:
                 record = self._record(entry, origin, root)
@@ -117,11 +122,30 @@ class MedicalVQA:
                 continue
             if record is not None:
                 out.append(record)
-                if self.limit is not None and len(out) >= self.limit:
-                    break
+            else:
+                filtered += 1
+                other_languages.add(_optional_text(entry, "q_lang"))
+        if not out and filtered:
+            raise DataError(f"{self.path}: {self._filter_left_nothing(other_languages)}")
         return out
 
+    def _filter_left_nothing(self, languages: set[str | None]) -> str:
+        """Why a file whose records were all filtered out gave none, and what to set instead."""
+        if self.layout == "slake":
+            found = ", ".join(sorted(str(language) for language in languages))
+            return f"no record has q_lang {self.language!r} (the file's q_lang values: {found}); set language to one of them, or null for all"
+        return (f"no record is in VQA-RAD's {self.split} split (test questions have a phrase_type starting with 'test'); "
+                "set split to null to keep every question")
+
     # -- files
+    def reads_hugging_face(self) -> bool:
+        """Whether `path` is a Hugging Face copy (parquet/arrow, a folder or a glob) rather than an annotation file."""
+        return glob.has_magic(self.path) or Path(self.path).is_dir() or Path(self.path).suffix.lower() in (".parquet", ".arrow")
+
+    def media_folder(self) -> str:
+        """The folder the annotation file's image paths are relative to (absolute)."""
+        return self._root(Path(self.path))
+
     def _root(self, file: Path) -> str:
         folder = IMAGE_FOLDERS.get(self.layout)
         default = file.parent / folder if folder and (file.parent / folder).is_dir() else file.parent
@@ -129,6 +153,8 @@ class MedicalVQA:
 
     def _entries(self, file: Path) -> Iterator[tuple[int, Any]]:
         if self.layout == "pmc_vqa":
+            if file.suffix.lower() not in (".csv", ".tsv", ".tab"):
+                raise DataError(f"{self.path}: a pmc_vqa file is the release's CSV table, not {file.suffix or 'extensionless'}")
             return self._csv_rows(file)
         if file.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
             raise DataError(f"{self.path}: a {self.layout} file is JSON or JSON Lines (or parquet/arrow), not {file.suffix or 'extensionless'}")
@@ -150,14 +176,22 @@ class MedicalVQA:
         for index, row in enumerate(rows):
             yield index, {(k.strip() if isinstance(k, str) else k): v for k, v in row.items()}
 
-    def _hugging_face(self) -> list[Record]:
-        """The Hugging Face copies of VQA-RAD / PathVQA (image, question, answer columns), via HFDataset."""
+    def hugging_face_source(self) -> HFDataset:
+        """The HFDataset that reads the Hugging Face copies of VQA-RAD / PathVQA (image, question, answer columns)."""
         if self.layout not in ("vqa_rad", "pathvqa"):
             raise DataError(f"{self.path}: {self.layout} is read from its own annotation file, not parquet/arrow/a folder")
-        source = HFDataset(self.path, media_root=self.media_root, question_column="question", answer_column="answer",
-                           image_column="image", limit=self.limit, on_error=self.on_error)
+        return HFDataset(self.path, media_root=self.media_root, question_column="question", answer_column="answer",
+                         image_column="image", limit=self.limit, on_error=self.on_error)
+
+    def _hugging_face(self) -> list[Record]:
+        source = self.hugging_face_source()
         records = source.records()
         self.errors = list(source.errors)
+        if records and all(record.modality == "text" for record in records):
+            own = {"vqa_rad": "VQA_RAD Dataset Public.json", "pathvqa": None}[self.layout]
+            hint = f"; for the official release give its annotation file, path=<folder>/{own}" if own else ""
+            raise DataError(f"{self.path}: read as the Hugging Face copy of {self.layout}, but no row has an image "
+                            f"(no 'image' column){hint}")
         for record in records:
             record.meta = {**record.meta, "question_type": _yes_no_type(record.answer or ""), "dataset": self.layout}
         return records
@@ -213,7 +247,7 @@ class MedicalVQA:
         elif image is not None:
             images.append(image)
         if entry.get("video") is not None:
-            videos.append(_text(entry, "video"))
+            videos.append(_image_value(entry, "video"))
         kind = kind or answer_type(None, answer)
         meta = {"question_type": kind, "dataset": self.layout} | {k: v for k, v in meta.items() if v is not None}
         return Record(_question_answer(images, videos, question, answer), origin, _optional_text(entry, id_field), root, meta)
@@ -258,6 +292,8 @@ def _text(entry: dict[str, Any], field: str, kind: str = "structure") -> str:
         if value is None or value == "":
             raise _RecordProblem(f"field {field!r}: missing or empty", kind=kind)
         raise _RecordProblem(f"field {field!r}: expected text, got {_describe_value(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _RecordProblem(f"field {field!r}: expected text, got {value!r} (an empty spreadsheet cell?)", kind=kind)
     text = str(value).strip()
     if not text:
         raise _RecordProblem(f"field {field!r}: missing or empty", kind=kind)
@@ -270,13 +306,13 @@ def _optional_text(entry: dict[str, Any], field: str) -> str | None:
 
 
 def _image_value(entry: dict[str, Any], field: str) -> Any:
-    """An image field: a relative path, or (Hugging Face JSON) a {"path"} / {"bytes"} dict."""
+    """A media field (image or video): a relative path, or (Hugging Face JSON) a {"path"} dict."""
     value = entry.get(field)
     if isinstance(value, str) and value.strip():
         return value.strip()
     if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
         return value["path"]
     if value is None or value == "":
-        raise _RecordProblem(f"field {field!r}: missing or empty (the image file)")
-    raise _RecordProblem(f"field {field!r}: expected an image path, got {_describe_value(value)}")
+        raise _RecordProblem(f"field {field!r}: missing or empty (the media file)")
+    raise _RecordProblem(f"field {field!r}: expected a file path, got {_describe_value(value)}")
 

@@ -37,6 +37,8 @@ ON_ERROR = ("raise", "collect")
 LLAVA_MEDIA_FIELDS = (("image", "image"), ("images", "image"), ("video", "video"), ("videos", "video"))
 # `datasets` builders for local data files, by file extension.
 HF_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+# Never read: unpickling runs arbitrary code.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 
 
 class DataError(ValueError):
@@ -109,7 +111,7 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
     """(record index, parsed record) of a JSON list or JSON Lines file; a line that is not JSON yields a
     `_RecordProblem` in place of its record, a JSON list that does not parse raises DataError."""
     text = _read_text(file)
-    if _is_json_lines(file, text):
+    if _is_json_lines(file, text):  # an empty JSON Lines file holds no record (a pruned subset may be one)
         index = 0
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -120,6 +122,8 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
                 yield index, _RecordProblem(f"line {line_number}: not valid JSON ({e.msg} at column {e.colno})")
             index += 1
         return
+    if not text.strip():
+        raise DataError(f"{name}: empty file (expected a JSON list of records; an empty list is [])")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -656,6 +660,9 @@ def _absolute_root(media_root: str | None, default: Path) -> str:
 
 
 def _read_text(file: Path) -> str:
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise DataError(f"{file}: a pickle, which can run arbitrary code when loaded, so nvila-ft does not read it; "
+                        "convert it to JSON or JSON Lines")
     try:
         return file.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
     except (OSError, UnicodeDecodeError) as e:

@@ -2,10 +2,12 @@
 
 Records carry `origin` = "<file>[<index>]" (nvila_ft.data.records), so the subset is copied from the original
 entries, not re-serialised from Records: LLaVA JSON -> the same entries, unchanged, as a JSON list; JSON Lines ->
-the original lines; CSV/TSV -> the header and the original rows (same delimiter); a Hugging Face dataset
+the original lines; CSV/TSV (PMC-VQA's too) -> the header and the original rows (same delimiter); a Hugging Face dataset
 (nvila_ft.data.sources.HFDataset) -> the selected rows, as a saved dataset or data file of the input's kind. Each
 kept entry keeps its original order. Built-in data is LLaVA JSON in a cache folder: its subset is LLaVA JSON whose
-media paths are relative to that folder (returned as the file's media root).
+media paths are relative to that folder (returned as the file's media root). Medical VQA annotation files
+(VQA-RAD, SLAKE JSON; PMC-VQA CSV; Hugging Face copies as HFDataset) and grounding files are copied the same way; their media root is the image
+folder they were read with. `check_subset_source` says up front whether a source can be written.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ def origin_parts(origin: str) -> tuple[str, int]:
 
 
 def leaf_sources(source: Any) -> list[Any]:
-    """The sources that read files: a Mixture's members, recursively; others as they are."""
+    """The sources that read files: a Mixture's members, recursively; a MedicalVQA of a Hugging Face copy, its
+    HFDataset; others as they are."""
+    from nvila_ft.data.medical import MedicalVQA
+
     if isinstance(source, Mixture):
         return [leaf for member in source.sources for leaf in leaf_sources(member)]
+    if isinstance(source, MedicalVQA) and source.reads_hugging_face():
+        return [source.hugging_face_source()]  # its records are that HFDataset's rows, by their origins
     return [source]
 
 
@@ -70,9 +77,22 @@ def write_subset(source: Any, origins: Iterable[str], out_dir: str | Path) -> li
     return written
 
 
+def check_subset_source(source: Any) -> None:
+    """DataError now, before any work, when `write_subset` could not write a subset of `source`."""
+    for leaf in leaf_sources(source):
+        _prefix_and_root(leaf)
+
+
 def _prefix_and_root(leaf: Any) -> tuple[str, str | None]:
     from nvila_ft.data.builtin import BuiltinData
+    from nvila_ft.data.medical import MedicalVQA
+    from nvila_ft.data.referring import GroundingData
 
+    if isinstance(leaf, MedicalVQA):
+        return leaf.path, leaf.media_folder()
+    if isinstance(leaf, GroundingData) and leaf.path is not None:
+        root = leaf.media_root if leaf.media_root is not None else Path(leaf.path).parent
+        return leaf.path, str(Path(root).resolve())
     if isinstance(leaf, BuiltinData):
         path = leaf.path()
         return str(path), str(path.parent.resolve())
@@ -86,8 +106,9 @@ def _prefix_and_root(leaf: Any) -> tuple[str, str | None]:
             return str(path / split), str(Path(leaf.media_root or path).resolve())
         root = leaf.media_root or (path if path.is_dir() else path.parent)
         return leaf.path, str(Path(root).resolve())
-    raise DataError(f"cannot write a subset of a {type(leaf).__name__} source (LlavaJson, TableSource, HFDataset, "
-                    "BuiltinData and Mixtures of them are supported)")
+    raise DataError(f"{getattr(leaf, 'path', None) or 'built-in data'}: cannot write a subset of a {type(leaf).__name__} "
+                    "source (supported: LlavaJson and PreferenceJson, TableSource, HFDataset, BuiltinData, MedicalVQA, "
+                    "GroundingData files, and Mixtures of them)")
 
 
 def _hf_name(leaf: HFDataset) -> str:
@@ -103,14 +124,14 @@ def _write_one(leaf: Any, prefix: str, indices: set[int], out: Path, media_root:
     file = Path(prefix)
     text = _read_text(file)
     suffix = file.suffix.lower()
-    table = isinstance(leaf, TableSource) and suffix not in (".jsonl", ".ndjson", ".json")
+    table = _is_table(leaf, suffix)
     if not table and _is_json_lines(file, text):
         lines = [line for line in text.splitlines() if line.strip()]  # indices count non-blank lines, as the reader does
         kept = [line for i, line in enumerate(lines) if i in indices]
         atomic_write_bytes(out, "".join(line + "\n" for line in kept).encode())
         return WrittenSubset(prefix, out, len(kept), media_root, "json_lines")
     if table:
-        delimiter = leaf.delimiter or ("\t" if suffix in (".tsv", ".tab") else ",")
+        delimiter = getattr(leaf, "delimiter", None) or ("\t" if suffix in (".tsv", ".tab") else ",")
         rows = list(csv.reader(text.splitlines(keepends=True), delimiter=delimiter))
         buffer = io.StringIO()
         writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
@@ -123,6 +144,14 @@ def _write_one(leaf: Any, prefix: str, indices: set[int], out: Path, media_root:
     kept = [entry for i, entry in enumerate(entries) if i in indices]
     atomic_write_bytes(out, (json.dumps(kept, indent=2, ensure_ascii=False) + "\n").encode())
     return WrittenSubset(prefix, out, len(kept), media_root, "llava_json")
+
+
+def _is_table(leaf: Any, suffix: str) -> bool:
+    from nvila_ft.data.medical import MedicalVQA
+
+    if isinstance(leaf, MedicalVQA):
+        return leaf.layout == "pmc_vqa"
+    return isinstance(leaf, TableSource) and suffix not in (".jsonl", ".ndjson", ".json")
 
 
 def _write_hf(leaf: HFDataset, prefix: str, indices: set[int], out: Path, media_root: str | None) -> WrittenSubset:
