@@ -15,15 +15,7 @@ import pytest
 from nvila_ft.data.media import DICOM_WINDOWS, MediaError, dicom_video_frames, load_image, load_video
 from nvila_ft.training.config import ConfigError, DataOptions
 
-pydicom = pytest.importorskip("pydicom")
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-
-
-def bundled(name: str) -> Path:
-    path = TEST_FILES / name
-    if not path.is_file():
-        pytest.skip(f"{name} is not bundled with this pydicom")
-    return path
+from tests.test_dicom import bundled, pydicom  # pydicom's real CT / MR files (skipped without pydicom)
 
 
 def linear_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:

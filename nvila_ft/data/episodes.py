@@ -153,8 +153,6 @@ class RobotEpisodes:
 
 
 def _episode(entry: Any) -> tuple[str | None, str, str, list[Any]]:
-    if isinstance(entry, _RecordProblem):
-        raise entry
     if not isinstance(entry, dict):
         raise _RecordProblem(f"expected a dict (an episode), got {type(entry).__name__}")
     video = entry.get("video")

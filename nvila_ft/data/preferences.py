@@ -48,8 +48,6 @@ class PreferenceJson(LlavaJson):
 
 def preference_record(entry: Any, origin: str, media_root: str) -> Record:
     """One preference entry (either layout) -> a Record ending with the chosen reply, the rejected one in meta."""
-    if isinstance(entry, _RecordProblem):
-        raise entry
     if not isinstance(entry, dict):
         raise _RecordProblem(f"expected a dict (a preference record), got {type(entry).__name__}")
     chosen, rejected = _reply(entry, "chosen"), _reply(entry, "rejected")

@@ -103,8 +103,6 @@ class GroundingData:
         return json_file_records(self, Path(self.path), self.path, lambda entry, origin, index: self._refcoco_record(entry, origin, index, root))
 
     def _refcoco_record(self, entry: Any, origin: str, index: int, root: str) -> list[Record]:
-        if isinstance(entry, _RecordProblem):
-            raise entry
         if not isinstance(entry, dict):
             raise _RecordProblem(f"expected an object with 'image', 'expression' or 'sentences', and 'bbox'; got {_describe_value(entry)}")
         image = entry.get("image")

@@ -99,6 +99,8 @@ def json_file_records(
     for index, entry in _limited(_json_entries(file, name), source.limit):
         origin = f"{name}[{index}]"
         try:
+            if isinstance(entry, _RecordProblem):  # the entry could not be read (a broken JSON line)
+                raise entry
             made = make(entry, origin, index)
         except _RecordProblem as problem:
             _report(source, origin, problem)
@@ -155,8 +157,6 @@ def _is_json_lines(file: Path, text: str) -> bool:
 
 
 def _llava_record(entry: Any, origin: str, media_root: str) -> Record:
-    if isinstance(entry, _RecordProblem):
-        raise entry
     if not isinstance(entry, dict):
         raise _RecordProblem(f"expected a dict (a LLaVA record), got {type(entry).__name__}")
     counts = {"image": 0, "video": 0}
