@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -297,18 +298,19 @@ def training_state_lines(model: Any, shape: RunShape) -> list[Line]:
 
 # ---------------------------------------------------------------------------------------------- activations
 class _SavedTensors:
-    """Bytes of the tensors autograd saves for backward inside the context (storages counted once, parameters
-    and the given inputs left out)."""
+    """Bytes of the tensors autograd saves for backward inside the context and still holds when `bytes` is read
+    (storages counted once, parameters and the given inputs left out). Read it while the traced output is alive:
+    what a discarded side graph saved (PEFT's DoRA builds one to take the weight norm) is freed in a real step."""
 
     def __init__(self, exclude: Sequence[torch.Tensor]) -> None:
         self.exclude = {t.untyped_storage()._cdata for t in exclude}
-        self.storages: dict[int, int] = {}
+        self.saved: list[tuple[weakref.ref, int, int]] = []
 
     def __enter__(self) -> "_SavedTensors":
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
             if storage._cdata not in self.exclude:
-                self.storages[storage._cdata] = max(self.storages.get(storage._cdata, 0), storage.nbytes())
+                self.saved.append((weakref.ref(tensor), storage._cdata, storage.nbytes()))
             return tensor
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
@@ -320,7 +322,11 @@ class _SavedTensors:
 
     @property
     def bytes(self) -> int:
-        return sum(self.storages.values())
+        alive: dict[int, int] = {}
+        for tensor, storage, nbytes in self.saved:
+            if tensor() is not None:
+                alive[storage] = max(alive.get(storage, 0), nbytes)
+        return sum(alive.values())
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -387,10 +393,10 @@ def _layer_activations(model: Any, name: str, tokens: int, rows: int) -> int:
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             positions = torch.arange(tokens, device="meta")[None].expand(rows, -1)
             embeddings = base.model.rotary_emb(hidden, positions)
-            layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
+            _output = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
         else:
-            layer(hidden, None)
-    return saved.bytes
+            _output = layer(hidden, None)
+    return saved.bytes  # while `_output` holds the graph
 
 
 def _projector_activations(model: Any, tiles: int) -> int:
@@ -399,8 +405,8 @@ def _projector_activations(model: Any, tiles: int) -> int:
     features = torch.empty(tiles, config.patches_per_side**2, config.mm_hidden_size, device="meta", dtype=dtype,
                            requires_grad=_trains_before(model, "mm_projector"))
     with torch.enable_grad(), _SavedTensors([features, *model.mm_projector.parameters()]) as saved:
-        model.mm_projector(features)
-    return saved.bytes
+        _output = model.mm_projector(features)
+    return saved.bytes  # while `_output` holds the graph
 
 
 def _loss_activations(model: Any, positions: int, rows: int, logits_positions: int) -> tuple[int, int]:
@@ -413,10 +419,12 @@ def _loss_activations(model: Any, positions: int, rows: int, logits_positions: i
     with torch.enable_grad(), _SavedTensors([hidden, *base.parameters()]) as saved:
         normed = base.model.norm(hidden)[:, :logits_positions]
         logits = base.lm_head(normed).float()
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[:2], dtype=torch.long, device="meta").flatten())
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[:2], dtype=torch.long, device="meta").flatten())
+    saved_bytes = saved.bytes  # while `loss` holds the graph
     vocab = model.config.vocab_size
     transient = rows * logits_positions * vocab * (DTYPE_BYTES.get(dtype, 4) + 4)  # logits and their float32 copy
-    return saved.bytes, transient
+    del loss
+    return saved_bytes, transient
 
 
 def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[Line]:
