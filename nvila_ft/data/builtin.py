@@ -482,16 +482,18 @@ def _build(
     return data_path
 
 
-def _is_complete(out_dir: Path, manifest: dict[str, Any]) -> bool:
+def _is_complete(out_dir: Path, manifest: dict[str, Any], data_file: str = DATA_FILE, with_answers: bool = True) -> bool:
+    """Whether `out_dir` holds the dataset `manifest` describes: the same manifest, all its entries, their media
+    (an entry's "image" or "video": a file, or a frame folder) and, for question-answer sets, answers.json."""
     try:
         if json.loads((out_dir / MANIFEST_FILE).read_text()) != manifest:
             return False
-        records = json.loads((out_dir / DATA_FILE).read_text())
+        entries = json.loads((out_dir / data_file).read_text())
     except (OSError, ValueError):
         return False
-    if len(records) != manifest["count"] or not (out_dir / ANSWERS_FILE).is_file():
+    if len(entries) != manifest["count"] or (with_answers and not (out_dir / ANSWERS_FILE).is_file()):
         return False
-    return all((out_dir / (r.get("image") or r.get("video") or "")).is_file() for r in records)
+    return all((media := e.get("image") or e.get("video")) and (out_dir / media).exists() for e in entries)
 
 
 def default_cache_dir() -> Path:
@@ -566,7 +568,7 @@ def make_robot_episodes_dataset(
     data_path = out_dir / EPISODES_FILE
     params = {"num_episodes": num_episodes, "seed": seed, "grid": grid, "cell": cell, "media": media, "fps": fps}
     manifest = {"generator": "robot_episodes", "version": GENERATOR_VERSION, "params": params, "count": num_episodes}
-    if _episodes_complete(out_dir, manifest):
+    if _is_complete(out_dir, manifest, EPISODES_FILE, with_answers=False):
         return data_path
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     episodes = []
@@ -620,13 +622,3 @@ def _episode_frame(grid: int, cell: int, background: int, color: tuple[int, int,
     draw.rectangle((column * cell, row * cell, column * cell + cell - 1, row * cell + cell - 1),
                    outline=(255, 255, 255), width=width)
     return frame
-
-
-def _episodes_complete(out_dir: Path, manifest: dict[str, Any]) -> bool:
-    try:
-        if json.loads((out_dir / MANIFEST_FILE).read_text()) != manifest:
-            return False
-        episodes = json.loads((out_dir / EPISODES_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return len(episodes) == manifest["count"] and all((out_dir / e["video"]).exists() for e in episodes)

@@ -343,6 +343,16 @@ class NVILAForConditionalGeneration(nn.Module):
             output.loss = soft_cross_entropy(output.logits, labels, soft_tokens, self.config.soft_ce_std, num_items_in_batch)
         return output
 
+    def decode(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, **kwargs: Any
+    ) -> Any:
+        """Qwen2's decoder (final norm included, no lm_head) over the spliced embeddings, LoRA layers active;
+        positions follow the attention mask when not given."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+
     def _selective_forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -355,8 +365,8 @@ class NVILAForConditionalGeneration(nn.Module):
     ) -> CausalLMOutputWithPast:
         """The training loss without full-vocabulary logits: Qwen2's decoder (final norm included), then only the
         supervised positions through lm_head, in chunks. `logits` is None."""
-        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # LoRA layers stay active
-        decoded = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        decoded = self.decode(inputs_embeds, attention_mask, position_ids, **kwargs)
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         loss = selective_cross_entropy(
             decoded.last_hidden_state, labels, llm.get_output_embeddings(), soft_tokens, self.config.soft_ce_std, num_items_in_batch
         )

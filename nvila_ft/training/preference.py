@@ -129,10 +129,7 @@ class NVILABackbone(nn.Module):
         **kwargs: Any,
     ) -> Any:
         embeds = self.model.embed(input_ids, pixel_values, image_grids, video_pixel_values, video_frame_counts)
-        if position_ids is None and attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        decoder = base_module(self.model.llm).model
-        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        return self.model.decode(embeds, attention_mask, position_ids, **kwargs)
 
 
 class PreferenceModel(nn.Module):
