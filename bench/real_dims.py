@@ -55,12 +55,12 @@ def conversation(setting: str, workdir: Path) -> list[dict]:
     content: list[dict] = []
     if size is not None:
         content.append({"type": "image", "image": Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))})
-    if frames is not None:
-        from nvila_ft.data.media import write_video
-
-        clip = workdir / "clip.mp4"
-        if not clip.is_file():
-            write_video([rng.integers(0, 256, (448, 448, 3), dtype=np.uint8) for _ in range(frames)], clip, fps=2)
+    if frames is not None:  # a folder of frames (a video the processor reads like a file; needs no PyAV)
+        clip = workdir / f"clip-{frames}"
+        if not (clip / f"{frames - 1:03d}.png").is_file():
+            clip.mkdir(parents=True, exist_ok=True)
+            for index in range(frames):
+                Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(clip / f"{index:03d}.png")
         content.append({"type": "video", "video": str(clip)})
     content.append({"type": "text", "text": " ".join(["word"] * words)})
     return [{"role": "user", "content": content}, {"role": "assistant", "content": "A short answer to learn from, as in VQA."}]
@@ -82,13 +82,13 @@ def load_policy(name: str):
 
 
 # ----------------------------------------------------------------------------------------------- the two ways
-def nvila_ft_model(checkpoint: Path, policy, dtype: torch.dtype, checkpointing: tuple[str, ...], device: str):
+def nvila_ft_model(checkpoint: Path, policy, dtype: torch.dtype, checkpointing: tuple[str, ...], device: str, trainable_float32: bool = True):
     from nvila_ft.adapters import apply_policy, load_for_policy
 
     model = apply_policy(load_for_policy(checkpoint, policy, dtype, device), policy)
     for param in model.parameters():
         if param.requires_grad:
-            param.data = param.data.float()  # precision.trainable_float32
+            param.data = param.data.float() if trainable_float32 else param.data.to(dtype)  # precision.trainable_float32
     model.selective_loss = True  # trainer.selective_loss
     if checkpointing:
         model.activation_checkpointing_enable(components=checkpointing)  # trainer.gradient_checkpointing
@@ -137,14 +137,22 @@ def run(args) -> dict:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     policy = load_policy(args.policy)
     checkpointing = SETTINGS[args.setting][3]
+    optim = "adamw_torch"
+    if args.levers and args.mode == "nvila-ft":  # every memory lever: checkpointing of both, 8-bit AdamW, 16-bit trained tensors
+        checkpointing, optim = ("vision_tower", "llm"), "adamw_bnb_8bit"
     checkpoint = checkpoint_dir(args.preset, dtype, args.workdir)
     if args.mode == "nvila-ft":
-        model = nvila_ft_model(checkpoint, policy, dtype, checkpointing, device)
+        model = nvila_ft_model(checkpoint, policy, dtype, checkpointing, device, trainable_float32=not args.levers)
         if args.fp8:  # precision=fp8: float8 matmuls in the LLM's linears (torchao Float8Linear)
             from nvila_ft.training.fp8 import convert_llm_to_float8
 
             convert_llm_to_float8(model, args.fp8)
-        optimizer = torch.optim.AdamW(parameter_groups(model, policy, 1e-5))
+        if optim == "adamw_bnb_8bit":  # trainer.optim=adamw_bnb_8bit: the Trainer's bitsandbytes AdamW8bit, same groups
+            import bitsandbytes
+
+            optimizer = bitsandbytes.optim.AdamW8bit(parameter_groups(model, policy, 1e-5))
+        else:
+            optimizer = torch.optim.AdamW(parameter_groups(model, policy, 1e-5))
     else:
         model = baseline_model(checkpoint, policy, dtype, device)
         if checkpointing:  # the setting asks for it: the Trainer's gradient_checkpointing=True, every layer
@@ -173,11 +181,13 @@ def run(args) -> dict:
         times.append(time.perf_counter() - start)
     peak = peak_bytes(step, device)
     seconds = statistics.median(times)
-    shape = RunShape(weights_dtype=dtype, checkpointing=checkpointing, selective_loss=args.mode == "nvila-ft", cuda=device == "cuda")
+    shape = RunShape(weights_dtype=dtype, checkpointing=checkpointing, selective_loss=args.mode == "nvila-ft", cuda=device == "cuda",
+                     optim=optim, trainable_float32=args.mode == "nvila-ft" and not args.levers)
     planned = plan(model.config, policy, SampleDemand(size.positions, size.tiles, size.supervised), shape).allocated
     out = {
         "preset": args.preset, "setting": args.setting, "policy": args.policy, "mode": args.mode, "precision": args.precision,
-        "fp8_compute": args.fp8 if args.mode == "nvila-ft" else None, "device": device, "positions": size.positions, "tiles": size.tiles, "steps_timed": args.steps,
+        "fp8_compute": args.fp8 if args.mode == "nvila-ft" else None, "levers": bool(args.levers and args.mode == "nvila-ft"),
+        "optim": optim, "checkpointing": list(checkpointing), "device": device, "positions": size.positions, "tiles": size.tiles, "steps_timed": args.steps,
         "peak_tensor_bytes": peak, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_seconds": round(seconds, 3), "tokens_per_second": round(size.positions / seconds, 1),
         "planned_bytes": planned if args.mode == "nvila-ft" else None,
@@ -216,6 +226,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["nvila-ft", "baseline"])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None, help="nvila-ft runs with precision=fp8")
+    parser.add_argument("--levers", action="store_true",
+                        help="nvila-ft runs with checkpointing of both components, 8-bit AdamW and 16-bit trained tensors")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nvila-real-dims")
@@ -234,7 +246,7 @@ def main() -> None:
     for policy in args.policies:
         for mode in args.modes:
             command = [sys.executable, __file__, "--preset", args.preset, "--setting", args.setting, "--precision", args.precision,
-                       *(["--fp8", args.fp8] if args.fp8 else []),
+                       *(["--fp8", args.fp8] if args.fp8 else []), *(["--levers"] if args.levers else []),
                        "--steps", str(args.steps), "--device", args.device, "--workdir", str(args.workdir), "--mode", mode, "--policy", policy]
             result = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]

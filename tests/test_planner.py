@@ -191,15 +191,16 @@ def small_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize(
     "policy_name, precision, tolerance, levers",
     [("ln_vit_lora_llm", "fp32", 0.10, ()), ("ft_vit_ft_llm", "fp32", 0.10, ()), ("frozen_vit_lora_llm", "fp32", 0.10, ()),
-     ("lora_vit_lora_llm", "fp32", 0.10, ()), ("ln_vit_lora_llm", "bf16", 0.15, ()), ("ft_vit_ft_llm", "bf16", 0.15, ()),
+     ("lora_vit_lora_llm", "fp32", 0.10, ()), ("ln_vit_lora_llm", "bf16", 0.10, ()), ("ft_vit_ft_llm", "bf16", 0.15, ()),
+     ("ln_vit_dora_llm", "bf16", 0.10, ()),  # autocast saves DoRA's weight copy in 16 bits: planned +35% before
      ("ln_vit_lora_llm", "fp32", 0.10, ("selective_loss", "llm")),
      ("ft_vit_lora_llm", "fp32", 0.10, ("selective_loss", "vision_tower", "llm")),
      ("ln_vit_dora_llm", "fp32", 0.10, ())],  # DoRA's weight-norm side graph is freed in forward: not counted
 )
 def test_planned_peak_is_near_the_measured_peak(small_checkpoint, policy_name, precision, tolerance, levers):
     """A step of the 8B layout at small width (378 positions, 14 tiles): the plan against the profiler's peak of
-    tensor bytes; float32 within 10%, bf16 autocast within 15% (autocast's cached weight copies are not planned);
-    with the levers too (logits only at supervised positions, checkpointing per component)."""
+    tensor bytes; float32 within 10%, bf16 autocast within 10% (15% with both components fully trained, where
+    the plan is ~11% under); with the levers too (logits only at supervised positions, checkpointing per component)."""
     from nvila_ft.data.processor import NVILAProcessor
     from nvila_ft.training.peak import peak_bytes
 

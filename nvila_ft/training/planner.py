@@ -4,7 +4,8 @@ Nothing here allocates the model. It is built on PyTorch's meta device (shapes o
 config files, and the adapter policy is applied to it, so parameter, gradient and optimizer-state counts are
 exact. Activations are traced on the meta device at the planned sample: one LLM decoder layer, one vision
 encoder layer, the projector and the loss run under autograd's saved-tensor hooks, so they are the tensors
-autograd keeps for backward, shared storages counted once and parameters left out. Attention is counted as the
+autograd keeps for backward, shared storages counted once and parameters left out; 16-bit runs are traced with
+autocast's casts of matrix-product inputs, which autocast itself does not apply on the meta device. Attention is counted as the
 fused kernels keep it (FlashAttention-2, SDPA's flash / memory-efficient paths, torch's CPU flash kernel):
 queries, keys, values, output and the log-sum-exp, never the L x L scores.
 
@@ -14,6 +15,7 @@ backward, the CUDA context and the allocator's slack. ZeRO divides what it shard
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from nvila_ft.adapters.apply import apply_policy, get_component
 from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
@@ -329,6 +333,35 @@ class _SavedTensors:
         return sum(alive.values())
 
 
+class _Autocast(TorchFunctionMode):
+    """torch.autocast's lower-precision casts on the meta device, where autocast itself does nothing: the inputs of
+    matrix products run in `dtype`, so the copies they save are `dtype` copies (a float32 LoRA input or PEFT DoRA's
+    float32 weight copy is saved in 16 bits, as in a real bf16 step)."""
+
+    OPS = {F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, F.conv2d, torch.Tensor.matmul,
+           torch.Tensor.__matmul__}
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            def cast(value: Any) -> Any:
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != self.dtype:
+                    return value.to(self.dtype)
+                return value
+
+            args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _autocast(dtype: torch.dtype | None) -> Any:
+    """The trace's stand-in for the run's autocast (none in float32 runs)."""
+    return _Autocast(dtype) if dtype is not None else contextlib.nullcontext()
+
+
 class _FusedAttention(torch.autograd.Function):
     """Stands for a fused attention kernel on the meta device: keeps q, k, v, the output and the log-sum-exp."""
 
@@ -378,8 +411,9 @@ def _trains_before(model: Any, name: str) -> bool:
     return any(p.requires_grad for earlier in order[: order.index(name)] for p in get_component(model, earlier).parameters())
 
 
-def _layer_activations(model: Any, name: str, tokens: int, rows: int) -> int:
-    """Bytes autograd keeps for one layer of the component at `rows` x `tokens` positions."""
+def _layer_activations(model: Any, name: str, tokens: int, rows: int, autocast: torch.dtype | None = None) -> int:
+    """Bytes autograd keeps for one layer of the component at `rows` x `tokens` positions (under autocast to
+    `autocast` when given)."""
     layers = _layers(model, name)
     layer = layers[0]
     dtype = next(layer.parameters()).dtype
@@ -387,7 +421,7 @@ def _layer_activations(model: Any, name: str, tokens: int, rows: int) -> int:
     needs_grad = _trains_before(model, name) or any(p.requires_grad for p in layer.parameters())
     hidden = torch.empty(rows, tokens, width, device="meta", dtype=dtype, requires_grad=needs_grad)
     params = list(layer.parameters())
-    with torch.enable_grad(), _SavedTensors([hidden, *params]) as saved:
+    with torch.enable_grad(), _SavedTensors([hidden, *params]) as saved, _autocast(autocast):
         if name == "llm":
             base = get_component(model, "llm")
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -399,12 +433,12 @@ def _layer_activations(model: Any, name: str, tokens: int, rows: int) -> int:
     return saved.bytes  # while `_output` holds the graph
 
 
-def _projector_activations(model: Any, tiles: int) -> int:
+def _projector_activations(model: Any, tiles: int, autocast: torch.dtype | None = None) -> int:
     config = model.config
     dtype = next(model.mm_projector.parameters()).dtype
     features = torch.empty(tiles, config.patches_per_side**2, config.mm_hidden_size, device="meta", dtype=dtype,
                            requires_grad=_trains_before(model, "mm_projector"))
-    with torch.enable_grad(), _SavedTensors([features, *model.mm_projector.parameters()]) as saved:
+    with torch.enable_grad(), _SavedTensors([features, *model.mm_projector.parameters()]) as saved, _autocast(autocast):
         _output = model.mm_projector(features)
     return saved.bytes  # while `_output` holds the graph
 
@@ -432,6 +466,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
     _with_fused_attention(model)
     config = model.config
     rows = shape.micro_batch
+    autocast = shape.weights_dtype if shape.weights_dtype != torch.float32 else None  # 16-bit runs train under autocast
     lines = []
     working = recomputed = 0
     for name, tokens, count in (
@@ -441,7 +476,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
         batch = rows * sample.tiles if name == "vision_tower" else rows
         if batch == 0:
             continue
-        per_layer = _layer_activations(model, name, tokens, batch)
+        per_layer = _layer_activations(model, name, tokens, batch, autocast)
         width = config.llm_hidden_size if name == "llm" else config.vision_hidden_size
         dtype_bytes = DTYPE_BYTES.get(next(_layers(model, name)[0].parameters()).dtype, 4)
         if name in shape.checkpointing and per_layer:
@@ -457,7 +492,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
     if recomputed:
         lines.append(Line("run", "activations", recomputed, "the one checkpointed layer recomputed during backward"))
     if sample.tiles:
-        lines.append(Line("mm_projector", "activations", _projector_activations(model, rows * sample.tiles), ""))
+        lines.append(Line("mm_projector", "activations", _projector_activations(model, rows * sample.tiles, autocast), ""))
     supervised = min(sample.supervised, sample.positions)
     if shape.selective_loss:
         # the gathered hidden rows are kept; each chunk's logits are recomputed in backward, one chunk at a time
