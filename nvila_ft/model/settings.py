@@ -42,11 +42,12 @@ def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:
         raw["s2_scales"] = ",".join(str(s) for s in _s2_scales(config, settings["s2_scales"]))
     if "video_pool_sizes" in settings:
         raw["video_encoder"] = _video_encoder(config, settings["video_pool_sizes"])
-    changed = replace(config, raw=raw)
+    _check_tile_range(config, settings, raw)
     try:
-        changed.validate()
+        changed = replace(config, raw=raw)  # validates the whole configuration again
     except CheckpointError as err:
-        raise CheckpointError(f"model settings {settings}: {err}") from None
+        named = ", ".join(f"model.{key} = {value!r}" for key, value in settings.items())
+        raise CheckpointError(f"{named}: {err}") from None
     if changed.dynamic_s2 and changed.max_tiles < changed.s2_min_tiles:
         side = math.isqrt(changed.s2_min_tiles)
         raise CheckpointError(f"model.max_tiles = {changed.max_tiles}: Dynamic-S2 at scales {changed.s2_scales} needs at "
@@ -59,6 +60,19 @@ def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"model.{key} = {value!r}: a whole number >= 1")
     return value
+
+
+def _check_tile_range(config: NVILAConfig, settings: dict[str, Any], raw: dict[str, Any]) -> None:
+    low, high = int(raw.get("min_tiles") or 1), int(raw.get("max_tiles") or 12)
+    if low <= high:
+        return
+    if "min_tiles" in settings and "max_tiles" in settings:
+        raise CheckpointError(f"model.min_tiles = {low} is above model.max_tiles = {high}: need min_tiles <= max_tiles")
+    if "min_tiles" in settings:
+        raise CheckpointError(f"model.min_tiles = {low} is above the checkpoint's max_tiles ({high}): need min_tiles <= "
+                              f"max_tiles; lower it, or raise model.max_tiles too")
+    raise CheckpointError(f"model.max_tiles = {high} is below the checkpoint's min_tiles ({low}): need min_tiles <= "
+                          f"max_tiles; raise it, or lower model.min_tiles too")
 
 
 def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
@@ -74,6 +88,10 @@ def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
                               f"the checkpoint's are {config.s2_scales}")
     if scales != sorted(set(scales)):
         raise CheckpointError(f"model.s2_scales = {scales}: scales must increase")
+    tile = config.tile_size
+    if scales[0] != tile or any(s % tile for s in scales):
+        raise CheckpointError(f"model.s2_scales = {scales}: each scale must be a multiple of the smallest, which must be the "
+                              f"vision tower's tile size ({tile}); the checkpoint's are {config.s2_scales}")
     return scales
 
 
@@ -88,8 +106,8 @@ def _video_encoder(config: NVILAConfig, value: Any) -> str:
         pools = [[int(v) for v in size] for size in value]
     except (TypeError, ValueError):
         pools = []
-    if not pools or any(len(size) != 3 for size in pools):
-        raise CheckpointError(f"model.video_pool_sizes = {value!r}: a list of [t, h, w], e.g. [[4,1,1]]")
+    if not pools or any(len(size) != 3 or min(size) < 1 for size in pools):
+        raise CheckpointError(f"model.video_pool_sizes = {value!r}: a list of [t, h, w] of whole numbers >= 1, e.g. [[4,1,1]]")
     encoder["pool_sizes"] = pools
     return json.dumps(encoder) if isinstance(original, str) else encoder
 
