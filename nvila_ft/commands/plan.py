@@ -251,6 +251,11 @@ def estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deepspee
 
     def demands(proc: NVILAProcessor) -> tuple[list[SampleDemand], list[str]]:
         samples, problems = measure_records(chosen, proc)
+        longest = max((s.positions for s in samples), default=0)
+        if data.packing and longest > data.max_tokens:  # packing's own error would count the measured list, not records
+            count = sum(s.positions > data.max_tokens for s in samples)
+            raise ConfigError(f"plan: {count} of the {len(samples)} records measured are longer than data.max_tokens = "
+                              f"{data.max_tokens} (the longest: {longest:,} positions); raise data.max_tokens to at least {longest}")
         if data.packing and samples:
             try:
                 samples = packed_rows(samples, data.max_tokens)
