@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
