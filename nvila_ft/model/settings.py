@@ -53,6 +53,7 @@ def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:
         raise CheckpointError(f"model.max_tiles = {changed.max_tiles}: Dynamic-S2 at scales {changed.s2_scales} needs at "
                               f"least {changed.s2_min_tiles} tiles (the largest scale's {side}x{side} grid)")
     _check_pools(changed, changed.num_video_frames)
+    _check_fits_context(changed, settings)
     return changed
 
 
@@ -73,6 +74,28 @@ def _check_tile_range(config: NVILAConfig, settings: dict[str, Any], raw: dict[s
                               f"max_tiles; lower it, or raise model.max_tiles too")
     raise CheckpointError(f"model.max_tiles = {high} is below the checkpoint's min_tiles ({low}): need min_tiles <= "
                           f"max_tiles; raise it, or lower model.min_tiles too")
+
+
+def _check_fits_context(config: NVILAConfig, settings: dict[str, Any]) -> None:
+    """An image of max_tiles tiles, and a video of num_video_frames frames, must fit the LLM's context (a larger
+    figure is a typo, and would make every tiling search and frame sampling slower for nothing)."""
+    key = next((k for k in ("model_max_length", "tokenizer_model_max_length", "max_position_embeddings") if config.llm.get(k)), None)
+    if key is None:
+        return
+    context, per_tile = int(config.llm[key]), config.tokens_per_tile
+    limit = f"more than the LLM's context ({context:,}, llm/config.json `{key}`)"
+    if "max_tiles" in settings and config.max_tiles * per_tile > context:
+        raise CheckpointError(f"model.max_tiles = {config.max_tiles}: an image of that many tiles takes "
+                              f"{config.max_tiles * per_tile:,} positions ({per_tile} a tile), {limit}; at most {context // per_tile}")
+    if {"num_video_frames", "video_pool_sizes"} & set(settings):
+        frames = config.num_video_frames
+        pools = (temporal_pools(frames, math.isqrt(per_tile), config.video_encoder.pool_sizes)
+                 if config.video_encoder.kind == "tsp_video" else [(frames, per_tile)])
+        tokens = sum(count * size for count, size in pools)
+        pooled = " after temporal pooling" if config.video_encoder.kind == "tsp_video" else f" ({per_tile} a frame)"
+        if tokens > context:
+            raise CheckpointError(f"model.num_video_frames = {frames}: a video of that many frames takes {tokens:,} positions"
+                                  f"{pooled}, {limit}")
 
 
 def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
