@@ -301,10 +301,13 @@ def plan(cfg: DictConfig) -> int:
         raise ConfigError("plan needs an adapter policy (adapters=<preset>)")
     check_run(policy, precision, trainer, deepspeed)
     _, processor, where = model_config_and_processor(cfg, data)
-    records = task.load(cfg.seed).train
+    loaded = task.load(cfg.seed)
+    records = loaded.train
     if not records:
         where = getattr(task.train, "path", None)
-        raise ConfigError("plan: no training record to measure" + (f" in {where} (task.train.path)" if where else ""))
+        bad = [e for e in loaded.errors if where is None or e.origin.startswith(str(where))]
+        raise ConfigError("plan: no training record to measure" + (f" in {where} (task.train.path)" if where else "")
+                          + (f": {len(bad)} malformed, first: {bad[0].line()}" if bad else ""))
     result, stats, problems = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, cfg.seed)
     budget, source = options.budget()
     print(as_json(result, budget, source, stats, where, problems) if options.json else table(result, budget, source, stats, where, problems))
