@@ -73,7 +73,11 @@ def files(tmp_path_factory):
         edit(configs)
         for part, config in configs.items():
             (folder / ("" if part == "top" else part) / "config.json").write_text(json.dumps(config))
+    for part in ("", "llm", "vision_tower", "mm_projector"):  # a complete set of config files, no tokenizer
+        (root / "no_tokenizer" / part).mkdir(parents=True, exist_ok=True)
+        (root / "no_tokenizer" / part / "config.json").write_bytes((tiny / part / "config.json").read_bytes())
     (root / "empty.json").write_text("[]")
+    (root / "table.csv").write_text("question,answer\nWhat?,yes\n")
     (root / "broken.json").write_text('[{"id": "0", "image": "a.png"')
     chat = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a scan"}]
     (root / "missing_media.json").write_text(json.dumps([{"id": "r0", "image": "nope.png", "conversations": chat}]))
@@ -108,9 +112,13 @@ PLAN_CASES = [
     ("config-missing-field", ["model=local", "model.path={files}/no_hidden_size"], "{files}/no_hidden_size/llm/config.json: missing `hidden_size`"),
     ("config-field-wrong-kind", ["model=local", "model.path={files}/tiles_as_text"],
      "{files}/tiles_as_text: a config.json field has a value of the wrong kind (invalid literal for int() with base 10: 'many')"),
+    ("no-tokenizer", ["model=local", "model.path={files}/no_tokenizer"],
+     "{files}/no_tokenizer/llm: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model)"),
     # the data
     ("data-file-missing", ["task=vqa", "task.train.path={files}/none.json"], "{files}/none.json: cannot read"),
     ("data-file-empty", ["task=vqa", "task.train.path={files}/empty.json"], "plan: no training record to measure in {files}/empty.json"),
+    ("data-not-llava-json", ["task=vqa", "task.train.path={files}/table.csv"],
+     "plan: no training record to measure in {files}/table.csv (task.train.path): 2 malformed, first: {files}/table.csv[0]: structure: line 1: not valid JSON"),
     ("data-file-broken", ["task=vqa", "task.train.path={files}/broken.json"], "{files}/broken.json: not valid JSON (Expecting ',' delimiter at line 1, column 30)"),
     ("data-media-missing", ["task=vqa", "task.train.path={files}/missing_media.json"],
      "(first: {files}/missing_media.json[0] (id r0), message 0: nope.png: not found"),
