@@ -141,6 +141,7 @@ PLAN_CASES = [
     ("max-tiles-huge", ["model=nvila_lite_tiny", "model.max_tiles=100000"], "model.max_tiles = 100000: an image of that many tiles takes 400,000"),
     ("min-above-max", ["model=nvila_lite_2b", "model.min_tiles=8", "model.max_tiles=4"], "model.min_tiles = 8 is above model.max_tiles = 4"),
     ("min-above-checkpoint-max", ["model=nvila_lite_2b", "model.min_tiles=20"], "model.min_tiles = 20 is above the checkpoint's max_tiles (12)"),
+    ("min-tiles-on-s2", ["model=nvila_8b", "model.min_tiles=4"], "model.min_tiles: Dynamic-S2 does not use it (an image takes at least the largest scale's grid, 9 tiles"),
     ("min-tiles-zero", ["model=nvila_lite_2b", "model.min_tiles=0"], "model.min_tiles = 0: a whole number >= 1"),
     ("frames-zero", ["model.num_video_frames=0"], "model.num_video_frames = 0: a whole number >= 1"),
     ("frames-beyond-context", ["model=nvila_lite_2b", "model.num_video_frames=64"],

@@ -36,6 +36,9 @@ def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:
                 raise CheckpointError(f"model.{key}: this checkpoint does not tile images (image_aspect_ratio "
                                       f"{config.image_aspect_ratio!r}); every image is one tile")
             raw[key] = _positive_int(settings[key], key)
+    if "min_tiles" in settings and config.dynamic_s2:
+        raise CheckpointError(f"model.min_tiles: Dynamic-S2 does not use it (an image takes at least the largest scale's grid, "
+                              f"{config.s2_min_tiles} tiles at scales {config.s2_scales}); set model.max_tiles or model.s2_scales")
     if "num_video_frames" in settings:
         raw["num_video_frames"] = _positive_int(settings["num_video_frames"], "num_video_frames")
     if "s2_scales" in settings:
