@@ -264,3 +264,21 @@ def test_accepted_knobs_reach_the_exported_config(tmp_path):
     assert exported["num_video_frames"] == 16
     encoder = exported["video_encoder"]
     assert (json.loads(encoder) if isinstance(encoder, str) else encoder)["pool_sizes"] == [[4, 1, 1]]
+
+
+def test_a_new_run_sent_into_an_existing_one_is_refused_before_hydra_rewrites_it(files, tmp_path):
+    """`hydra.run.dir=<a run>` with other settings used to be refused only after Hydra had rewritten the run's
+    .hydra/config.yaml, so its export and evaluation read settings it was never trained with."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "base").mkdir()
+    recorded = "model:\n  s2_scales: [32, 64, 128]\n"
+    (run / ".hydra" / "config.yaml").write_text(recorded)
+    code, _, err = _run(["finetune", f"hydra.run.dir={run}", "model.s2_scales=[32,64,96]", *TINY_DATA])
+    assert f"{run} already holds a run (its .hydra/ and base/): continue it with run={run}" in _one_error_line(code, err, "finetune")
+    assert (run / ".hydra" / "config.yaml").read_text() == recorded
+    attempt = tmp_path / "attempt"  # a run that stopped before building its base is simply run again
+    (attempt / ".hydra").mkdir(parents=True)
+    (attempt / ".hydra" / "config.yaml").write_text(recorded)
+    code, _, err = _run(["finetune", f"hydra.run.dir={attempt}", "trainer.optim=adam9", *TINY_DATA])
+    assert "trainer.optim = 'adam9'" in _one_error_line(code, err, "finetune")
