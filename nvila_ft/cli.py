@@ -56,6 +56,19 @@ def _distributed_launch_problem(command: str, overrides: list[str]) -> str | Non
     return None
 
 
+def _existing_run_problem(command: str, overrides: list[str]) -> str | None:
+    """A new training run sent (hydra.run.dir=) into a folder that already holds one: Hydra would rewrite that run's
+    recorded configuration (.hydra/) before any check could refuse the new settings, so it is refused first. Only in
+    one process: the ranks of a launch see the folder their process 0 is writing."""
+    if command not in ("finetune", "dpo") or any(o.startswith("run=") for o in overrides):
+        return None
+    folder = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
+    if folder is None or not (Path(folder) / ".hydra" / "config.yaml").is_file() or not (Path(folder) / "base").exists():
+        return None
+    return (f"{folder} already holds a run (its .hydra/ and base/): continue it with run={folder} (trainer.resume=true "
+            "resumes its training), or choose a new hydra.run.dir")
+
+
 def _per_rank_overrides(rank: int) -> list[str]:
     """Process 0 writes the run's shared files; every other process keeps its own log and a quiet console."""
     if rank == 0:
@@ -220,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{where}: error: {problem}", file=sys.stderr)
             sys.exit(2)
         rest = rest + _per_rank_overrides(rank)
+    elif problem := _existing_run_problem(command, rest):
+        print(f"{where}: error: {problem}", file=sys.stderr)
+        sys.exit(1)
     scratch = None
     if command == "plan":  # writes nothing: no run directory, `--json` for scripts
         rest = ["plan.json=true" if arg == "--json" else arg for arg in rest]

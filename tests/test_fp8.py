@@ -238,13 +238,14 @@ def test_cpu_runs_the_same_numerics():
 # ------------------------------------------------------------------ the command line
 RUN = ["adapters=ln_vit_lora_llm", "task.train.num_records=16", "trainer.per_device_train_batch_size=4", "trainer.logging_steps=1",
        "trainer.save_steps=1", "trainer.eval_steps=2", "eval.max_records=2", "eval.before_training=false"]
+CPU = ["precision.fp8_on_cpu=true"]  # without CUDA, the float8 numerics on the CPU are asked for
 
 
 def test_lora_finetune_resume_and_export_with_fp8(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8_cli")
     cache = root / "cache"
     run = root / "fp8"
-    first = run_cli(["finetune", "precision=fp8", "precision.fp8=rowwise", "trainer.gradient_checkpointing=true",
+    first = run_cli(["finetune", "precision=fp8", "precision.fp8=rowwise", *CPU, "trainer.gradient_checkpointing=true",
                      "trainer.max_steps=2", *RUN, f"hydra.run.dir={run}"], root, cache)
     assert "fp8 compute: 14 of 15 LLM linears converted (rowwise); kept in bfloat16: llm.lm_head (output head)" in first.stdout
     assert sorted((run / FP8_LAYERS_FILE).read_text().splitlines()) == EXPECTED  # one a line, in model order

@@ -124,7 +124,7 @@ def test_candidates_1_12_match_reference_in_order():
     assert set(expected) == {(c, r) for c in range(1, 13) for r in range(1, 13) if c * r <= 12}
 
 
-@pytest.mark.parametrize("lo,hi", [(1, 6), (4, 4), (4, 12), (9, 9), (16, 30), (1, 40)])
+@pytest.mark.parametrize("lo,hi", [(1, 6), (4, 4), (4, 12), (9, 9), (16, 30), (1, 40), (1, 100), (7, 90), (30, 31)])
 def test_candidates_other_bounds(lo, hi):
     assert candidate_grids(lo, hi) == ref_candidates(lo, hi)
 

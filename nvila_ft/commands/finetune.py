@@ -60,6 +60,7 @@ def finetune(cfg: DictConfig) -> float | None:
     if policy is None:
         raise ConfigError("finetune needs an adapter policy (adapters=<preset>); adapters=none trains nothing")
     check_run(policy, precision, trainer_config, deepspeed)
+    precision.check_device()
     source.check()
     resume = checkpoint_to_resume(run_dir) if trainer_config.resume else None
     set_cpu_threads(cfg.cpu_threads)

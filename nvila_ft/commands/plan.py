@@ -28,6 +28,7 @@ from nvila_ft.training.config import ConfigError, DataOptions, Precision, Traine
 from nvila_ft.training.planner import GIB, Plan, RunShape, SampleDemand, SequenceStats
 
 DEFAULT_GPU_GIB = 24.0  # when no GPU is visible: the common 24 GB card (RTX 4090 / A10 / L4)
+MAX_GPU_GIB = 1024  # far above any one GPU; a larger figure is a mistake (bytes given for GiB)
 
 
 @dataclass
@@ -42,8 +43,9 @@ class PlanOptions:
     json: bool = False
 
     def __post_init__(self) -> None:
-        if self.gpu_memory is not None and self.gpu_memory <= 0:
-            raise ConfigError(f"plan.gpu_memory = {self.gpu_memory}: GiB of one GPU, > 0")
+        if self.gpu_memory is not None and not 0 < self.gpu_memory <= MAX_GPU_GIB:
+            raise ConfigError(f"plan.gpu_memory = {self.gpu_memory:g}: GiB of one GPU, above 0 and at most {MAX_GPU_GIB} "
+                              "(e.g. plan.gpu_memory=24 or 80; not bytes)")
         if self.samples is not None and self.samples < 1:
             raise ConfigError(f"plan.samples = {self.samples}: must be >= 1, or null for every record")
         if self.world_size is not None and self.world_size < 1:
@@ -89,7 +91,8 @@ def measure_records(records: list[Record], processor: NVILAProcessor) -> tuple[l
         try:
             size = processor.measure(record.messages, record.name, record.media_root)
         except (SampleError, ValueError, OSError) as err:
-            problems.append(f"{record.origin}: {err}")
+            text = str(err)  # the processor's errors start with the record's name already
+            problems.append(text if text.startswith(record.origin) else f"{record.origin}: {text}")
             continue
         sizes.append(SampleDemand(min(size.positions, processor.model_max_length), size.tiles, size.supervised))
     return sizes, problems
@@ -248,6 +251,11 @@ def estimate(policy: Any, precision: Precision, trainer: TrainerConfig, deepspee
 
     def demands(proc: NVILAProcessor) -> tuple[list[SampleDemand], list[str]]:
         samples, problems = measure_records(chosen, proc)
+        longest = max((s.positions for s in samples), default=0)
+        if data.packing and longest > data.max_tokens:  # packing's own error would count the measured list, not records
+            count = sum(s.positions > data.max_tokens for s in samples)
+            raise ConfigError(f"plan: {count} of the {len(samples)} records measured are longer than data.max_tokens = "
+                              f"{data.max_tokens} (the longest: {longest:,} positions); raise data.max_tokens to at least {longest}")
         if data.packing and samples:
             try:
                 samples = packed_rows(samples, data.max_tokens)
@@ -293,7 +301,13 @@ def plan(cfg: DictConfig) -> int:
         raise ConfigError("plan needs an adapter policy (adapters=<preset>)")
     check_run(policy, precision, trainer, deepspeed)
     _, processor, where = model_config_and_processor(cfg, data)
-    records = task.load(cfg.seed).train
+    loaded = task.load(cfg.seed)
+    records = loaded.train
+    if not records:
+        where = getattr(task.train, "path", None)
+        bad = [e for e in loaded.errors if where is None or e.origin.startswith(str(where))]
+        raise ConfigError("plan: no training record to measure" + (f" in {where} (task.train.path)" if where else "")
+                          + (f": {len(bad)} malformed, first: {bad[0].line()}" if bad else ""))
     result, stats, problems = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, cfg.seed)
     budget, source = options.budget()
     print(as_json(result, budget, source, stats, where, problems) if options.json else table(result, budget, source, stats, where, problems))

@@ -134,7 +134,7 @@ def _json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:
                 f"{name}: holds one JSON record per line (JSON Lines) but is named {file.suffix}; rename it to "
                 f"{file.with_suffix('.jsonl').name}"
             ) from e
-        raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+        raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{name}: expected a JSON list of records, got a {type(data).__name__}")
     yield from enumerate(data)

@@ -52,11 +52,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({{...}}), found {type(value).__name__}")
+    return value
 
 
 def read_config(root: str | os.PathLike) -> NVILAConfig:
@@ -77,13 +80,18 @@ def read_config(root: str | os.PathLike) -> NVILAConfig:
         if not (root / name / "config.json").is_file():
             raise CheckpointError(f"{root}: missing {name}/config.json (an NVILA checkpoint has llm/, vision_tower/, mm_projector/)")
     preprocessor_path = root / "vision_tower" / "preprocessor_config.json"
-    return NVILAConfig(
-        raw=raw,
+    parts = dict(
         llm=_read_json(root / "llm" / "config.json"),
         vision_tower=_read_json(root / "vision_tower" / "config.json"),
         mm_projector=_read_json(root / "mm_projector" / "config.json"),
         preprocessor=_read_json(preprocessor_path) if preprocessor_path.is_file() else {},
     )
+    try:
+        return NVILAConfig(raw=raw, **parts)
+    except CheckpointError as err:  # its messages name the file inside the checkpoint ("llm/config.json: ...")
+        raise CheckpointError(f"{root}/{err}") from None
+    except (ValueError, TypeError) as err:  # a field of the wrong kind ("max_tiles": "many")
+        raise CheckpointError(f"{root}: a config.json field has a value of the wrong kind ({err})") from None
 
 
 def read_extra_files(root: str | os.PathLike) -> dict[str, bytes]:

@@ -49,7 +49,7 @@ class EncoderSpec:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise CheckpointError(f"config.json: `{key}` is not valid JSON ({err}): {value!r}") from err
+                raise CheckpointError(f"config.json: `{key}` is not valid JSON ({err}): {value!r}") from None
         if not isinstance(value, dict) or "_target_" not in value:
             raise CheckpointError(f"config.json: `{key}` must be a dict with `_target_`, got {value!r}")
         name = str(value["_target_"]).rsplit(".", 1)[-1]

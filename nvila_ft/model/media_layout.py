@@ -44,15 +44,18 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     """(cols, rows) grids with min_tiles <= cols*rows <= max_tiles, in the official order.
 
     The official code builds a Python set and sorts it by tile count; sort is stable, so grids with the
-    same count keep the set's iteration order, which decides ties. We build the set the same way.
+    same count keep the set's iteration order, which decides ties. We build the set the same way: its comprehension
+    (`for n in min..max, i in 1..n, j in 1..n`) first adds a pair at n = max(min_tiles, i, j) and adding it again
+    changes nothing, so adding each pair once, in that order, gives the same set and the same iteration order in
+    O(max_tiles log max_tiles) steps instead of O(max_tiles^3).
     """
-    grids = {
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_tiles <= i * j <= max_tiles
-    }
+    grids: set[tuple[int, int]] = set()
+    for n in range(min_tiles, max_tiles + 1):
+        if n == min_tiles:
+            new = [(i, j) for i in range(1, n + 1) for j in range(1, n + 1)]
+        else:  # the pairs with max(i, j) == n, in the comprehension's order
+            new = [(i, n) for i in range(1, min(n - 1, max_tiles // n) + 1)] + [(n, j) for j in range(1, min(n, max_tiles // n) + 1)]
+        grids.update(g for g in new if min_tiles <= g[0] * g[1] <= max_tiles)
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 

@@ -36,22 +36,27 @@ def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:
                 raise CheckpointError(f"model.{key}: this checkpoint does not tile images (image_aspect_ratio "
                                       f"{config.image_aspect_ratio!r}); every image is one tile")
             raw[key] = _positive_int(settings[key], key)
+    if "min_tiles" in settings and config.dynamic_s2:
+        raise CheckpointError(f"model.min_tiles: Dynamic-S2 does not use it (an image takes at least the largest scale's grid, "
+                              f"{config.s2_min_tiles} tiles at scales {config.s2_scales}); set model.max_tiles or model.s2_scales")
     if "num_video_frames" in settings:
         raw["num_video_frames"] = _positive_int(settings["num_video_frames"], "num_video_frames")
     if "s2_scales" in settings:
         raw["s2_scales"] = ",".join(str(s) for s in _s2_scales(config, settings["s2_scales"]))
     if "video_pool_sizes" in settings:
         raw["video_encoder"] = _video_encoder(config, settings["video_pool_sizes"])
-    changed = replace(config, raw=raw)
+    _check_tile_range(config, settings, raw)
     try:
-        changed.validate()
+        changed = replace(config, raw=raw)  # validates the whole configuration again
     except CheckpointError as err:
-        raise CheckpointError(f"model settings {settings}: {err}") from None
+        named = ", ".join(f"model.{key} = {value!r}" for key, value in settings.items())
+        raise CheckpointError(f"{named}: {err}") from None
     if changed.dynamic_s2 and changed.max_tiles < changed.s2_min_tiles:
         side = math.isqrt(changed.s2_min_tiles)
         raise CheckpointError(f"model.max_tiles = {changed.max_tiles}: Dynamic-S2 at scales {changed.s2_scales} needs at "
                               f"least {changed.s2_min_tiles} tiles (the largest scale's {side}x{side} grid)")
     _check_pools(changed, changed.num_video_frames)
+    _check_fits_context(changed, settings)
     return changed
 
 
@@ -59,6 +64,41 @@ def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"model.{key} = {value!r}: a whole number >= 1")
     return value
+
+
+def _check_tile_range(config: NVILAConfig, settings: dict[str, Any], raw: dict[str, Any]) -> None:
+    low, high = int(raw.get("min_tiles") or 1), int(raw.get("max_tiles") or 12)
+    if low <= high:
+        return
+    if "min_tiles" in settings and "max_tiles" in settings:
+        raise CheckpointError(f"model.min_tiles = {low} is above model.max_tiles = {high}: need min_tiles <= max_tiles")
+    if "min_tiles" in settings:
+        raise CheckpointError(f"model.min_tiles = {low} is above the checkpoint's max_tiles ({high}): need min_tiles <= "
+                              f"max_tiles; lower it, or raise model.max_tiles too")
+    raise CheckpointError(f"model.max_tiles = {high} is below the checkpoint's min_tiles ({low}): need min_tiles <= "
+                          f"max_tiles; raise it, or lower model.min_tiles too")
+
+
+def _check_fits_context(config: NVILAConfig, settings: dict[str, Any]) -> None:
+    """An image of max_tiles tiles, and a video of num_video_frames frames, must fit the LLM's context (a larger
+    figure is a typo, and would make every tiling search and frame sampling slower for nothing)."""
+    key = next((k for k in ("model_max_length", "tokenizer_model_max_length", "max_position_embeddings") if config.llm.get(k)), None)
+    if key is None:
+        return
+    context, per_tile = int(config.llm[key]), config.tokens_per_tile
+    limit = f"more than the LLM's context ({context:,}, llm/config.json `{key}`)"
+    if "max_tiles" in settings and config.max_tiles * per_tile > context:
+        raise CheckpointError(f"model.max_tiles = {config.max_tiles}: an image of that many tiles takes "
+                              f"{config.max_tiles * per_tile:,} positions ({per_tile} a tile), {limit}; at most {context // per_tile}")
+    if {"num_video_frames", "video_pool_sizes"} & set(settings):
+        frames = config.num_video_frames
+        pools = (temporal_pools(frames, math.isqrt(per_tile), config.video_encoder.pool_sizes)
+                 if config.video_encoder.kind == "tsp_video" else [(frames, per_tile)])
+        tokens = sum(count * size for count, size in pools)
+        pooled = " after temporal pooling" if config.video_encoder.kind == "tsp_video" else f" ({per_tile} a frame)"
+        if tokens > context:
+            raise CheckpointError(f"model.num_video_frames = {frames}: a video of that many frames takes {tokens:,} positions"
+                                  f"{pooled}, {limit}")
 
 
 def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
@@ -74,6 +114,10 @@ def _s2_scales(config: NVILAConfig, value: Any) -> list[int]:
                               f"the checkpoint's are {config.s2_scales}")
     if scales != sorted(set(scales)):
         raise CheckpointError(f"model.s2_scales = {scales}: scales must increase")
+    tile = config.tile_size
+    if scales[0] != tile or any(s % tile for s in scales):
+        raise CheckpointError(f"model.s2_scales = {scales}: each scale must be a multiple of the smallest, which must be the "
+                              f"vision tower's tile size ({tile}); the checkpoint's are {config.s2_scales}")
     return scales
 
 
@@ -88,8 +132,8 @@ def _video_encoder(config: NVILAConfig, value: Any) -> str:
         pools = [[int(v) for v in size] for size in value]
     except (TypeError, ValueError):
         pools = []
-    if not pools or any(len(size) != 3 for size in pools):
-        raise CheckpointError(f"model.video_pool_sizes = {value!r}: a list of [t, h, w], e.g. [[4,1,1]]")
+    if not pools or any(len(size) != 3 or min(size) < 1 for size in pools):
+        raise CheckpointError(f"model.video_pool_sizes = {value!r}: a list of [t, h, w] of whole numbers >= 1, e.g. [[4,1,1]]")
     encoder["pool_sizes"] = pools
     return json.dumps(encoder) if isinstance(original, str) else encoder
 

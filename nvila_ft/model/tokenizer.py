@@ -13,9 +13,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from nvila_ft.model.config import CheckpointError
+
 SENTINEL_TOKEN = "<vila/sentinel>"
 MEDIA_TOKENS = {"image": "<image>", "video": "<vila/video>"}
 RUNTIME_TOKENS = (SENTINEL_TOKEN, *MEDIA_TOKENS.values())
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # one of them: a tokenizer to load
 IGNORE_INDEX = -100
 # A runtime token's string written in a message's text ("<image>" in an answer about HTML) is text, not a
 # placeholder: `escape_runtime_tokens` marks it with private-use characters and `encode` turns it into the ids
@@ -49,17 +52,25 @@ def chat_template_by_name(name: str) -> str:
 
     templates = {"qwen2": QWEN2_CHAT_TEMPLATE}
     if name not in templates:
-        raise ValueError(f"config.json: `chat_template` = {name!r} is not a known template ({', '.join(templates)})")
+        raise CheckpointError(f"config.json: `chat_template` = {name!r} is not a known template ({', '.join(templates)})")
     return templates[name]
 
 
 def load_tokenizer(llm_dir: str | Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """Tokenizer from `llm/`, right-padded, with NVILA's runtime tokens added."""
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), padding_side="right", local_files_only=True)
+    if not any((Path(llm_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{llm_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); an NVILA checkpoint keeps "
+                              "its tokenizer in llm/")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), padding_side="right", local_files_only=True)
+    except (OSError, ValueError) as err:  # no tokenizer files, or unreadable ones
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{llm_dir}: no tokenizer could be loaded ({first}); an NVILA checkpoint keeps its tokenizer "
+                              "files in llm/") from None
     if chat_template is not None:
         tokenizer.chat_template = chat_template_by_name(chat_template)
     if not tokenizer.chat_template:
-        raise ValueError(f"{llm_dir}: the tokenizer has no chat template and config.json names none")
+        raise CheckpointError(f"{llm_dir}: the tokenizer has no chat template and config.json names none")
     add_runtime_tokens(tokenizer)
     return tokenizer
 

@@ -25,13 +25,15 @@ class Precision:
     are 16-bit, so the optimizer updates full-precision values.
     fp8: "tensorwise" | "rowwise" | None: the LLM's linear layers multiply in float8 (torchao `Float8Linear`, one
     scale per tensor or per row; see `nvila_ft.training.fp8`); weights stay in `weights`. Needs an sm_89+ GPU;
-    on a machine without CUDA the same numerics run on the CPU (for tests, no speed-up).
+    on a machine without CUDA, finetune refuses it unless fp8_on_cpu: then the same numerics run on the CPU (for
+    tests, slower than bf16).
     """
 
     weights: str = "float32"
     autocast: str | None = None
     trainable_float32: bool = True
     fp8: str | None = None
+    fp8_on_cpu: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,6 +55,15 @@ class Precision:
             raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
         if self.fp8 is not None and training:
             self.check_fp8(policy)
+
+    def check_device(self) -> None:
+        """What only the machine that trains can say (finetune; `plan` plans for a GPU from any machine)."""
+        if self.fp8 is not None and not torch.cuda.is_available() and not self.fp8_on_cpu:
+            raise ConfigError(
+                "precision.fp8 multiplies in float8 on an FP8 GPU (compute capability 8.9+) and no CUDA GPU is visible: "
+                "use precision=bf16 on this machine, or precision.fp8_on_cpu=true to run the float8 numerics on the CPU "
+                "(for tests; slower than bf16)"
+            )
 
     def check_fp8(self, policy: Any = None) -> None:
         """FP8 compute: a known recipe, 16-bit-or-wider weights, an sm_89+ GPU (or none: CPU), a 16-bit LLM base."""
