@@ -186,6 +186,16 @@ def _without_launcher_arguments(argv: list[str]) -> list[str]:
     return out
 
 
+def _launcher_number(name: str, default: int) -> int:
+    """RANK / WORLD_SIZE as a launcher (torchrun, deepspeed) sets them; anything else ends the run in one line."""
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit():
+        print(f"nvila-ft: error: the environment variable {name}={value!r} is not a whole number >= 0 (launchers "
+              f"set it; unset it to run one process)", file=sys.stderr)
+        sys.exit(2)
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = _without_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Hydra prints its own errors over several lines (with a partial traceback for ours); it hands them to us
     # instead when HYDRA_FULL_ERROR is set. A user who sets it gets the full traceback of everything.
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = _launcher_number("RANK", 0), _launcher_number("WORLD_SIZE", 1)
     where = f"nvila-ft {command}" + (f" (rank {rank})" if world > 1 else "")
     if world > 1:
         problem = _distributed_launch_problem(command, rest)

@@ -282,3 +282,12 @@ def test_a_new_run_sent_into_an_existing_one_is_refused_before_hydra_rewrites_it
     (attempt / ".hydra" / "config.yaml").write_text(recorded)
     code, _, err = _run(["finetune", f"hydra.run.dir={attempt}", "trainer.optim=adam9", *TINY_DATA])
     assert "trainer.optim = 'adam9'" in _one_error_line(code, err, "finetune")
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "two"), ("RANK", "-1")])
+def test_a_launcher_variable_that_is_not_a_number_is_one_line(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    code, _, err = _run(["plan"])
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"nvila-ft: error: the environment variable {name}={value!r} is not a whole number "
+                                        ">= 0 (launchers set it; unset it to run one process)"]
