@@ -166,3 +166,38 @@ def test_fewer_micro_batch_rows_keep_the_global_batch(setup):
     assert change.overrides == ["trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=12"]
     _, changed, _ = change.apply(policy, shape, config)
     assert changed.micro_batch * changed.gradient_accumulation == 12
+
+
+def _real_state_bytes(optimizer_class, shapes, **kwargs) -> int:
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    optimizer = optimizer_class(params, **kwargs)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    storages = {}
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not key.startswith("qmap"):  # quantile maps are shared
+                storages[value.untyped_storage().data_ptr(), value.untyped_storage().nbytes()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_optimizer_state_bytes_equal_what_the_optimizers_keep():
+    """Against the optimizers themselves after one step, at bitsandbytes' 4,096-value threshold."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers.optimization import Adafactor
+
+    shapes = [(10,), (4095,), (4096,), (5000,)]
+    numels = [s[0] for s in shapes]
+    assert planner.optimizer_state_bytes(numels, "adamw_torch") == _real_state_bytes(torch.optim.AdamW, shapes)
+    assert planner.optimizer_state_bytes(numels, "paged_adamw_32bit") == _real_state_bytes(bnb.optim.PagedAdamW32bit, shapes)
+    assert planner.optimizer_state_bytes(numels, "adamw_bnb_8bit") == _real_state_bytes(bnb.optim.AdamW8bit, shapes)
+    assert planner.optimizer_state_bytes(numels, "sgd") == _real_state_bytes(torch.optim.SGD, shapes, lr=0.1) == 0
+    # Adafactor (as the Trainer makes it: no first moment): the plan is an upper bound, reached by vectors
+    mixed = [(10,), (4096,), (64, 48)]
+    adafactor = _real_state_bytes(Adafactor, mixed, lr=1e-3, relative_step=False, scale_parameter=False)
+    assert planner.optimizer_state_bytes([10, 4096, 64 * 48], "adafactor") >= adafactor
+    vectors = _real_state_bytes(Adafactor, [(10,), (4096,)], lr=1e-3, relative_step=False, scale_parameter=False)
+    assert planner.optimizer_state_bytes([10, 4096], "adafactor") == vectors
+    with pytest.raises(ValueError, match="adamw_apex"):
+        planner.optimizer_state_bytes(numels, "adamw_apex")
