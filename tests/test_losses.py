@@ -39,17 +39,22 @@ def case():
     hidden = torch.randn(2, 9, 6)
     head = nn.Linear(6, 13, bias=False)
     labels = torch.tensor([[IGNORE, IGNORE, 4, 7, IGNORE, 2, 9, 1, 5],
-                           [IGNORE, 3, 3, IGNORE, IGNORE, IGNORE, 12, 0, IGNORE]])  # 6 + 3 = 9 supervised
+                           [IGNORE, 3, 3, IGNORE, IGNORE, IGNORE, 12, 0, IGNORE]])  # 6 + 4 = 10 supervised
     return hidden, head, labels
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 2, 4, 8, 9, 10, None])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 9, 10, 11, None])
 def test_selective_loss_equals_the_hand_loss_at_every_chunk_size(case, chunk_rows):
-    """9 supervised rows cut into chunks of 1, 2, 4 (a last chunk of one row), 8, 9, 10 rows: the same value and
+    """10 supervised rows cut into chunks of 1, 3 (a last chunk of one row), 4, 9, 10, 11 rows: the same value and
     the same gradients as cross-entropy over every position's logits."""
     hidden, head, labels = case
     hidden = hidden.clone().requires_grad_(True)
+    calls = []
+    hook = head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     loss = selective_cross_entropy(hidden, labels, head, chunk_rows=chunk_rows)
+    hook.remove()
+    size = chunk_rows or 10
+    assert calls == [min(size, 10 - start) for start in range(0, 10, size)]  # the supervised rows, chunk by chunk
     loss.backward()
     reference_hidden = hidden.detach().clone().requires_grad_(True)
     head_grad = head.weight.grad.clone()
