@@ -406,3 +406,28 @@ def test_export_refuses_a_dequantization_that_does_not_match_the_checkpoint(tiny
     with pytest.raises(ExportError, match=r"differs from the checkpoint's .* nothing was written"):
         export_merged(model, tmp_path / "m", batch)
     assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_a_merge_off_by_one_percent_of_the_adapter(tiny_checkpoints, tmp_path, monkeypatch):
+    """The float32 check is tight: adapters merged at 101% of their scale (a wrong LoRA scaling) are refused."""
+    from nvila_ft.adapters import merge as merge_module
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    model = loaded(checkpoint, AdapterPolicy.from_yaml(ROOT / "adapters" / "ln_vit_lora_llm.yaml"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    original = merge_module.merge_adapters
+
+    def scaled_merge(m, qlora_merge="dequantized"):
+        with torch.no_grad():
+            for name, param in m.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(1.01)
+        return original(m, qlora_merge)
+
+    monkeypatch.setattr(merge_module, "merge_adapters", scaled_merge)
+    with pytest.raises(ExportError, match=r"differ from the adapted model"):
+        export_merged(model, tmp_path / "m", probe_batch(NVILAProcessor.from_pretrained(checkpoint)))
+    assert not (tmp_path / "m").exists()
