@@ -431,3 +431,19 @@ def test_export_refuses_a_merge_off_by_one_percent_of_the_adapter(tiny_checkpoin
     with pytest.raises(ExportError, match=r"differ from the adapted model"):
         export_merged(model, tmp_path / "m", probe_batch(NVILAProcessor.from_pretrained(checkpoint)))
     assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_a_dequantization_off_by_a_factor_of_two(tiny_checkpoints, tmp_path, monkeypatch):
+    """Not only raw codes: int8 weights dequantized at twice their scale differ from the checkpoint by about their
+    own size, far over the limit (a quarter of the largest value); nothing is written."""
+    from nvila_ft.adapters import merge as merge_module
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(vision_tower={"method": "frozen"}, llm={"method": "qlora", "quantization": {"bits": 8}})
+    model = loaded(checkpoint, policy)
+    batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+    original = merge_module.dequantize
+    monkeypatch.setattr(merge_module, "dequantize", lambda tensor, dtype, row_scales=None: 2 * original(tensor, dtype, row_scales))
+    with pytest.raises(ExportError, match=r"differs from the checkpoint's .* nothing was written"):
+        export_merged(model, tmp_path / "m", batch)
+    assert not (tmp_path / "m").exists()
