@@ -447,3 +447,25 @@ def test_export_refuses_a_dequantization_off_by_a_factor_of_two(tiny_checkpoints
     with pytest.raises(ExportError, match=r"differs from the checkpoint's .* nothing was written"):
         export_merged(model, tmp_path / "m", batch)
     assert not (tmp_path / "m").exists()
+
+
+def test_merged_model_is_plain_and_frozen(tiny_checkpoints):
+    """merge_adapters leaves no adapter tensor and nothing trainable (a merged model is an inference or reference
+    model), keeps the logits, and remembers the policy it was merged from."""
+    from nvila_ft.adapters.merge import merge_adapters
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy.from_yaml(ROOT / "adapters" / "lora_vit_lora_llm.yaml")
+    model = loaded(checkpoint, policy).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+        batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+        adapted = model(**batch).logits
+        merge_adapters(model)
+        merged = model(**batch).logits
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any("lora_" in name or "base_layer" in name for name, _ in model.named_parameters())
+    assert model.adapter_policy is None and model.merged_from_policy is not None
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
