@@ -450,17 +450,20 @@ def test_export_refuses_a_dequantization_off_by_a_factor_of_two(tiny_checkpoints
 
 
 def test_merged_model_is_plain_and_frozen(tiny_checkpoints):
-    """merge_adapters leaves no adapter tensor and nothing trainable (a merged model is an inference or reference
-    model), keeps the logits, and remembers the policy it was merged from."""
+    """merge_adapters leaves no adapter tensor in any component (the projector's LoRA too) and nothing trainable
+    (a merged model is an inference or reference model), keeps the logits, and remembers its policy."""
+    from nvila_ft.adapters.apply import get_component
     from nvila_ft.adapters.merge import merge_adapters
+    from nvila_ft.adapters.policy import COMPONENTS
 
     checkpoint = tiny_checkpoints["nvila-8b-tiny"]
-    policy = AdapterPolicy.from_yaml(ROOT / "adapters" / "lora_vit_lora_llm.yaml")
+    policy = AdapterPolicy(vision_tower={"method": "lora"}, mm_projector={"method": "lora"}, llm={"method": "lora"})
     model = loaded(checkpoint, policy).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
+        assert all(any("lora_" in n for n, _ in get_component(model, c).named_parameters()) for c in COMPONENTS)
         batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
         adapted = model(**batch).logits
         merge_adapters(model)
