@@ -472,3 +472,22 @@ def test_merged_model_is_plain_and_frozen(tiny_checkpoints):
     assert not any("lora_" in name or "base_layer" in name for name, _ in model.named_parameters())
     assert model.adapter_policy is None and model.merged_from_policy is not None
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_export_checks_the_dtype_it_writes(tiny_checkpoints, tmp_path):
+    """A float32 run exported in bf16: the reported difference is that of the bf16 checkpoint written (reloaded
+    here), not of a float32 merge, so the check sees the export's rounding."""
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    model = loaded(checkpoint, AdapterPolicy.from_yaml(ROOT / "adapters" / "ln_vit_lora_llm.yaml")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+        batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+        adapted = model(**batch).logits.float()
+    report = export_merged(model, tmp_path / "bf16", batch, dtype=torch.bfloat16)
+    written = NVILAForConditionalGeneration.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        diff = float((written(**batch).logits.float() - adapted).abs().max())
+    assert diff > 1e-4  # bf16 rounding is visible at this size
+    assert report.max_abs_diff == pytest.approx(diff, rel=1e-3, abs=1e-6)
