@@ -1007,3 +1007,15 @@ def test_cut_right_after_a_media_item_keeps_it_and_the_earlier_answer(s2):
     assert any(label != IGNORE for label in cut.labels)
     with pytest.raises(SampleError, match="media item"):
         NVILAProcessor(s2.tokenizer, s2.config, model_max_length=media_end - 1).process(later)
+
+
+def test_cut_before_the_first_answer_token_is_refused(s2):
+    """A cut that leaves the prompt whole but no answer token would train on nothing: refused, naming the sample;
+    one answer token more and it is kept."""
+    messages = [user(solid(), "What is this?"), assistant("A red square.")]
+    full = s2.process(messages)
+    first = next(i for i, label in enumerate(full.labels) if label != IGNORE)
+    with pytest.raises(SampleError, match=r"^sample: needs .* no answer token is left"):
+        NVILAProcessor(s2.tokenizer, s2.config, model_max_length=first).process(messages)
+    kept = NVILAProcessor(s2.tokenizer, s2.config, model_max_length=first + 1).process(messages)
+    assert kept.labels == full.labels[: first + 1] and kept.labels[-1] != IGNORE
