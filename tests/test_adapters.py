@@ -406,3 +406,88 @@ def test_export_refuses_a_dequantization_that_does_not_match_the_checkpoint(tiny
     with pytest.raises(ExportError, match=r"differs from the checkpoint's .* nothing was written"):
         export_merged(model, tmp_path / "m", batch)
     assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_a_merge_off_by_one_percent_of_the_adapter(tiny_checkpoints, tmp_path, monkeypatch):
+    """The float32 check is tight: adapters merged at 101% of their scale (a wrong LoRA scaling) are refused."""
+    from nvila_ft.adapters import merge as merge_module
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    model = loaded(checkpoint, AdapterPolicy.from_yaml(ROOT / "adapters" / "ln_vit_lora_llm.yaml"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    original = merge_module.merge_adapters
+
+    def scaled_merge(m, qlora_merge="dequantized"):
+        with torch.no_grad():
+            for name, param in m.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(1.01)
+        return original(m, qlora_merge)
+
+    monkeypatch.setattr(merge_module, "merge_adapters", scaled_merge)
+    with pytest.raises(ExportError, match=r"differ from the adapted model"):
+        export_merged(model, tmp_path / "m", probe_batch(NVILAProcessor.from_pretrained(checkpoint)))
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_a_dequantization_off_by_a_factor_of_two(tiny_checkpoints, tmp_path, monkeypatch):
+    """Not only raw codes: int8 weights dequantized at twice their scale differ from the checkpoint by about their
+    own size, far over the limit (a quarter of the largest value); nothing is written."""
+    from nvila_ft.adapters import merge as merge_module
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(vision_tower={"method": "frozen"}, llm={"method": "qlora", "quantization": {"bits": 8}})
+    model = loaded(checkpoint, policy)
+    batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+    original = merge_module.dequantize
+    monkeypatch.setattr(merge_module, "dequantize", lambda tensor, dtype, row_scales=None: 2 * original(tensor, dtype, row_scales))
+    with pytest.raises(ExportError, match=r"differs from the checkpoint's .* nothing was written"):
+        export_merged(model, tmp_path / "m", batch)
+    assert not (tmp_path / "m").exists()
+
+
+def test_merged_model_is_plain_and_frozen(tiny_checkpoints):
+    """merge_adapters leaves no adapter tensor in any component (the projector's LoRA too) and nothing trainable
+    (a merged model is an inference or reference model), keeps the logits, and remembers its policy."""
+    from nvila_ft.adapters.apply import get_component
+    from nvila_ft.adapters.merge import merge_adapters
+    from nvila_ft.adapters.policy import COMPONENTS
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(vision_tower={"method": "lora"}, mm_projector={"method": "lora"}, llm={"method": "lora"})
+    model = loaded(checkpoint, policy).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+        assert all(any("lora_" in n for n, _ in get_component(model, c).named_parameters()) for c in COMPONENTS)
+        batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+        adapted = model(**batch).logits
+        merge_adapters(model)
+        merged = model(**batch).logits
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any("lora_" in name or "base_layer" in name for name, _ in model.named_parameters())
+    assert model.adapter_policy is None and model.merged_from_policy is not None
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_export_checks_the_dtype_it_writes(tiny_checkpoints, tmp_path):
+    """A float32 run exported in bf16: the reported difference is that of the bf16 checkpoint written (reloaded
+    here), not of a float32 merge, so the check sees the export's rounding."""
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    model = loaded(checkpoint, AdapterPolicy.from_yaml(ROOT / "adapters" / "ln_vit_lora_llm.yaml")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+        batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+        adapted = model(**batch).logits.float()
+    report = export_merged(model, tmp_path / "bf16", batch, dtype=torch.bfloat16)
+    written = NVILAForConditionalGeneration.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        diff = float((written(**batch).logits.float() - adapted).abs().max())
+    assert diff > 1e-4  # bf16 rounding is visible at this size
+    assert report.max_abs_diff == pytest.approx(diff, rel=1e-3, abs=1e-6)

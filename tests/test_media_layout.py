@@ -65,3 +65,19 @@ def test_tsp_pooling_needs_divisible_frames(layouts):
     assert layout.video_run(16) == ([layout.placeholder["video"]] * 4 + layout.boundary_ids["video"]["end"]) * 2
     with pytest.raises(ValueError, match=r"frame count \(12\) divisible by 8"):
         layout.video_pools(12)
+
+
+def test_tsp_pools_that_are_not_square_count_what_the_encoder_pools():
+    """A [t, h, w] pool with h != w: frames / t pooled frames of (side / h) x (side / w) tokens, as many as the
+    video encoder's pooling gives; each axis must divide."""
+    import torch
+
+    from nvila_ft.model.media_encoders import temporal_spatial_pool
+    from nvila_ft.model.media_layout import temporal_pools
+
+    pools = ((2, 2, 1), (8, 1, 4))
+    assert temporal_pools(8, 4, pools) == [(4, 2 * 4), (1, 4 * 1)]  # side 4: 2x4 tokens, then 4x1
+    assert temporal_spatial_pool(torch.zeros(8, 16, 3), pools).shape[0] == 4 * 8 + 1 * 4
+    for bad in ((1, 1, 3), (1, 3, 1), (3, 1, 1)):
+        with pytest.raises(ValueError, match="divisible"):
+            temporal_pools(8, 4, (bad,))

@@ -170,3 +170,17 @@ def test_finetune_with_packing_and_a_sample_over_the_budget(tmp_path):
     assert "positions do not fit data.max_tokens = 20 (and 33 more); raise it" in one_line_error(failed)
     grouped = run_cli(["finetune", *common, "data.group_by_length=true", f"hydra.run.dir={tmp_path / 'r3'}"], tmp_path, cache)
     assert json.loads((tmp_path / "r3" / "metrics.json").read_text())["steps"] == 3, grouped.stdout
+
+
+def test_empty_share_is_the_unused_part_of_the_packs_budget():
+    sampler = PackedBatchSampler([6, 4, 5], 10)  # packs [6, 4] and [5]: 15 of 20 positions used
+    assert sampler.packs == [[0, 1], [2]] and sampler.empty_share == pytest.approx(0.25)
+    assert PackedBatchSampler([10, 10], 10).empty_share == 0.0
+
+
+def test_a_last_micro_batch_with_fewer_packs_is_kept_and_counted():
+    """Four packs in micro-batches of three: two micro-batches, the last with one pack (not dropped)."""
+    sampler = PackedBatchSampler([10, 10, 10, 10], 10, rows=3, seed=0)
+    assert len(sampler.packs) == 4 and len(sampler) == 2
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [3, 1] and sorted(i for b in batches for i in b) == [0, 1, 2, 3]

@@ -126,3 +126,41 @@ def test_remeasured_processor_follows_a_changed_configuration():
     fewer = processor.with_config(with_settings(config, max_tiles=4))
     assert fewer.measure(chat).tiles < processor.measure(chat).tiles
     assert fewer.measure(chat).positions == fewer.process(chat).length
+
+
+def test_packed_rows_add_up_what_each_packed_row_holds():
+    from nvila_ft.commands.plan import packed_rows
+    from nvila_ft.training.planner import SampleDemand
+
+    samples = [SampleDemand(6, 1, 2), SampleDemand(4, 0, 3), SampleDemand(5, 2, 1)]
+    # first fit, longest first: [6, 4] fill a row of 10, [5] starts another
+    assert packed_rows(samples, 10) == [SampleDemand(10, 1, 5), SampleDemand(5, 2, 1)]
+
+
+def test_verdict_and_changes_at_the_budget_boundary():
+    """A plan exactly at the budget fits (no changes asked for); one byte over gets changes that end at the first
+    combination that fits, each of which saves memory alone."""
+    import torch
+
+    from nvila_ft.commands.plan import fitting_changes, one_line
+    from nvila_ft.training import planner
+    from nvila_ft.training.planner import Line, Plan, RunShape, SampleDemand
+
+    sample = SampleDemand(64, 14, 3)
+    shape = RunShape(cuda=False)
+    plans = {"p95": Plan([Line("llm", "weights", 100)], sample, shape), "max": Plan([Line("llm", "weights", 200)], sample, shape)}
+    assert one_line(plans, 200).endswith(": fits")
+    assert one_line(plans, 199).endswith(": fits at p95 only") and one_line(plans, 100).endswith(": fits at p95 only")
+    assert one_line(plans, 99).endswith(": does not fit")
+
+    from tests.test_planner import ROOT, preset_policy
+
+    config = preset_config("nvila-8b-tiny")
+    policy = preset_policy(ROOT / "adapters" / "ln_vit_lora_llm.yaml")
+    shape = RunShape(weights_dtype=torch.float32, cuda=False, micro_batch=4)
+    current = planner.plan(config, policy, sample, shape).total
+    args = (lambda c: sample, lambda p, s: True)
+    assert fitting_changes(config, policy, shape, current, current, *args) == []
+    rows = fitting_changes(config, policy, shape, current - 1, current, *args)
+    assert rows and rows[-1]["fits"] and rows[-1]["together_bytes"] <= current - 1
+    assert not any(row["fits"] for row in rows[:-1]) and all(row["alone_bytes"] < current for row in rows)

@@ -993,3 +993,29 @@ def test_default_labels_equal_official_labels_when_no_quirk_applies(s2_model, qw
     default = NVILAProcessor(qwen2_tokenizer, s2_model.config).process(messages)
     official = NVILAProcessor(qwen2_tokenizer, s2_model.config, official_label_matching=True).process(messages)
     assert default.input_ids == official.input_ids and default.labels == official.labels
+
+
+def test_cut_right_after_a_media_item_keeps_it_and_the_earlier_answer(s2):
+    """A cut that ends exactly where the last media run ends goes through nothing: the sample is kept (its first
+    answer still supervised); one position earlier the cut would go through the run and is refused."""
+    later = [user("Q"), assistant("A."), user(solid(), "What is this?"), assistant("A red square.")]
+    full = s2.process(later)
+    last_placeholder = len(full.input_ids) - 1 - full.input_ids[::-1].index(s2.token_ids.image)
+    media_end = last_placeholder + 1 + len(s2.layout.boundary_ids["image"]["end"])
+    cut = NVILAProcessor(s2.tokenizer, s2.config, model_max_length=media_end).process(later)
+    assert cut.input_ids == full.input_ids[:media_end] and cut.labels == full.labels[:media_end]
+    assert any(label != IGNORE for label in cut.labels)
+    with pytest.raises(SampleError, match="media item"):
+        NVILAProcessor(s2.tokenizer, s2.config, model_max_length=media_end - 1).process(later)
+
+
+def test_cut_before_the_first_answer_token_is_refused(s2):
+    """A cut that leaves the prompt whole but no answer token would train on nothing: refused, naming the sample;
+    one answer token more and it is kept."""
+    messages = [user(solid(), "What is this?"), assistant("A red square.")]
+    full = s2.process(messages)
+    first = next(i for i, label in enumerate(full.labels) if label != IGNORE)
+    with pytest.raises(SampleError, match=r"^sample: needs .* no answer token is left"):
+        NVILAProcessor(s2.tokenizer, s2.config, model_max_length=first).process(messages)
+    kept = NVILAProcessor(s2.tokenizer, s2.config, model_max_length=first + 1).process(messages)
+    assert kept.labels == full.labels[: first + 1] and kept.labels[-1] != IGNORE

@@ -258,8 +258,8 @@ def optimizer_state_bytes(numels: Sequence[int], optim: str) -> int:
     if optim in FLOAT32_ADAM_OPTIMIZERS:
         per_tensor = 0 if optim == "paged_adamw_32bit" else 4  # bitsandbytes counts steps in Python
         return sum(8 * n + per_tensor for n in numels)
-    if optim == "adafactor":  # an upper bound: a float32 value a parameter (its factored moments take less)
-        return sum(4 * n for n in numels)
+    if optim == "adafactor":  # an upper bound: a float32 value a parameter and the float32 RMS of each tensor
+        return sum(4 * n + 4 for n in numels)  # (its factored moments of matrices take less)
     if optim == "sgd":
         return 0
     raise ValueError(f"no optimizer-state model for trainer.optim = {optim!r}")
