@@ -59,20 +59,33 @@ def test_checkpointing_keeps_each_layers_input_and_recomputes_one_layer(setup):
     assert checkpointed["run", "activations"] == per_layer
 
 
-def test_selective_loss_takes_logits_a_chunk_at_a_time(setup):
+@pytest.fixture(scope="module")
+def setup16():
+    config = preset_config("nvila-8b-tiny", torch.bfloat16)
+    policy = preset_policy(ROOT / "adapters" / "ln_vit_lora_llm.yaml")
+    return config, policy, planner.meta_model(config, policy, torch.bfloat16)
+
+
+def working_set(setup, sample, dtype, **shape) -> int:
+    config, policy, model = setup
+    plan = planner.plan(config, policy, sample, RunShape(weights_dtype=dtype, cuda=False, **shape), model=model)
+    return sum(line.bytes for line in plan.lines if line.item == "backward working set")
+
+
+def test_selective_loss_takes_logits_a_chunk_at_a_time(setup, setup16):
     """Selective loss: the hidden rows of the supervised positions are kept (never more than there are positions);
-    the float32 logits (and their 32-bit copy) exist for one chunk of LOSS_CHUNK_ROWS rows at a time."""
-    config, _, _ = setup
+    the logits exist for one chunk of LOSS_CHUNK_ROWS rows at a time, in 16 bits plus their float32 copy (bf16 run);
+    a float32 run's full loss holds one float32 copy of every position's logits (`.float()` copies nothing)."""
+    config, _, _ = setup16
     many = SampleDemand(3 * LOSS_CHUNK_ROWS, 1, 2 * LOSS_CHUNK_ROWS + 5)
-    items = activations(setup, many, selective_loss=True)
-    assert items["run", "backward working set"] == LOSS_CHUNK_ROWS * config.vocab_size * (4 + 4)
-    few = activations(setup, SampleDemand(512, 1, 500), selective_loss=True)
-    assert few["run", "backward working set"] == 500 * config.vocab_size * (4 + 4)
+    assert working_set(setup16, many, torch.bfloat16, selective_loss=True) == LOSS_CHUNK_ROWS * config.vocab_size * (2 + 4)
+    few = SampleDemand(512, 1, 500)
+    assert working_set(setup16, few, torch.bfloat16, selective_loss=True) == 500 * config.vocab_size * (2 + 4)
+    assert working_set(setup16, SampleDemand(512, 1, 10), torch.bfloat16) == 512 * config.vocab_size * (2 + 4)
     # more supervised positions than positions (a record cut to model_max_length) count as the positions
     capped = activations(setup, SampleDemand(64, 1, 500), selective_loss=True)
     assert capped["llm", "loss"] == activations(setup, SampleDemand(64, 1, 64), selective_loss=True)["llm", "loss"]
-    full = activations(setup, SampleDemand(512, 1, 10))
-    assert full["run", "backward working set"] == 512 * config.vocab_size * (4 + 4)  # every position's logits
+    assert working_set(setup, SampleDemand(512, 1, 10), torch.float32) == 512 * config.vocab_size * 4  # every position's
 
 
 def test_offloaded_activations_and_optimizer_leave_nothing_on_the_gpu(setup):

@@ -443,6 +443,11 @@ def _projector_activations(model: Any, tiles: int, autocast: torch.dtype | None 
     return saved.bytes  # while `_output` holds the graph
 
 
+def _logits_bytes(dtype_bytes: int) -> int:
+    """Bytes a logit takes in the loss: the logits and their float32 copy (`.float()` copies nothing in float32)."""
+    return dtype_bytes + 4 if dtype_bytes != 4 else 4
+
+
 def _loss_activations(model: Any, positions: int, rows: int, logits_positions: int) -> tuple[int, int]:
     """(saved bytes of the final norm, lm_head and loss; transient bytes of the float32 logits) for the full loss
     over `logits_positions` positions."""
@@ -456,7 +461,7 @@ def _loss_activations(model: Any, positions: int, rows: int, logits_positions: i
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[:2], dtype=torch.long, device="meta").flatten())
     saved_bytes = saved.bytes  # while `loss` holds the graph
     vocab = model.config.vocab_size
-    transient = rows * logits_positions * vocab * (DTYPE_BYTES.get(dtype, 4) + 4)  # logits and their float32 copy
+    transient = rows * logits_positions * vocab * _logits_bytes(DTYPE_BYTES.get(dtype, 4))
     del loss
     return saved_bytes, transient
 
@@ -500,7 +505,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
         hidden_bytes = DTYPE_BYTES.get(next(_layers(model, "llm")[0].parameters()).dtype, 4)
         saved = norm_saved + rows * supervised * config.llm_hidden_size * hidden_bytes
         logits_rows = min(rows * supervised, LOSS_CHUNK_ROWS)
-        transient = logits_rows * config.vocab_size * (hidden_bytes + 4)
+        transient = logits_rows * config.vocab_size * _logits_bytes(hidden_bytes)
         note = f"hidden rows of {supervised:,} supervised positions; logits {logits_rows:,} rows at a time"
     else:
         saved, transient = _loss_activations(model, sample.positions, rows, sample.positions)
