@@ -31,6 +31,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         _fsync_tree(staging)
         backup = None
         if final.exists():
+            if not overwrite:  # another process wrote it meanwhile: theirs stays (readers may be using it)
+                raise FileExistsError(f"{final} was written by another process meanwhile")
             backup = final.parent / f".{final.name}.old-{token}"
             os.replace(final, backup)
         os.replace(staging, final)

@@ -333,3 +333,42 @@ def test_overwrite_keeps_the_old_target_until_the_new_one_is_complete(monkeypatc
         build_model("nvila-8b-tiny", seed=5).save_pretrained(target, overwrite=True)
     assert files_of(target) == before  # every byte of the old checkpoint is still there
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and no staging folder is left behind
+
+
+def test_a_directory_another_process_wrote_meanwhile_is_kept(tmp_path):
+    """Two processes of a launch build the run's base at once: the one that finishes second must not move the first
+    one's directory aside (the first may already be reading it); it gives up with FileExistsError instead."""
+    from nvila_ft.atomic import atomic_directory
+
+    target = tmp_path / "base"
+    with pytest.raises(FileExistsError, match="another process"):
+        with atomic_directory(target) as staging:
+            (staging / "mine.txt").write_text("second")
+            target.mkdir()  # the other process finishes first
+            (target / "theirs.txt").write_text("first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no staging or backup folder left
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    with atomic_directory(target, overwrite=True) as staging:  # asked to replace: it does
+        (staging / "mine.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+
+
+def test_a_base_built_by_two_processes_at_once_is_the_first_ones(tmp_path, monkeypatch):
+    """ModelSource.checkpoint: when another process's base appears while this one writes its own, the other's is used."""
+    from nvila_ft.model import source as source_module
+
+    model = source_module.ModelSource(preset="nvila-8b-tiny", pretrained=True)
+    target = tmp_path / "run" / "base"
+    real = source_module.shutil.copytree
+
+    def copy_then_race(src, dst, *args, **kwargs):
+        result = real(src, dst, *args, **kwargs)
+        if Path(dst).name.startswith(".base.tmp") and not target.exists():
+            real(src, target)  # the other process's complete copy lands first
+            (target / "winner").write_text("")
+        return result
+
+    monkeypatch.setattr(source_module.shutil, "copytree", copy_then_race)
+    assert model.checkpoint(target) == target
+    assert (target / "winner").is_file() and (target / "llm" / "config.json").is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["base"]
