@@ -32,12 +32,18 @@ def _run(args: list[str]) -> tuple[int, str, str]:
     argv, root = sys.argv[:], logging.getLogger()
     handlers, levels = root.handlers[:], {name: logging.getLogger(name).level for name in ("", "nvila_ft")}
     code = 0
+    # Hydra's logging set-up closes every handler the process has made (logging.shutdown); here that includes
+    # handlers made by earlier tests, and some (absl's) close their stream unless it is the current sys.stderr: pytest's
+    # capture file, while redirected ("lost sys.stderr" in the full suite). The call sees none of them.
+    earlier = logging._handlerList[:]
+    logging._handlerList[:] = []
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main(args)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
+        logging._handlerList[:0] = earlier
         sys.argv[:] = argv
         root.handlers[:] = handlers
         for name, level in levels.items():
