@@ -304,9 +304,9 @@ def plan(cfg: DictConfig) -> int:
     loaded = task.load(cfg.seed)
     records = loaded.train
     if not records:
-        where = getattr(task.train, "path", None)
-        bad = [e for e in loaded.errors if where is None or e.origin.startswith(str(where))]
-        raise ConfigError("plan: no training record to measure" + (f" in {where} (task.train.path)" if where else "")
+        path = getattr(task.train, "path", None)
+        bad = [e for e in loaded.errors if path is None or e.origin.startswith(str(path))]
+        raise ConfigError("plan: no training record to measure" + (f" in {path} (task.train.path)" if path else "")
                           + (f": {len(bad)} malformed, first: {bad[0].line()}" if bad else ""))
     result, stats, problems = estimate(policy, precision, trainer, deepspeed, data, records, processor, options, cfg.seed)
     budget, source = options.budget()

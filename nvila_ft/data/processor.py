@@ -403,7 +403,5 @@ def _default_max_length(tokenizer: Any, config: NVILAConfig) -> int:
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < 10**8:
         return value
-    for key in ("model_max_length", "tokenizer_model_max_length", "max_position_embeddings"):
-        if config.llm.get(key):
-            return int(config.llm[key])
-    return 4096
+    context = config.llm_context
+    return context[1] if context else 4096

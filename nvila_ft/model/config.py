@@ -125,6 +125,14 @@ class NVILAConfig:
         return int(self.raw.get("max_tiles") or 12)
 
     @property
+    def llm_context(self) -> tuple[str, int] | None:
+        """The LLM's context as llm/config.json gives it: (the key it is under, its value), or None."""
+        for key in ("model_max_length", "tokenizer_model_max_length", "max_position_embeddings"):
+            if self.llm.get(key):
+                return key, int(self.llm[key])
+        return None
+
+    @property
     def num_video_frames(self) -> int:
         return int(self.raw.get("num_video_frames") or 8)
 

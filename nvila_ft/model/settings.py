@@ -67,7 +67,7 @@ def _positive_int(value: Any, key: str) -> int:
 
 
 def _check_tile_range(config: NVILAConfig, settings: dict[str, Any], raw: dict[str, Any]) -> None:
-    low, high = int(raw.get("min_tiles") or 1), int(raw.get("max_tiles") or 12)
+    low, high = int(raw.get("min_tiles") or config.min_tiles), int(raw.get("max_tiles") or config.max_tiles)
     if low <= high:
         return
     if "min_tiles" in settings and "max_tiles" in settings:
@@ -82,10 +82,9 @@ def _check_tile_range(config: NVILAConfig, settings: dict[str, Any], raw: dict[s
 def _check_fits_context(config: NVILAConfig, settings: dict[str, Any]) -> None:
     """An image of max_tiles tiles, and a video of num_video_frames frames, must fit the LLM's context (a larger
     figure is a typo, and would make every tiling search and frame sampling slower for nothing)."""
-    key = next((k for k in ("model_max_length", "tokenizer_model_max_length", "max_position_embeddings") if config.llm.get(k)), None)
-    if key is None:
+    if config.llm_context is None:
         return
-    context, per_tile = int(config.llm[key]), config.tokens_per_tile
+    (key, context), per_tile = config.llm_context, config.tokens_per_tile
     limit = f"more than the LLM's context ({context:,}, llm/config.json `{key}`)"
     if "max_tiles" in settings and config.max_tiles * per_tile > context:
         raise CheckpointError(f"model.max_tiles = {config.max_tiles}: an image of that many tiles takes "
