@@ -161,7 +161,8 @@ def test_preset_end_to_end(preset_file, tiny_checkpoints, tmp_path):
         torch.testing.assert_close(logits, model(**batch).logits, rtol=0, atol=0)  # `model` is now the merged one
     if report.quantization_gap is None:  # 16-bit bases: the merge is exact up to float32 rounding
         torch.testing.assert_close(logits, adapted, rtol=1e-4, atol=1e-4)
-    else:  # quantized base: the adapter was checked on the dequantized base; 4-bit kernels add a small gap
+    else:  # quantized base: checked against the trained model, the 4-bit kernels' gap (small) allowed on top
+        assert float((logits - adapted).abs().max()) <= report.tolerance
         assert report.quantization_gap < 0.05 * float(adapted.abs().max())
 
 

@@ -67,6 +67,7 @@ def export(cfg: DictConfig) -> str:
         f"merged model written to {report.path}\n"
         f"probe check: max |logit difference| {report.max_abs_diff:.3g} vs the {report.reference} "
         f"(tolerance {report.tolerance:.3g})"
-        + (f"; gap to the quantized model that was trained {report.quantization_gap:.3g}" if report.quantization_gap is not None else "")
+        + (f"; gap between the model as trained and its 16-bit counterpart {report.quantization_gap:.3g}"
+           if report.quantization_gap is not None else "")
     )
     return str(report.path)
