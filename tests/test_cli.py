@@ -33,6 +33,11 @@ def run_cli(args: list[str], cwd: Path, cache: Path, check: bool = True, extra_e
     return result
 
 
+def last_checkpoint(run: Path) -> Path:
+    """A run's newest checkpoint folder, by step number: checkpoint-10 comes after checkpoint-9."""
+    return max(run.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -368,7 +373,7 @@ def test_console_summary_is_in_cli_log_without_banners(finished_run):
 
 def test_progress_and_plot_show_the_base_learning_rate(finished_run):
     run, _ = finished_run
-    state = json.loads((sorted(run.glob("checkpoint-*"))[-1] / "trainer_state.json").read_text())
+    state = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "learning_rate" in entry]
     assert logged
     for entry in logged:  # lora_vit_lora_llm: the vision tower at 0.1x the base rate, the LLM at the base rate
