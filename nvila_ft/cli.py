@@ -105,6 +105,16 @@ class ConsoleFormatter(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
+class LogFileOnly(logging.Filter):
+    """Keeps what the media libraries log off the console: a file they cannot read is reported once, as its
+    record's one line in the data report; their own messages and tracebacks go to the run's log file only."""
+
+    LIBRARIES = ("pydicom", "nibabel", "PIL", "libav")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] not in self.LIBRARIES
+
+
 def config_dir() -> Path:
     return Path(str(files("nvila_ft.hydra_conf")))
 

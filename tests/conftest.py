@@ -35,3 +35,14 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """The NVILA-8B tiny preset's processor (Dynamic-S2 tiling, the tiny tokenizer), no checkpoint on disk."""
+    from nvila_ft.data.processor import NVILAProcessor
+    from nvila_ft.model.presets import preset_config
+    from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR
+    from nvila_ft.model.tokenizer import load_tokenizer
+
+    return NVILAProcessor(load_tokenizer(TINY_TOKENIZER_DIR), preset_config("nvila-8b-tiny"))

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvila_ft.data.media import DICOM_WINDOWS, MediaError, dicom_video_frames, load_image, load_video
+from nvila_ft.data.display_window import DICOM_WINDOWS
+from nvila_ft.data.media import MediaError, load_image, load_video, volume_frames
+from nvila_ft.data.media_base import MediaOptions
 from nvila_ft.training.config import ConfigError, DataOptions
 
 from tests.test_dicom import bundled, pydicom  # pydicom's real CT / MR files (skipped without pydicom)
@@ -48,7 +50,7 @@ def test_ct_window_matches_numpy(window):
     dataset = pydicom.dcmread(str(source))
     hu = dataset.pixel_array.astype(float) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
     centre, width = DICOM_WINDOWS[window] if isinstance(window, str) else window
-    array = grey(load_image(source, dicom_window=window))
+    array = grey(load_image(source, options=MediaOptions(dicom_window=window)))
     assert np.array_equal(array, linear_window(hu, centre, width))
     # the familiar bounds: black up to c - w/2, white from c + w/2
     assert (array[hu <= centre - width / 2] == 0).all() and (array[hu >= centre + width / 2] == 255).all()
@@ -67,16 +69,16 @@ def test_file_window_first_value_full_range_and_rescale(tmp_path):
     multi = edited(tmp_path, "MR_small.dcm", "multi.dcm", WindowCenter=[300, 600], WindowWidth=[400, 1600])
     assert np.array_equal(grey(load_image(multi)), linear_window(values, 300, 400))
     full = np.round((values - values.min()) / (values.max() - values.min()) * 255).astype(np.uint8)
-    assert np.array_equal(grey(load_image(mr, dicom_window="full")), full)
+    assert np.array_equal(grey(load_image(mr, options=MediaOptions(dicom_window="full"))), full)
     rescaled = edited(tmp_path, "CT_small.dcm", "rescaled.dcm", RescaleSlope=2, RescaleIntercept=-100)
     stored = pydicom.dcmread(str(rescaled)).pixel_array.astype(float)
-    assert np.array_equal(grey(load_image(rescaled, dicom_window=[1000, 2000])), linear_window(2 * stored - 100, 1000, 2000))
+    assert np.array_equal(grey(load_image(rescaled, options=MediaOptions(dicom_window=[1000, 2000]))), linear_window(2 * stored - 100, 1000, 2000))
 
 
 def test_monochrome1_is_inverted(tmp_path):
     inverted = edited(tmp_path, "CT_small.dcm", "m1.dcm", PhotometricInterpretation="MONOCHROME1")
-    normal = grey(load_image(bundled("CT_small.dcm"), dicom_window="lung")).astype(int)
-    assert np.array_equal(grey(load_image(inverted, dicom_window="lung")), 255 - normal)
+    normal = grey(load_image(bundled("CT_small.dcm"), options=MediaOptions(dicom_window="lung"))).astype(int)
+    assert np.array_equal(grey(load_image(inverted, options=MediaOptions(dicom_window="lung"))), 255 - normal)
 
 
 def test_multi_frame_dicom_is_a_video():
@@ -86,7 +88,7 @@ def test_multi_frame_dicom_is_a_video():
     chosen = stack[[0, 5, 9, 14]]  # round(linspace(0, 14, 4))
     expected = np.round((chosen - chosen.min()) / (chosen.max() - chosen.min()) * 255).astype(np.uint8)
     assert len(frames) == 4 and all(np.array_equal(grey(f), e) for f, e in zip(frames, expected))
-    assert dicom_video_frames(source) == 15
+    assert volume_frames(source) == 15
     colour = load_video(bundled("SC_rgb_rle_2frame.dcm"), 2)
     assert np.array_equal(np.asarray(colour[1]), pydicom.dcmread(str(bundled("SC_rgb_rle_2frame.dcm"))).pixel_array[1])
 
@@ -108,7 +110,7 @@ def write_series(folder: Path, slices: list[dict], values: list[int]) -> None:
 def test_series_folder_is_ordered_by_instance_number_then_position(tmp_path):
     # file names 0..3, InstanceNumber 3,1,4,2: anatomical order is files 1,3,0,2 -> values 100,300,0,200
     write_series(tmp_path / "by_number", [{"InstanceNumber": n} for n in (3, 1, 4, 2)], [0, 100, 200, 300])
-    frames = load_video(tmp_path / "by_number", 4, dicom_window=[1000 - 1024 + 150, 301])
+    frames = load_video(tmp_path / "by_number", 4, options=MediaOptions(dicom_window=[1000 - 1024 + 150, 301]))
     # one window for the volume: HU = value - 1024, windowed by the linear function
     expected = [linear_window(np.array([v - 1024.0]), 1000 - 1024 + 150, 301)[0] for v in (100, 300, 0, 200)]
     assert [int(grey(f)[0, 0]) for f in frames] == expected
@@ -117,7 +119,7 @@ def test_series_folder_is_ordered_by_instance_number_then_position(tmp_path):
     write_series(tmp_path / "by_position", slices, [0, 100, 200])
     frames = load_video(tmp_path / "by_position", 3)  # full range of the volume: 0 -> 0, 100 -> 128, 200 -> 255
     assert [int(grey(f)[0, 0]) for f in frames] == [128, 255, 0]
-    assert dicom_video_frames(tmp_path / "by_position") == 3
+    assert volume_frames(tmp_path / "by_position") == 3
 
 
 def test_series_problems_name_the_folder(tmp_path):
@@ -158,7 +160,7 @@ def test_processor_measures_and_loads_a_dicom_series(tmp_path):
     (tmp_path / "broken.dcm").write_bytes(b"\0" * 10)
     broken = [{"role": "user", "content": [{"type": "video", "video": "broken.dcm"}, {"type": "text", "text": "?"}]},
               {"role": "assistant", "content": "x"}]
-    with pytest.raises(SampleError, match="broken.dcm: cannot read the DICOM header"):
+    with pytest.raises(SampleError, match="broken.dcm: not a DICOM file nvila-ft reads"):
         processor.measure(broken)
 
 
@@ -168,7 +170,7 @@ def test_window_functions_by_hand_and_against_pydicom():
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_windowing
 
-    from nvila_ft.data.media import apply_window
+    from nvila_ft.data.display_window import apply_window
 
     x = np.array([0.0, 0.5, 40.0, 78.9, 79.0, 79.5])
     # LINEAR: black at or below 40 - 0.5 - 79/2 = 0, white above 40 - 0.5 + 79/2 = 79, else ((x-39.5)/79+0.5)*255

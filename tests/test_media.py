@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nvila_ft.data.media_base import MediaOptions
 from nvila_ft.data.media import (
     MediaError,
     load_image,
@@ -231,15 +232,15 @@ def test_16_bit_grey_keeps_its_grey_levels(tmp_path, suffix):
     assert len(np.unique(pixels[..., 0])) > 200
     expected = np.round((ramp.astype(np.float64) - 812) / (3921 - 812) * 255).astype(np.uint8)
     np.testing.assert_array_equal(pixels[..., 0], expected)  # its own range -> 0..255, order kept
-    assert "its own range" in image.info["rescaled"]
+    assert "its own range" in image.info["note"]
 
 
 def test_16_bit_grey_with_a_window_and_float_tiff(tmp_path):
     values = np.array([[0, 1000, 2000, 3000]], dtype=np.uint16).repeat(4, axis=0)
     Image.fromarray(values).save(tmp_path / "w.png")
-    image = load_image(tmp_path / "w.png", intensity_window=[1000, 2000])
+    image = load_image(tmp_path / "w.png", options=MediaOptions(intensity_window=[1000, 2000]))
     assert np.asarray(image)[0, :, 0].tolist() == [0, 0, 255, 255]
-    assert "window [1000, 2000]" in image.info["rescaled"]
+    assert "window [1000, 2000]" in image.info["note"]
     floats = np.linspace(-1.5, 2.5, 32 * 32, dtype=np.float32).reshape(32, 32)
     Image.fromarray(floats).save(tmp_path / "f.tif")
     pixels = np.asarray(load_image(tmp_path / "f.tif"))[..., 0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvila_ft.data.media import write_video
+from nvila_ft.data.media import load_image, write_video
 from nvila_ft.data.records import Record
 from nvila_ft.data.sources import DataError, HFDataset, LlavaJson, TableSource, describe, split_records
 
@@ -213,9 +213,10 @@ def test_hf_saved_dataset_with_image_feature_and_messages(tmp_path, no_network):
     assert [r.origin for r in records] == [f"{tmp_path / 'saved'}[{i}]" for i in range(3)]
     assert [r.id for r in records] == ["x", "y", "z"]
     first = records[0].messages
-    assert isinstance(first[0]["content"][0]["image"], Image.Image)  # decoded by datasets.Image, passed through
-    assert first[0]["content"][0]["image"].getpixel((0, 0)) == (0, 0, 0)
-    assert records[2].messages[0]["content"][0]["image"].getpixel((0, 0)) == (120, 0, 0)
+    # left encoded by datasets.Image (a broken one is then one bad record), decoded when the record is processed
+    assert isinstance(first[0]["content"][0]["image"], bytes)
+    assert load_image(first[0]["content"][0]["image"]).getpixel((0, 0)) == (0, 0, 0)
+    assert load_image(records[2].messages[0]["content"][0]["image"]).getpixel((0, 0)) == (120, 0, 0)
     assert first[0]["content"][1:] == [text("q0")] and first[1] == assistant("a0")
     assert records[0].media_root == str((tmp_path / "saved").resolve())
 
@@ -225,7 +226,7 @@ def test_hf_saved_dataset_with_image_feature_and_messages(tmp_path, no_network):
     [record] = HFDataset(str(tmp_path / "plain"), system_prompt="Be brief.").records()
     assert record.messages[0] == {"role": "system", "content": "Be brief."}
     assert record.messages[1]["content"][1] == text("what?")
-    assert isinstance(record.messages[1]["content"][0]["image"], Image.Image)
+    assert isinstance(record.messages[1]["content"][0]["image"], bytes)
 
 
 def test_hf_messages_keep_their_own_media_and_placeholders_must_match(tmp_path, no_network):

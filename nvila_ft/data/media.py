@@ -1,7 +1,9 @@
 """Load the images and videos of a sample for the NVILA processor, refusing unsafe or broken media.
 
 Sampling and colour conversion follow the official NVILA release: images are `.convert("RGB")`-ed,
-videos are sampled at `round(linspace(0, count - 1, num_frames))`.
+videos are sampled at `round(linspace(0, count - 1, num_frames))`. DICOM files and series (`nvila_ft.data.dicom`)
+and NIfTI volumes (`nvila_ft.data.nifti`) are recognised by their names or contents and read by their own
+modules; a multi-frame one given as an image follows `nvila_ft.data.media_base`'s rule (one chosen frame).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from nvila_ft.data import dicom, nifti
+from nvila_ft.data.media_base import DEFAULT_OPTIONS, MediaError, MediaOptions, library_messages, sample_frame_indices
 
 if TYPE_CHECKING:  # PyAV is imported lazily so that importing this module stays cheap.
     import av
@@ -42,22 +47,23 @@ class VideoClip:
 
 VideoSource = str | os.PathLike | Sequence[ImageSource] | VideoClip
 
+
+class EncodedImage(bytes):
+    """Encoded image bytes that say where they came from (e.g. "column 'image'"), for the messages about them."""
+
+    def __new__(cls, data: bytes, label: str = "<image bytes>") -> "EncodedImage":
+        encoded = super().__new__(cls, data)
+        encoded.label = label
+        return encoded
+
+    def __reduce__(self) -> tuple:
+        return EncodedImage, (bytes(self), self.label)
+
 # What Pillow's plugins raise on bad data, at open or at decode time.
 _IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 # Only plain files: no network, and no `concat:`/`subfile:` style protocols smuggled in through playlists.
 _FFMPEG_OPTIONS = {"protocol_whitelist": "file"}
-
-
-class MediaError(ValueError):
-    """A media item could not be used; the message names the source and the reason.
-
-    kind: "missing_media", "unsafe_path" or "corrupt_media" (what data validation reports).
-    """
-
-    def __init__(self, message: str, kind: str = "corrupt_media") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | None) -> pathlib.Path:
@@ -80,33 +86,33 @@ def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | 
 
 
 def load_image(
-    source: ImageSource,
-    media_root: str | os.PathLike | None = None,
-    intensity_window: Sequence[float] | None = None,
-    dicom_window: DicomWindow = None,
+    source: ImageSource, media_root: str | os.PathLike | None = None, options: MediaOptions = DEFAULT_OPTIONS
 ) -> Image.Image:
     """Return `source` (a path, encoded bytes or a PIL image) as a fully decoded RGB image.
 
     Images of more than 8 bits per pixel (16-bit or 32-bit grey PNG/TIFF, float TIFF, as medical and
-    scientific images often are) are rescaled to 8 bits by their own range, or by `intensity_window`
-    ([low, high] stored values -> 0..255), instead of being clipped; `image.info["rescaled"]` then says how.
-    DICOM files are displayed by `dicom_window` (see `load_dicom`).
+    scientific images often are) are rescaled to 8 bits by their own range, or by `options.intensity_window`
+    ([low, high] stored values -> 0..255), instead of being clipped. DICOM files are displayed by
+    `options.dicom_window` (`nvila_ft.data.dicom`), NIfTI volumes show one slice (`nvila_ft.data.nifti`); a
+    multi-frame DICOM, a folder of DICOM slices or a volume gives the frame `options.image_frame` names.
+    `image.info["note"]` says how an image was converted when it is worth a line in the data report.
     """
     if isinstance(source, Image.Image):
         name, fp = "<PIL image>", None
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        name, fp = "<image bytes>", io.BytesIO(source)
+        name, fp = getattr(source, "label", "<image bytes>"), io.BytesIO(source)
     else:
         fp = resolve_media_path(source, media_root)
         name = str(fp)
-        if is_dicom(fp):
-            return load_dicom(fp, dicom_window)
+        medical = _medical_image(fp, media_root, options)
+        if medical is not None:
+            return medical
     try:
         with contextlib.nullcontext(source) if fp is None else Image.open(fp) as opened:
             # Decode now, so a truncated file fails here rather than somewhere in the processor.
             opened.load()
             if opened.mode in HIGH_BIT_DEPTH_MODES:
-                image = _to_8_bits(opened, intensity_window)
+                image = _to_8_bits(opened, options.intensity_window)
             else:
                 image = opened.convert("RGB")
     except Image.DecompressionBombError as e:
@@ -115,6 +121,32 @@ def load_image(
         raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
     if image.width == 0 or image.height == 0:
         raise MediaError(f"{name}: image has zero size {image.size}")
+    return image
+
+
+def _medical_image(path: pathlib.Path, media_root: str | os.PathLike | None, options: MediaOptions) -> Image.Image | None:
+    """A DICOM file, a DICOM series folder or a NIfTI volume as an image (with its note), or None for other files."""
+    if path.is_dir():
+        files = _frame_files(path, media_root)
+        if not dicom.is_series(files):
+            raise MediaError(f"{path}: a folder, not an image (a folder of DICOM slices is a series; a folder of "
+                             "frames is a video)")
+        with library_messages("pydicom", path):
+            image, note = dicom.load_series_image(path, files, options)
+    elif nifti.is_nifti(path):
+        with library_messages("nibabel", path):
+            image, note = nifti.load_image(path, options)
+    elif dicom.is_dicom(path):
+        with library_messages("pydicom", path):
+            image, note = dicom.load_image(path, options)
+    else:
+        nifti.refuse_other_volume(path)
+        if path.name.lower().endswith((".gz", ".bz2", ".xz", ".zip")):
+            raise MediaError(f"{path}: a compressed file; decompress it (only NIfTI volumes are read compressed, "
+                             ".nii.gz)", kind="unsupported_media")
+        return None
+    if note:
+        image.info["note"] = note
     return image
 
 
@@ -135,23 +167,28 @@ def _to_8_bits(image: Image.Image, window: Sequence[float] | None) -> Image.Imag
     scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
     scaled = np.nan_to_num(np.clip(scaled, 0, 255))
     result = Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
-    result.info["rescaled"] = how
+    result.info["note"] = how
     return result
 
 
-def image_size(source: ImageSource, media_root: str | os.PathLike | None = None) -> tuple[int, int]:
-    """(width, height) of an image from its header (no pixel is decoded); DICOM from its Columns / Rows tags."""
+def image_size(
+    source: ImageSource, media_root: str | os.PathLike | None = None, options: MediaOptions = DEFAULT_OPTIONS
+) -> tuple[int, int]:
+    """(width, height) of an image from its header (no pixel is decoded); DICOM from its Columns / Rows tags, a
+    NIfTI volume from its shape (the slice across `options.volume_axis`), a DICOM series from one slice's header."""
     if isinstance(source, Image.Image):
         return source.size
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else resolve_media_path(source, media_root)
-    if isinstance(fp, pathlib.Path) and is_dicom(fp):
-        try:
-            import pydicom
-
-            header = pydicom.dcmread(str(fp), stop_before_pixels=True)
-            return int(header.Columns), int(header.Rows)
-        except Exception as e:  # noqa: BLE001 - an unreadable header is a corrupt file, whatever pydicom raises
-            raise MediaError(f"{fp}: cannot read the DICOM header ({type(e).__name__}: {e})") from e
+    if isinstance(fp, pathlib.Path):
+        if fp.is_dir():
+            files = _frame_files(fp, media_root)
+            if not dicom.is_series(files):
+                raise MediaError(f"{fp}: a folder, not an image")
+            return dicom.image_size(dicom.series_files(fp, files)[0])
+        if nifti.is_nifti(fp):
+            return nifti.slice_size(fp, options)
+        if dicom.is_dicom(fp):
+            return dicom.image_size(fp)
     try:
         with Image.open(fp) as opened:
             return opened.size
@@ -161,241 +198,38 @@ def image_size(source: ImageSource, media_root: str | os.PathLike | None = None)
         raise MediaError(f"{fp}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-def is_dicom(path: pathlib.Path) -> bool:
-    """A DICOM file: `.dcm`/`.dicom`, or the "DICM" marker after the 128-byte preamble."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-# Window presets (centre, width) in Hounsfield units, so for CT (whose modality LUT gives HU): the usual
-# viewer settings as listed by Radiopaedia, "Windowing (CT)". "full" ignores the file's window: its whole range.
-DICOM_WINDOWS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "soft_tissue": (50.0, 400.0),
-    "abdomen": (50.0, 400.0),
-    "liver": (30.0, 150.0),
-    "bone": (400.0, 1800.0),
-}
-DicomWindow = str | Sequence[float] | None
-
-
-def check_dicom_window(window: DicomWindow) -> str | tuple[float, float] | None:
-    """A DICOM window setting as `load_dicom` takes it: None (the file's own window, else its full range),
-    "full", a preset name of `DICOM_WINDOWS`, or [centre, width] with width >= 1; ValueError otherwise."""
-    if window is None or window == "full":
-        return window
-    if isinstance(window, str):
-        if window not in DICOM_WINDOWS:
-            raise ValueError(f"unknown DICOM window {window!r}; use one of {', '.join(DICOM_WINDOWS)}, full, "
-                             "[centre, width] or null (the file's own window)")
-        return DICOM_WINDOWS[window]
-    try:
-        centre, width = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"DICOM window {window!r}: give [centre, width], a preset name or null") from None
-    if not (np.isfinite(centre) and np.isfinite(width) and width >= 1):
-        raise ValueError(f"DICOM window {list(window)}: the width must be >= 1 (DICOM PS3.3 C.11.2.1.2)")
-    return centre, width
-
-
-def apply_window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Values windowed to 0..255 as DICOM PS3.3 C.11.2.1.2 / C.11.2.1.3 define it (output range 0..255).
-
-    LINEAR (the default): x <= c - 0.5 - (w - 1) / 2 -> 0; x > c - 0.5 + (w - 1) / 2 -> 255; else
-    ((x - (c - 0.5)) / (w - 1) + 0.5) * 255. LINEAR_EXACT: ((x - c) / w + 0.5) * 255, clipped.
-    SIGMOID: 255 / (1 + exp(-4 (x - c) / w)).
-    """
-    if function == "SIGMOID":
-        return 255.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip(((values - centre) / width + 0.5) * 255.0, 0.0, 255.0)
-    if width <= 1:  # a one-value window is a threshold
-        return np.where(values > centre - 0.5, 255.0, 0.0)
-    return np.clip(((values - (centre - 0.5)) / (width - 1) + 0.5) * 255.0, 0.0, 255.0)
-
-
-def _first(value: object) -> float:
-    """The first value of a possibly multi-valued DICOM number (WindowCenter "40\\400" -> 40)."""
-    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
-
-
-def _dicom_display(values: np.ndarray, dataset: object, window: DicomWindow, path: pathlib.Path) -> np.ndarray:
-    """Modality-LUT output (one frame or a stack of frames) -> 0..255 grey: the configured window, else the
-    file's VOI LUT or window (first of several), else the full range of `values`; MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_voi_lut
-
-    setting = check_dicom_window(window)
-    if isinstance(setting, tuple):
-        scaled = apply_window(values, *setting)
-    elif setting is None and "VOILUTSequence" in dataset:
-        lut = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
-        scaled = _stretch(lut)
-    elif setting is None and dataset.get("WindowCenter") is not None and dataset.get("WindowWidth") is not None:
-        try:
-            centre, width = _first(dataset.WindowCenter), _first(dataset.WindowWidth)
-        except (TypeError, ValueError, IndexError) as e:
-            raise MediaError(f"{path}: unreadable WindowCenter/WindowWidth ({e})") from e
-        function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        scaled = apply_window(values, centre, width, function) if width > 0 else _stretch(values)
-    else:
-        scaled = _stretch(values)
-    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
-        scaled = 255.0 - scaled
-    return np.round(scaled).astype(np.uint8)
-
-
-def _stretch(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    return (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values, dtype=np.float64)
-
-
-def _read_dicom(path: pathlib.Path, pixels: bool = True) -> object:
-    try:
-        import pydicom
-    except ImportError as e:
-        raise MediaError(f"{path}: reading DICOM needs pydicom (pip install 'nvila-ft[medical]')") from e
-    try:
-        dataset = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
-        if pixels:
-            _check_dicom_pixel_count(dataset, path)
-            dataset.pixel_array  # noqa: B018 - decode now, so that a broken file fails here
-    except MediaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types for unreadable or compressed data
-        what = "decode DICOM" if pixels else "read the DICOM header"
-        raise MediaError(f"{path}: cannot {what} ({type(e).__name__}: {e})") from e
-    return dataset
-
-
-def _check_dicom_pixel_count(dataset: object, path: pathlib.Path) -> None:
-    """Refuse a DICOM whose header declares a frame larger than Pillow refuses for any image (twice
-    `Image.MAX_IMAGE_PIXELS`), before its (possibly compressed) pixel data is decoded into that much memory."""
-    limit = Image.MAX_IMAGE_PIXELS
-    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    if limit is not None and rows * columns > 2 * limit:
-        raise MediaError(f"{path}: refused as a decompression bomb (the header declares {columns}x{rows} pixels a "
-                         f"frame, over twice Pillow's limit of {limit} pixels)")
-
-
-def _dicom_frames(dataset: object, path: pathlib.Path, indices: Sequence[int] | None, window: DicomWindow) -> list[Image.Image]:
-    """Frames `indices` of one DICOM file (None: its middle frame) as RGB images, windowed together."""
-    from pydicom.pixels import apply_modality_lut
-
-    pixels = dataset.pixel_array
-    count = int(dataset.get("NumberOfFrames", 1) or 1)
-    stack = pixels if count > 1 else pixels[np.newaxis]
-    chosen = stack[[count // 2] if indices is None else list(indices)]
-    if chosen.size == 0:
-        raise MediaError(f"{path}: DICOM image has zero size")
-    if chosen.ndim == 4 and chosen.shape[-1] == 3:
-        photometric = str(dataset.get("PhotometricInterpretation", "RGB"))
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            chosen = convert_color_space(chosen, photometric, "RGB")
-        return [Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8), "RGB") for frame in chosen]
-    values = np.asarray(apply_modality_lut(chosen, dataset), dtype=np.float64)
-    grey = _dicom_display(values, dataset, window, path)
-    return [Image.fromarray(frame, "L").convert("RGB") for frame in grey]
-
-
-def load_dicom(path: pathlib.Path, window: DicomWindow = None) -> Image.Image:
-    """A DICOM image (CT, MR, X-ray, ultrasound) as 8-bit RGB, displayed as a radiologist's viewer would.
-
-    Stored values go through the modality LUT (rescale slope/intercept), then `window`: [centre, width] or a
-    preset of `DICOM_WINDOWS` (by the linear function of PS3.3 C.11.2.1.2), "full" (the image's range), or
-    None: the file's VOI LUT, else its WindowCenter/WindowWidth (the first when there are several; its
-    VOILUTFunction), else the full range. MONOCHROME1 is inverted; colour images are kept. A multi-frame
-    file gives its middle frame (as a video, `load_video` gives sampled frames).
-    """
-    return _dicom_frames(_read_dicom(path), path, None, window)[0]
-
-
-def _series_files(path: pathlib.Path, files: Sequence[pathlib.Path]) -> list[pathlib.Path]:
-    """The slices of a folder series in anatomical order: by InstanceNumber, then by ImagePositionPatient
-    projected on the slice normal (the cross product of ImageOrientationPatient's row and column), then name."""
-    keyed = []
-    series = set()
-    for file in files:
-        header = _read_dicom(file, pixels=False)
-        series.add(str(header.get("SeriesInstanceUID", "")))
-        number = header.get("InstanceNumber")
-        position = header.get("ImagePositionPatient")
-        orientation = header.get("ImageOrientationPatient")
-        normal = np.cross(*np.reshape(np.asarray(orientation, dtype=float), (2, 3))) if orientation else np.array([0.0, 0.0, 1.0])
-        along = float(np.dot(np.asarray(position, dtype=float), normal)) if position else 0.0
-        keyed.append((float(number) if number not in (None, "") else float("inf"), along, file.name, file))
-    if len(series) > 1:
-        raise MediaError(f"{path}: holds {len(series)} DICOM series (SeriesInstanceUID); put each in its own folder")
-    return [file for *_, file in sorted(keyed, key=lambda k: k[:3])]
-
-
-def _load_dicom_series(path: pathlib.Path, files: Sequence[pathlib.Path], num_frames: int, window: DicomWindow) -> list[Image.Image]:
-    """Sampled slices of a folder series (see `_series_files`), windowed together as one volume."""
-    from pydicom.pixels import apply_modality_lut
-
-    ordered = _series_files(path, files)
-    chosen = [ordered[i] for i in sample_frame_indices(len(ordered), num_frames)]
-    datasets = {file: _read_dicom(file) for file in dict.fromkeys(chosen)}
-    arrays = [np.asarray(apply_modality_lut(datasets[f].pixel_array, datasets[f]), dtype=np.float64) for f in chosen]
-    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 2:
-        shapes = sorted({str(a.shape) for a in arrays})
-        raise MediaError(f"{path}: a DICOM series needs single-frame grey slices of one size, got shapes {shapes}")
-    grey = _dicom_display(np.stack(arrays), datasets[chosen[len(chosen) // 2]], window, path)
-    return [Image.fromarray(frame, "L").convert("RGB") for frame in grey]
-
-
-def dicom_video_frames(source: VideoSource, media_root: str | os.PathLike | None = None) -> int | None:
-    """From headers only: the frames of a video that is a DICOM file (its NumberOfFrames) or a folder of
-    DICOM slices (their count), or None for any other video. Raises MediaError for a missing path or an
-    unreadable header, as loading would."""
+def volume_frames(
+    source: VideoSource, media_root: str | os.PathLike | None = None, options: MediaOptions = DEFAULT_OPTIONS
+) -> int | None:
+    """From headers only: the frames of a video that is a DICOM file (its NumberOfFrames), a folder of DICOM
+    slices (their count) or a NIfTI volume (its slices across `options.volume_axis`, within `volume_slices`), or
+    None for any other video. Raises MediaError for a missing path or an unreadable header, as loading would."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     path = resolve_media_path(source, media_root)
     if path.is_dir():
-        # each file through the media-root check before it is opened: a slice may be a symlink pointing out
-        files = [resolve_media_path(f, media_root) for f in _frame_files(path)]
-        # a series when a file is named .dcm or the first file is DICOM; frame-image folders are not opened here
-        if not files or not (any(f.suffix.lower() in DICOM_SUFFIXES for f in files) or is_dicom(files[0])):
-            return None
-        if not all(is_dicom(f) for f in files):
-            raise MediaError(f"{source}: mixes DICOM slices with other files")
-        return len(files)
-    if is_dicom(path):
-        return int(_read_dicom(path, pixels=False).get("NumberOfFrames", 1) or 1)
+        files = _frame_files(path, media_root)
+        # frame-image folders are not opened here
+        return len(dicom.series_files(path, files)) if dicom.is_series(files) else None
+    if nifti.is_nifti(path):
+        return nifti.header_frames(path, options)
+    if dicom.is_dicom(path):
+        return dicom.header_frames(path)
     return None
 
 
-def _frame_files(path: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
-
-
-def sample_frame_indices(frame_count: int, num_frames: int) -> list[int]:
-    """Uniformly spaced frame indices, as in official NVILA; repeats indices when frames are scarce."""
-    if frame_count < 1:
-        raise ValueError(f"frame_count must be >= 1, got {frame_count}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    return np.round(np.linspace(0, frame_count - 1, num_frames)).astype(int).tolist()
+def _frame_files(path: pathlib.Path, media_root: str | os.PathLike | None) -> list[pathlib.Path]:
+    """A folder's frames or slices: its non-hidden files in `sorted()` name order, each through the media-root
+    check (a file may be a symlink pointing out)."""
+    files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+    return [resolve_media_path(f, media_root) for f in files]
 
 
 def load_video(
     source: VideoSource,
     num_frames: int,
     media_root: str | os.PathLike | None = None,
-    intensity_window: Sequence[float] | None = None,
-    dicom_window: DicomWindow = None,
+    options: MediaOptions = DEFAULT_OPTIONS,
 ) -> list[Image.Image]:
     """Return `num_frames` uniformly sampled RGB frames of a video file, a frame directory, a frame list or a
     `VideoClip` (its chosen frames, then sampled the same way).
@@ -406,9 +240,9 @@ def load_video(
     since containers often misreport their count; frames that fail to decode are skipped with a warning
     and not counted. A video file may still return fewer frames if a sampled frame cannot be converted to
     RGB, so callers check the length. Frames of more than 8 bits are rescaled as `load_image` does.
-    DICOM: a multi-frame file gives its own frames, and a folder of DICOM slices is a series ordered
-    anatomically (InstanceNumber, then position along the slice normal; not by file name); both are
-    displayed by `dicom_window` (see `load_dicom`), one window for all the sampled frames.
+    Medical: a multi-frame DICOM file gives its own frames, a folder of DICOM slices is a series ordered
+    anatomically (InstanceNumber, then position along the slice normal; not by file name), a NIfTI volume gives
+    slices across `options.volume_axis`; all displayed by `options.dicom_window`, one window for all the frames.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -418,48 +252,46 @@ def load_video(
         frames = []
         for index in sample_frame_indices(len(source), num_frames):
             try:
-                frames.append(load_image(source[index], media_root, intensity_window, dicom_window))
+                frames.append(load_image(source[index], media_root, options))
             except MediaError as e:
-                raise MediaError(f"<frames list> item {index}: {e}") from e
+                raise MediaError(f"<frames list> item {index}: {e}", kind=e.kind) from e
         return frames
 
     if isinstance(source, VideoClip):
-        clip = _load_clip(source, media_root, intensity_window, dicom_window)
+        clip = _load_clip(source, media_root, options)
         return [clip[i] for i in sample_frame_indices(len(clip), num_frames)]
     path = resolve_media_path(source, media_root)
     if path.is_dir():
-        files = _frame_files(path)
+        files = _frame_files(path, media_root)
         if not files:
             raise MediaError(f"{source}: frame directory is empty")
-        # Each frame goes through the media-root check again: a frame may be a symlink pointing out.
-        files = [resolve_media_path(f, media_root) for f in files]
-        if dicom_video_frames(path, media_root):
-            return _load_dicom_series(path, files, num_frames, dicom_window)
-        return [load_image(files[i], media_root, intensity_window) for i in sample_frame_indices(len(files), num_frames)]
-    if is_dicom(path):
-        dataset = _read_dicom(path)
-        count = int(dataset.get("NumberOfFrames", 1) or 1)
-        return _dicom_frames(dataset, path, sample_frame_indices(count, num_frames), dicom_window)
+        if dicom.is_series(files):
+            with library_messages("pydicom", path):
+                return dicom.load_series_video(path, files, num_frames, options)
+        return [load_image(files[i], media_root, options) for i in sample_frame_indices(len(files), num_frames)]
+    if nifti.is_nifti(path):
+        with library_messages("nibabel", path):
+            return nifti.load_video(path, num_frames, options)
+    if dicom.is_dicom(path):
+        with library_messages("pydicom", path):
+            return dicom.load_video(path, num_frames, options)
     return _load_video_file(path, num_frames)
 
 
-def _load_clip(
-    clip: VideoClip, media_root: str | os.PathLike | None, intensity_window: Sequence[float] | None,
-    dicom_window: DicomWindow = None,
-) -> list[Image.Image]:
+def _load_clip(clip: VideoClip, media_root: str | os.PathLike | None, options: MediaOptions) -> list[Image.Image]:
     """The clip's frames, in its order; a video file is decoded only up to its last chosen frame."""
     if not clip.frames or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in clip.frames):
         raise ValueError(f"{clip}: frame indices must be a non-empty list of whole numbers >= 0")
     path = resolve_media_path(clip.source, media_root)
     last = max(clip.frames)
     if path.is_dir():
-        files = _frame_files(path)
+        files = _frame_files(path, None)  # only the chosen frames are opened, each through the media-root check
         if not files:
             raise MediaError(f"{clip.source}: frame directory is empty")
         if last >= len(files):
             raise MediaError(f"{clip}: frame {last} asked for, the folder has {len(files)} frames (0-{len(files) - 1})",
                              kind="video_frames")
-        images = {i: load_image(files[i], media_root, intensity_window, dicom_window) for i in set(clip.frames)}
+        images = {i: load_image(files[i], media_root, options) for i in set(clip.frames)}
         return [images[i] for i in clip.frames]
     import av
 

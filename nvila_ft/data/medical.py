@@ -45,6 +45,7 @@ from nvila_ft.data.sources import (
     PICKLE_SUFFIXES,
     DataError,
     HFDataset,
+    MissingImageColumn,
     _absolute_root,
     _check_on_error,
     _describe_value,
@@ -181,17 +182,18 @@ class MedicalVQA:
         if self.layout not in ("vqa_rad", "pathvqa"):
             raise DataError(f"{self.path}: {self.layout} is read from its own annotation file, not parquet/arrow/a folder")
         return HFDataset(self.path, media_root=self.media_root, question_column="question", answer_column="answer",
-                         image_column="image", limit=self.limit, on_error=self.on_error)
+                         image_column="image", image_required=True, limit=self.limit, on_error=self.on_error)
 
     def _hugging_face(self) -> list[Record]:
         source = self.hugging_face_source()
-        records = source.records()
-        self.errors = list(source.errors)
-        if records and all(record.modality == "text" for record in records):
+        try:
+            records = source.records()
+        except MissingImageColumn as e:
             own = {"vqa_rad": "VQA_RAD Dataset Public.json", "pathvqa": None}[self.layout]
             hint = f"; for the official release give its annotation file, path=<folder>/{own}" if own else ""
             raise DataError(f"{self.path}: read as the Hugging Face copy of {self.layout}, but no row has an image "
-                            f"(no 'image' column){hint}")
+                            f"(no 'image' column){hint}") from e
+        self.errors = list(source.errors)
         for record in records:
             record.meta = {**record.meta, "question_type": _yes_no_type(record.answer or ""), "dataset": self.layout}
         return records

@@ -27,7 +27,8 @@ from PIL import Image
 from transformers import BatchFeature
 
 from nvila_ft.data.conversation import Part, Turn, normalize_messages
-from nvila_ft.data.media import MediaError, VideoClip, dicom_video_frames, image_size, load_image, load_video
+from nvila_ft.data.media import MediaError, VideoClip, image_size, load_image, load_video, volume_frames
+from nvila_ft.data.media_base import MediaOptions
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
 from nvila_ft.model.config import NVILAConfig
@@ -103,10 +104,13 @@ class NVILAProcessor:
         official_label_matching: bool = False,
         intensity_window: list[float] | None = None,
         dicom_window: str | list[float] | None = None,
+        image_frame: str | int = "middle",
+        volume_axis: str = "axial",
+        volume_slices: list[int] | None = None,
     ) -> None:
+        """The media settings (intensity_window ... volume_slices) are `MediaOptions`' (nvila_ft.data.media_base)."""
         self.tokenizer = tokenizer
-        self.intensity_window = intensity_window
-        self.dicom_window = dicom_window
+        self.media_options = MediaOptions(intensity_window, dicom_window, image_frame, volume_axis, volume_slices)
         self.official_label_matching = official_label_matching
         self.config = config
         self.token_ids = add_runtime_tokens(tokenizer)
@@ -161,8 +165,7 @@ class NVILAProcessor:
 
     def video_frames(self, source: Any, media_root: Path | None = None) -> torch.Tensor:
         """[T, 3, S, S] for a video file, a folder of frames, a list of frames or a `VideoClip` (chosen frames)."""
-        frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.intensity_window,
-                            self.dicom_window)
+        frames = load_video(source, self.num_video_frames, media_root or self.media_root, self.media_options)
         return torch.cat([self._single_tile(frame) for frame in frames])
 
     # ------------------------------------------------------------------ one sample
@@ -208,11 +211,11 @@ class NVILAProcessor:
                 return escape_runtime_tokens(part.value)
             try:
                 if part.kind == "video":
-                    dicom_video_frames(part.value, root)  # a DICOM video's headers must read, as loading needs
+                    volume_frames(part.value, root, self.media_options)  # a DICOM/NIfTI video's headers must read
                     runs.append(self.layout.video_positions(self.num_video_frames))
                     tiles += self.num_video_frames
                     return MEDIA_TOKENS["video"]
-                plan = self.layout.image(*image_size(part.value, root), tiled=True)
+                plan = self.layout.image(*image_size(part.value, root, self.media_options), tiled=True)
             except MediaError as err:
                 raise SampleError(f"{where}: {err}", kind=err.kind) from err
             tiles += plan.tiles
@@ -280,9 +283,9 @@ class NVILAProcessor:
             return escape_runtime_tokens(part.value)
         try:
             if part.kind == "image":
-                image = load_image(part.value, root, self.intensity_window, self.dicom_window)
-                if "rescaled" in image.info:
-                    sample.notes.append(image.info["rescaled"])
+                image = load_image(part.value, root, self.media_options)
+                if "note" in image.info:
+                    sample.notes.append(image.info["note"])
                 items = self.image_items(image, tile)
                 sample.images += items
                 if self.config.image_aspect_ratio == "dynamic" and tile:

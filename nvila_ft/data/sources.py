@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from nvila_ft.data.conversation import ConversationError, count_media_tags, llava_to_messages
+from nvila_ft.data.media import EncodedImage
 from nvila_ft.data.records import Record
 from nvila_ft.data.validation import BadRecord
 
@@ -43,6 +44,10 @@ PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 
 class DataError(ValueError):
     """A data file, or a record in it, that cannot be used; the message names the file, record and field."""
+
+
+class MissingImageColumn(DataError):
+    """A dataset whose records need an image has no image column at all."""
 
 
 class _RecordProblem(Exception):
@@ -214,7 +219,11 @@ class HFDataset:
     Image cells may hold decoded images (`datasets.Image`), {"bytes", "path"} dicts, path strings, or lists of
     those. A video cell is a path or a list of paths (one video each), or a list of PIL frames (one video).
     Media already inside the messages win over the columns. `system_prompt` is added as a system message to
-    conversations that have none; an `id` column, when present, gives the record ids.
+    conversations that have none; an `id` column, when present, gives the record ids. `image_required`: a row
+    whose image cell is empty is a bad record (missing_media) instead of a text-only sample.
+    Images are decoded when a record is processed, not while rows are read (`datasets.Image(decode=False)`), so
+    a row whose image is truncated or not an image is one bad record (corrupt_media) naming its row and column,
+    and a row `datasets` cannot read at all is one bad record too.
     Origins are "<path>[<row>]" (rows of a glob or folder are counted across its files in sorted order).
     """
 
@@ -231,10 +240,12 @@ class HFDataset:
         question_column: str | None = None,
         answer_column: str | None = None,
         system_prompt: str | None = None,
+        image_required: bool = False,
         limit: int | None = None,
         on_error: str = "raise",
     ) -> None:
         self.path, self.split, self.data_format, self.media_root = str(path), split, data_format, media_root
+        self.image_required = image_required
         self.messages_column, self.conversations_column = messages_column, conversations_column
         self.image_column, self.video_column = image_column, video_column
         self.question_column, self.answer_column = question_column, answer_column
@@ -249,10 +260,15 @@ class HFDataset:
             dataset = dataset.select(range(min(self.limit, len(dataset))))
         convert = self._mapping(set(dataset.column_names))
         root = _absolute_root(self.media_root, default_root)
+        if self.image_required and self.image_column not in dataset.column_names:
+            raise MissingImageColumn(f"{self.path}: has no column {self.image_column!r} for the images its records need "
+                                     f"(columns: {sorted(dataset.column_names)})")
+        dataset = _without_image_decoding(dataset)
         out = []
-        for index, row in enumerate(dataset):
+        for index in range(len(dataset)):
             origin = f"{origin_prefix}[{index}]"
             try:
+                row = _row(dataset, index)
                 messages, meta = convert(row, origin)
                 messages = _with_system_prompt(messages, self.system_prompt)
                 record_id = _record_id(row.get("id"))
@@ -333,6 +349,9 @@ class HFDataset:
     def _media(self, row: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         images = _image_cell(row.get(self.image_column), self.image_column) if self.image_column else []
         videos = _video_cell(row.get(self.video_column), self.video_column) if self.video_column else []
+        if self.image_required and not images:
+            raise _RecordProblem(f"column {self.image_column!r}: no image (empty or null), and this dataset's "
+                                 "records need one (image_required)", kind="missing_media")
         return images, videos
 
     def _from_messages(self, row: dict[str, Any], origin: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -376,6 +395,37 @@ class HFDataset:
         answer = _answer_text(answer, f"column {self.answer_column!r}")
         images, videos = self._media(row)
         return _question_answer(images, videos, str(question), answer), {}
+
+
+def _without_image_decoding(dataset: Any) -> Any:
+    """The dataset with every image column (or list of images) left encoded ({"bytes", "path"}): `datasets` would
+    decode a whole row's images as it is read, and one truncated image would end the reading of the file."""
+    import datasets
+
+    def undecoded(feature: Any) -> Any:
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(mode=feature.mode, decode=False)
+        if isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)):
+            inner = undecoded(feature.feature)
+            return feature if inner is feature.feature else type(feature)(inner)
+        if isinstance(feature, dict):
+            inner = {k: undecoded(v) for k, v in feature.items()}
+            return feature if all(inner[k] is feature[k] for k in feature) else inner
+        return feature
+
+    for column, feature in dataset.features.items():
+        changed = undecoded(feature)
+        if changed is not feature:
+            dataset = dataset.cast_column(column, changed)
+    return dataset
+
+
+def _row(dataset: Any, index: int) -> dict[str, Any]:
+    try:
+        return dataset[index]
+    except Exception as e:  # noqa: BLE001 - whatever `datasets` / Arrow raise for a row they cannot give
+        raise _RecordProblem(f"row cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                             kind="corrupt_media") from e
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -430,9 +480,9 @@ def _image_cell(value: Any, column: str) -> list[Any]:
         if isinstance(item, Image.Image) or (isinstance(item, str) and item):
             out.append(item)
         elif isinstance(item, (bytes, bytearray)):
-            out.append(bytes(item))
+            out.append(EncodedImage(item, f"column {column!r}"))
         elif isinstance(item, dict) and item.get("bytes") is not None:
-            out.append(bytes(item["bytes"]))
+            out.append(EncodedImage(item["bytes"], f"column {column!r}"))
         elif isinstance(item, dict) and item.get("path"):
             out.append(item["path"])
         elif item is None or item == "":

@@ -19,6 +19,7 @@ KINDS = (
     "structure",  # the file or record is malformed (a missing field, a wrong type, not a conversation)
     "missing_media",  # a media path that does not exist
     "corrupt_media",  # media that exist but do not decode
+    "unsupported_media",  # intact media not usable as given (a decoder package missing, a 4-D volume, image_frame=refuse)
     "video_frames",  # a video whose frame count the temporal pooling cannot divide (see num_video_frames)
     "unsafe_path",  # a media path that leaves the media root (absolute, `..`, a symlink out)
     "no_answer",  # nothing for the model to learn: no assistant turn, an empty answer

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from nvila_ft.data.media import check_dicom_window
+from nvila_ft.data.media_base import MediaOptions
 
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao Float8LinearRecipeName values nvila-ft offers
 
@@ -95,18 +95,24 @@ class DataOptions:
     """How a run treats its data (the `data:` section).
 
     on_bad_record: "skip" (drop, list in data_report.txt) or "stop" (refuse to train); validate: check every
-    record before training; intensity_window: [low, high] stored values of >8-bit grey images mapped to 0..255
-    (None: each image's own range); dicom_window: how DICOM images and series are displayed: a preset (lung, bone,
-    brain, mediastinum, soft_tissue, abdomen, liver), [centre, width], "full" (the image's range) or None (the
-    file's own window, else its full range). packing: train on rows of several samples up to `max_tokens` positions
-    (`trainer.per_device_train_batch_size` rows per micro-batch; attention stays within each sample);
-    group_by_length: without packing, batches of one modality and similar length.
+    record before training. How media are read (`nvila_ft.data.media_base.MediaOptions`): intensity_window:
+    [low, high] stored values of >8-bit grey images mapped to 0..255 (None: each image's own range); dicom_window:
+    how DICOM and NIfTI grey values are displayed: a preset (lung, bone, brain, mediastinum, soft_tissue, abdomen,
+    liver), [centre, width], "full" (the shown frames' range) or None (the file's own window, else its full range);
+    image_frame: the frame a multi-frame DICOM, a DICOM series or a NIfTI volume gives where an image is expected
+    ("middle", a frame number, or "refuse"); volume_axis: the NIfTI slices shown (axial, coronal, sagittal);
+    volume_slices: [first, last] NIfTI slices frames are taken from (None: all). packing: train on rows of several
+    samples up to `max_tokens` positions (`trainer.per_device_train_batch_size` rows per micro-batch; attention
+    stays within each sample); group_by_length: without packing, batches of one modality and similar length.
     """
 
     on_bad_record: str = "skip"
     validate: bool = True
     intensity_window: list[float] | None = None
     dicom_window: Any = None  # str | [centre, width] | None
+    image_frame: Any = "middle"  # "middle" | "refuse" | int
+    volume_axis: str = "axial"
+    volume_slices: list[int] | None = None
     packing: bool = False
     max_tokens: int = 4096
     group_by_length: bool = False
@@ -118,19 +124,21 @@ class DataOptions:
             raise ConfigError(f"data.max_tokens = {self.max_tokens}: must be >= 1")
         if (self.packing or self.group_by_length) and not self.validate:
             raise ConfigError("data.packing and data.group_by_length use the lengths the data check measures; keep data.validate=true")
-        window = self.intensity_window
-        if window is not None and (len(window) != 2 or not float(window[0]) < float(window[1])):
-            raise ConfigError(f"data.intensity_window = {list(window)}: give [low, high] with low < high, or null")
         try:
-            check_dicom_window(self.dicom_window)
+            MediaOptions(**self.processor_options())
         except ValueError as err:
-            raise ConfigError(f"data.dicom_window: {err}") from None
+            name = next((key for key in self.processor_options() if str(err).startswith(key)), "dicom_window")
+            message = str(err).removeprefix(f"{name} = ")
+            raise ConfigError(f"data.{name}: {message}" if name == "dicom_window" else f"data.{name} = {message}") from None
 
     def processor_options(self) -> dict[str, Any]:
-        """The NVILAProcessor arguments these options set."""
-        window = None if self.intensity_window is None else [float(v) for v in self.intensity_window]
-        dicom = self.dicom_window if self.dicom_window is None or isinstance(self.dicom_window, str) else [float(v) for v in self.dicom_window]
-        return {"intensity_window": window, "dicom_window": dicom}
+        """The NVILAProcessor arguments these options set (the media settings)."""
+        def listed(value: Any) -> Any:  # OmegaConf's ListConfig as a plain list
+            return value if value is None or isinstance(value, (str, int)) else list(value)
+
+        return {"intensity_window": listed(self.intensity_window), "dicom_window": listed(self.dicom_window),
+                "image_frame": self.image_frame, "volume_axis": self.volume_axis,
+                "volume_slices": listed(self.volume_slices)}
 
 
 @dataclass
