@@ -10,6 +10,7 @@ from nvila_ft.metrics import (
     METRICS,
     accuracy,
     bleu,
+    choice_correct,
     closed_answer_correct,
     compute_metrics,
     exact_match,
@@ -72,6 +73,15 @@ def test_exact_match():
 )
 def test_closed_answer_correct(prediction, reference, correct):
     assert closed_answer_correct(prediction, reference) is correct
+
+
+def test_choice_answer_that_begins_with_two_options_picks_the_longer():
+    # B's text begins with A's: an answer beginning with B's text begins with A's too, and is B
+    options = {"A": "left lung", "B": "left lung upper lobe", "C": "right lung", "D": "upper lobe"}
+    answer = "Left lung upper lobe, near the hilum."
+    assert choice_correct(answer, "B", options) and not choice_correct(answer, "A", options)
+    assert choice_correct("Left lung, lower part.", "A", options)  # only A's text begins it
+    assert choice_correct("left lung", "A", options) and not choice_correct("left lung", "B", options)  # A's text exactly
 
 
 def test_accuracy_averages():
