@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -22,6 +23,7 @@ from nvila_ft.data.validation import (
     KINDS,
     BadRecord,
     ValidationReport,
+    check_task_data,
     classify,
     media_tag_mismatch,
     validate_records,
@@ -109,6 +111,37 @@ def test_every_problem_found_with_its_kind_and_origin(dataset, processor):
     lines = report.lines()
     assert len(lines) == 7 and lines[0].startswith(f"{dataset}[1]: missing_media: message 0: missing.png: not found")
     assert not report.ok
+
+
+def test_bad_records_are_listed_in_index_order_past_ten(tmp_path, processor):
+    # the source's own structural errors (2, 10, 12) and the processor's (1, 9, 11) merged: [10] after [9], not
+    # after [1] as the names sort
+    structure = {"image": "red.png"}  # no conversations
+    text = {"conversations": turns("Hello?", "Hi")}
+    records = [text, {"image": "missing.png", "conversations": turns()}, structure] + [text] * 6
+    records += [{"conversations": turns("Hello?", answer=None)}, structure, {"image": "gone.png", "conversations": turns()}]
+    records += [structure, text]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    report = validate_source(LlavaJson(str(path)), processor)
+    expected = [(1, "missing_media"), (2, "structure"), (9, "no_answer"), (10, "structure"), (11, "missing_media"),
+                (12, "structure")]
+    assert [(b.origin, b.kind) for b in report.bad] == [(f"{path}[{i}]", kind) for i, kind in expected]
+    assert report.total == 14 and [r.origin for r in report.good] == [f"{path}[{i}]" for i in (0, 3, 4, 5, 6, 7, 8, 13)]
+
+
+def test_an_over_long_answer_is_reported_not_cut(processor):
+    # training cuts this sample to model_max_length and keeps it (the answer's first words survive the cut); the data
+    # check runs without truncation and reports it, as validate-data does through check_task_data
+    record = Record([{"role": "user", "content": "Describe it."}, {"role": "assistant", "content": "word " * 300}],
+                    "long.json[3]")
+    assert len(processor.process(record.messages).input_ids) == MAX_LENGTH
+    for check_media in (True, False):
+        report = validate_records([record], processor, check_media=check_media)
+        assert [(b.origin, b.kind) for b in report.bad] == [("long.json[3]", "too_long")] and report.good == []
+        assert f"model_max_length is {MAX_LENGTH}" in report.bad[0].reason
+    check = check_task_data(SimpleNamespace(train=[record], validation=[], errors=[]), processor)
+    assert [b.line().split(": ")[:2] for b in check.bad] == [["long.json[3]", "too_long"]]
 
 
 def test_clean_dataset_reports_nothing(dataset, processor):
