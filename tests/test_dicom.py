@@ -263,3 +263,30 @@ def test_without_pydicom_every_dicom_input_says_what_to_install(tmp_path, monkey
             call()
         one_line(caught.value, name, "reading DICOM needs pydicom: pip install 'nvila-ft[medical]'")
         assert caught.value.kind == "unsupported_media"
+
+
+def test_the_multi_frame_rule_is_the_same_in_every_source(tmp_path, tiny_processor):
+    """LLaVA JSON, a CSV table and SLAKE's layout, each with rtdose.dcm (15 frames) as a record's image: one frame
+    with a note under image_frame=middle, refused under image_frame=refuse, in all three alike."""
+    import json
+
+    from nvila_ft.data.medical import MedicalVQA
+    from nvila_ft.data.sources import LlavaJson, TableSource
+    from nvila_ft.data.validation import validate_source
+
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(bundled("rtdose.dcm"), tmp_path / "imgs" / "dose.dcm")
+    (tmp_path / "llava.json").write_text(json.dumps([{"image": "imgs/dose.dcm", "conversations": [
+        {"from": "human", "value": "<image>\nDose?"}, {"from": "gpt", "value": "high"}]}]))
+    (tmp_path / "table.csv").write_text("image,question,answer\nimgs/dose.dcm,Dose?,high\n")
+    (tmp_path / "slake.json").write_text(json.dumps([{"qid": 1, "img_name": "dose.dcm", "question": "Dose?",
+                                                      "answer": "High", "answer_type": "OPEN", "q_lang": "en"}]))
+    sources = [LlavaJson(str(tmp_path / "llava.json")), TableSource(str(tmp_path / "table.csv")),
+               MedicalVQA(str(tmp_path / "slake.json"), "slake")]
+    refusing = tiny_processor.__class__(tiny_processor.tokenizer, tiny_processor.config, image_frame="refuse")
+    for source in sources:
+        report = validate_source(source, tiny_processor)
+        assert len(report.good) == 1 and dict(report.notes) == {
+            "multi-frame DICOM given as an image: its middle frame (data.image_frame)": 1}
+        [bad] = validate_source(source, refusing).bad
+        assert bad.kind == "unsupported_media" and "dose.dcm: a multi-frame DICOM of 15 frames given as an image" in bad.line()

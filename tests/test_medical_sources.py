@@ -186,10 +186,12 @@ def test_task_configs_read_the_native_layouts(tmp_path):
         assert task.train.layout == layout and task.objective_metric == "overall"
 
 
-def test_series_folder_or_video_field_becomes_a_video(tmp_path):
+def test_video_field_is_a_video_and_a_series_folder_as_image_stays_an_image(tmp_path):
+    """One rule in every source: a multi-frame source where an image is expected gives one frame (data.image_frame);
+    the `video` field makes a video."""
     (tmp_path / "imgs" / "study1").mkdir(parents=True)
-    entries = [dict(SLAKE[0], img_name="study1"), dict(SLAKE[2], img_name=None, video="xmlab103/cine.dcm")]
+    entries = [dict(SLAKE[0], img_name="study1/"), dict(SLAKE[2], img_name=None, video="xmlab103/cine.dcm")]
     (tmp_path / "train.json").write_text(json.dumps(entries))
     folder, cine = MedicalVQA(str(tmp_path / "train.json"), "slake").records()
-    assert _texts(folder)[0] == [{"type": "video", "video": "study1"}] and folder.modality == "video"
+    assert _texts(folder)[0] == [{"type": "image", "image": "study1"}] and folder.modality == "image"
     assert _texts(cine)[0] == [{"type": "video", "video": "xmlab103/cine.dcm"}]

@@ -25,8 +25,9 @@ Layouts (field names as the releases spell them):
   dropped); the answer is the letter ("B"). meta["choices"] = {"A": text, ...} lets `choice_accuracy` also
   accept the option's text.
 
-In vqa_rad and slake an image path that names a folder (a DICOM series) or a record's extra `video` field
-(a multi-frame DICOM, a series folder or a video file) becomes the record's video.
+In vqa_rad and slake a record's extra `video` field (a multi-frame DICOM, a folder of DICOM slices, a NIfTI
+volume or a video file) becomes the record's video; a multi-frame source in the image field gives one frame, as in
+every source (`nvila_ft.data.media_base`: data.image_frame).
 Malformed records are reported like the other sources' (file, 0-based index, field; `on_error`).
 """
 
@@ -243,11 +244,8 @@ class MedicalVQA:
         question = _text(entry, "question")
         answer = _text(entry, "answer", kind="no_answer")
         image = None if entry.get(image_field) is None and entry.get("video") is not None else _image_value(entry, image_field)
-        images, videos = [], []
-        if isinstance(image, str) and (image.endswith("/") or (Path(root) / image).is_dir()):
-            videos.append(image.rstrip("/"))  # a folder of DICOM slices: a series, given as a video
-        elif image is not None:
-            images.append(image)
+        images = [image.rstrip("/") if isinstance(image, str) else image] if image is not None else []
+        videos = []
         if entry.get("video") is not None:
             videos.append(_image_value(entry, "video"))
         kind = kind or answer_type(None, answer)
