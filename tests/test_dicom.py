@@ -290,3 +290,26 @@ def test_the_multi_frame_rule_is_the_same_in_every_source(tmp_path, tiny_process
             "multi-frame DICOM given as an image: its middle frame (data.image_frame)": 1}
         [bad] = validate_source(source, refusing).bad
         assert bad.kind == "unsupported_media" and "dose.dcm: a multi-frame DICOM of 15 frames given as an image" in bad.line()
+
+
+def test_validate_data_console_holds_the_report_and_the_log_file_holds_pydicom(tmp_path):
+    """Was: pydicom's traceback of each failed decoder plugin printed on the console although the record was
+    handled, and its warnings (an invalid IS value) with it."""
+    import json
+
+    from tests.test_cli import run_cli
+
+    for name in ("JPEG-lossy.dcm", "badVR.dcm", "MR_small.dcm", "SC_rgb_jpeg.dcm"):
+        shutil.copy(bundled(name), tmp_path / name)
+    records = [{"image": name, "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}
+               for name in ("JPEG-lossy.dcm", "badVR.dcm", "MR_small.dcm", "SC_rgb_jpeg.dcm")]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    run = tmp_path / "run"
+    result = run_cli(["validate-data", "task=vqa", f"task.train.path={tmp_path / 'train.json'}", "task.val_fraction=0",
+                      f"hydra.run.dir={run}"], tmp_path, tmp_path / "cache", check=False)
+    console = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in console and "Warning" not in console, console[-3000:]
+    assert "train.json[0]: corrupt_media:" in console and "train.json[1]: corrupt_media:" in console
+    assert "4 records: 2 ok, 2 bad" in console
+    log = (run / "cli.log").read_text()
+    assert "[pydicom]" in log and "Traceback" in log  # what pydicom logged, kept for whoever needs it
