@@ -71,11 +71,11 @@ def test_quantized_dora_trains_its_magnitudes_and_the_export_keeps_them(tiny_che
     assert set(found) == set(layers), sorted(set(layers) - set(found))
     assert all(m.requires_grad for m in found.values())
 
-    # a few steps at a high learning rate: every magnitude gets a gradient and moves
+    # two steps at a high learning rate: every magnitude gets a gradient and moves
     start = {name: m.detach().clone() for name, m in found.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     model.train()
-    for _ in range(3):
+    for _ in range(2):
         optimizer.zero_grad()
         model(**batch).loss.backward()
         assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in found.values())
