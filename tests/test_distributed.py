@@ -1,9 +1,10 @@
 """Real multi-process runs: `torchrun --nproc_per_node 2` on localhost (gloo, DeepSpeed's CPU accelerator).
 
 Two processes with a micro-batch of 2 against one process with a micro-batch of 4 (the same global batch): the
-same loss at every step, the same final adapters and merged export, every record read exactly once, evaluation
-over the whole validation set exactly once; media that differ between processes under ZeRO-3; QLoRA under
-ZeRO-3; a process killed mid-step or mid-save, and the run resumed.
+same loss at every step, the same eval_loss at every evaluation during training, the same best checkpoint, the
+same final adapters and merged export, every record read exactly once, evaluation over the whole validation set
+exactly once; media that differ between processes under ZeRO-3; QLoRA under ZeRO-3; a process killed mid-step or
+mid-save, and the run resumed.
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ from tests.test_cli import run_cli
 pytest.importorskip("deepspeed")
 HOOKS = Path(__file__).parent / "distributed_hooks"
 # dropout off: two processes draw different dropout masks than one
-# one epoch of 32 training records (global batch 4: 8 steps), 7 of the 8 validation records evaluated (7 does not
-# divide over 2 processes)
+# one epoch of 32 training records (global batch 4: 8 steps); eval_loss every 2 steps over the 8 validation records
+# in batches of 3, which do not divide them (two processes get [0-2] [3-5], then [6 7 0] [1 2 3]: accelerate repeats
+# records 0-3 to fill the last batches); 7 of the 8 validation records answered (7 does not divide over 2 processes)
 COMMON = [
     "task.train.num_records=40", "task.val_fraction=0.2", "trainer.max_steps=-1", "trainer.num_train_epochs=1",
-    "trainer.save_steps=2", "trainer.eval_steps=null", "trainer.logging_steps=1", "adapters.llm.dropout=0",
-    "eval.before_training=false", "eval.max_records=7",
+    "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.per_device_eval_batch_size=3", "trainer.logging_steps=1",
+    "adapters.llm.dropout=0", "eval.before_training=false", "eval.max_records=7",
 ]
+# the best checkpoint by the highest eval_loss: eval_loss falls over the epoch, so the best is checkpoint-2, not the
+# last one, and load_best_model_at_end restores it (with DeepSpeed, into its float32 master copies too)
+EARLIEST_BEST = ["trainer.greater_is_better=true"]
+# eval_loss of two runs whose weights agree to float32 roundoff: each token's logits come out of float32 reductions
+# of at most 128 terms (the tiny LLM's MLP width; attention spans at most 66 positions), whose order can change with
+# the batch's shape; such a sum differs by at most n unit roundoffs (2^-24) relative (first-order bound n * u)
+EVAL_RTOL = 128 * 2**-24
 
 
 def free_port() -> int:
@@ -52,20 +61,38 @@ def torchrun(args: list[str], cwd: Path, cache: Path, env: dict | None = None, c
     return result
 
 
-def losses(run: Path) -> list[float]:
-    state = json.loads((sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1] / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+def trainer_state(run: Path) -> dict:
+    return json.loads((sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1] / "trainer_state.json").read_text())
 
 
-def adapters(run: Path) -> dict[str, torch.Tensor]:
-    return {f"{f.parent.name}/{k}": v for f in sorted((run / "final").rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+def losses(run: Path, key: str = "loss") -> list[float]:
+    return [entry[key] for entry in trainer_state(run)["log_history"] if key in entry]
 
 
-def assert_same_adapters(run: Path, reference: Path) -> None:
-    mine, theirs = adapters(run), adapters(reference)
+def best_checkpoint(run: Path) -> str:
+    return Path(trainer_state(run)["best_model_checkpoint"]).name
+
+
+def adapters(run: Path, folder: str = "final") -> dict[str, torch.Tensor]:
+    return {f"{f.parent.name}/{k}": v for f in sorted((run / folder).rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def assert_same_adapters(run: Path, reference: Path, folder: str = "final") -> None:
+    mine, theirs = adapters(run, folder), adapters(reference, folder)
     assert mine.keys() == theirs.keys() and len(mine) > 20
     for key in mine:
         torch.testing.assert_close(mine[key].float(), theirs[key].float(), atol=2e-6, rtol=1e-5, msg=key)
+
+
+def held_out(cache: Path) -> set[str]:
+    """The origins of the validation records COMMON's task holds out (demo_scan's 40 records, 20%, seed 0)."""
+    from nvila_ft.data.builtin import BuiltinData
+    from nvila_ft.data.task import Task
+
+    task = Task(name="demo_scan", train=BuiltinData("scan", 40, cache_dir=str(cache / "builtin")), val_fraction=0.2)
+    validation = {record.origin for record in task.load(0).validation}
+    assert len(validation) == 8
+    return validation
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +104,7 @@ def cache(tmp_path_factory):
 def single(tmp_path_factory, cache):
     """The one-process reference: micro-batch 4."""
     run = tmp_path_factory.mktemp("single") / "run"
-    run_cli(["finetune", *COMMON, "trainer.per_device_train_batch_size=4", f"hydra.run.dir={run}"], run.parent, cache)
+    run_cli(["finetune", *COMMON, *EARLIEST_BEST, "trainer.per_device_train_batch_size=4", f"hydra.run.dir={run}"], run.parent, cache)
     return run
 
 
@@ -85,14 +112,25 @@ def single(tmp_path_factory, cache):
 def test_two_processes_give_the_one_process_result(option, single, cache, tmp_path):
     run = tmp_path / "run"
     seen = tmp_path / "seen"
-    torchrun(["finetune", *COMMON, f"deepspeed={option}", "trainer.per_device_train_batch_size=2", f"hydra.run.dir={run}"],
-             tmp_path, cache, env={"NVILA_TEST_SEEN": str(seen)})
+    torchrun(["finetune", *COMMON, *EARLIEST_BEST, f"deepspeed={option}", "trainer.per_device_train_batch_size=2",
+              f"hydra.run.dir={run}"], tmp_path, cache, env={"NVILA_TEST_SEEN": str(seen)})
     # the same loss at every step (the logged loss is the global batch's), in float32
     assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=1e-6) and len(losses(run)) == 8
+    # the same eval_loss at every evaluation (each validation record counted once), hence the same best checkpoint,
+    # restored at the end: final/ is checkpoint-2's adapters, and the last checkpoint's agree too
+    assert losses(run, "eval_loss") == pytest.approx(losses(single, "eval_loss"), rel=EVAL_RTOL) and len(losses(run, "eval_loss")) == 4
+    assert best_checkpoint(run) == best_checkpoint(single) == "checkpoint-2"
     assert_same_adapters(run, single)
-    # every training record read exactly once in the epoch, each process its own half
-    reads = {rank: (tmp_path / f"seen.rank{rank}").read_text().split() for rank in (0, 1)}
+    assert_same_adapters(run, single, "checkpoint-8/adapters")
+    final, best = adapters(run), adapters(run, "checkpoint-2/adapters")
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    # every training record read exactly once in the epoch, each process its own half; besides, each evaluation
+    # read two batches of 3 validation records on each process
+    validation = held_out(cache)
+    every = {rank: (tmp_path / f"seen.rank{rank}").read_text().split() for rank in (0, 1)}
+    reads = {rank: [origin for origin in every[rank] if origin not in validation] for rank in (0, 1)}
     assert len(reads[0]) == len(reads[1]) == 16 and len(set(reads[0]) | set(reads[1])) == 32
+    assert len(every[0]) - 16 == len(every[1]) - 16 == 4 * 2 * 3
     # evaluation over the validation records once: 7 over 2 processes, each answered once, in order
     mine = [json.loads(line) for line in (run / "predictions_after_training.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (single / "predictions_after_training.jsonl").read_text().splitlines()]
@@ -132,6 +170,7 @@ def test_deepspeed_launcher_and_two_nodes_give_the_one_process_losses(single, ca
     assert [p.wait(timeout=600) for p in processes] == [0, 0]
     for run in (launched, nodes):
         assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=1e-6), run
+        assert losses(run, "eval_loss") == pytest.approx(losses(single, "eval_loss"), rel=EVAL_RTOL), run
         assert (run / "cli-rank1.log").is_file()
 
 

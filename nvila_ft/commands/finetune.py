@@ -143,7 +143,7 @@ def finetune(cfg: DictConfig) -> float | None:
     sampler = train_sampler(data_options, train, check.train.lengths if check else [], trainer_config.per_device_train_batch_size, cfg.seed)
     collator = Collator(processor, max_tokens=data_options.max_tokens if data_options.packing else None)
     trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, collator, train_sampler=sampler,
-                            offload_activations=trainer_config.offload_activations)
+                            offload_activations=trainer_config.offload_activations, eval_collator=Collator(processor))
     result = trainer.train(resume_from_checkpoint=resume)
     with gathered_parameters(model):
         if is_main_process():

@@ -1,19 +1,48 @@
-"""Generation-based evaluation: answer each record's question, score against its reference answer."""
+"""Evaluation: each record's loss during training (`record_losses`, `token_mean_loss`), and generation-based scores
+(answer each record's question, score against its reference answer)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
 from nvila_ft.metrics import compute_metrics
+from nvila_ft.model.losses import summed_cross_entropy
 from nvila_ft.training.baselines import metric_context
+
+
+def record_losses(
+    logits: torch.Tensor, targets: torch.Tensor, counts: Sequence[int], soft_tokens: Sequence[int] = (), std: float = 1.0
+) -> torch.Tensor:
+    """Each record's summed token loss [B] (float32), the training loss's cross-entropy (soft for time tokens).
+
+    logits [N, V]: the supervised positions' logits, record after record, `counts[b]` of them for record b; targets
+    [N]: their next tokens. Only one record's logits are in float32 at a time.
+    """
+    pairs = zip(logits.split(list(counts)), targets.split(list(counts)))
+    return torch.stack([summed_cross_entropy(rows.float(), target, soft_tokens, std) for rows, target in pairs])
+
+
+def token_mean_loss(prediction: Any) -> dict[str, float]:
+    """The Trainer's `compute_metrics` over `record_losses`: {"loss": the validation set's summed token losses over
+    its supervised tokens}, as training normalises (`num_items_in_batch`). `prediction.predictions` holds each
+    record's summed loss and `prediction.label_ids` its token count, gathered once per record, so the value does
+    not depend on how records were batched or shared between processes."""
+
+    def total(values: Any) -> float:  # a list of arrays when the Trainer does not concatenate batches
+        parts = values if isinstance(values, (list, tuple)) else [values]
+        return float(sum(np.sum(part, dtype=np.float64) for part in parts))
+
+    return {"loss": total(prediction.predictions) / max(total(prediction.label_ids), 1.0)}
 
 
 @dataclass

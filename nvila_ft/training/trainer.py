@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.adapters.artifacts import restore_adapter_weights, save_adapters
 from nvila_ft.adapters.optim import parameter_groups
 from nvila_ft.data.packing import PackedBatchSampler
+from nvila_ft.model.tokenizer import IGNORE_INDEX
+from nvila_ft.training.evaluation import record_losses, token_mean_loss
 from nvila_ft.training.offload import offloaded_activations
 
 COMPLETE_MARKER = "COMPLETE"
@@ -45,14 +48,21 @@ def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
 class NVILATrainer(Trainer):
     """Trainer whose optimizer follows the adapter policy and whose checkpoints are adapter artifacts."""
 
-    def __init__(self, *args: Any, train_sampler: Any = None, offload_activations: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, train_sampler: Any = None, offload_activations: bool = False, eval_collator: Any = None, **kwargs: Any
+    ) -> None:
         """train_sampler: a `PackedBatchSampler` (one packed row per micro-batch) or a per-sample sampler such as
         `LengthGroupedSampler`; None is the Trainer's shuffled order. offload_activations: training forwards keep
-        what they save for backward in CPU memory (`offloaded_activations`)."""
+        what they save for backward in CPU memory (`offloaded_activations`). eval_collator: padded batches, one
+        record a row; given, eval_loss is the validation set's token-weighted loss, each record counted once whatever
+        the batching and the number of processes (`prediction_step`); None: the Trainer's own evaluation (DPO's)."""
+        if eval_collator is not None:
+            kwargs.setdefault("compute_metrics", token_mean_loss)
         super().__init__(*args, **kwargs)
         self.positions_seen = 0
         self.train_sampler = train_sampler
         self.offload_activations = offload_activations
+        self.eval_collator = eval_collator
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.train_sampler is not None and not isinstance(self.train_sampler, PackedBatchSampler):
@@ -72,6 +82,23 @@ class NVILATrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)  # each process takes its share of the packs
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """Batches of `eval_collator`, padded even when training packs: each record's loss must come back in batch
+        order, since accelerate drops the records it repeats to fill every process's last batch by position (a
+        packed batch reorders its records)."""
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            eval_dataset if eval_dataset is not None else self.eval_dataset,
+            batch_size=self.args.eval_batch_size,
+            collate_fn=self.eval_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -124,8 +151,24 @@ class NVILATrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None):
+        """With `eval_collator`: (None, each record's summed token loss [B], its supervised token count [B]). The
+        Trainer gathers both with `gather_for_metrics`, which drops the repeated records per record, and
+        `token_mean_loss` makes eval_loss of them. The Trainer's own step takes each batch's mean loss, in which the
+        records repeated to fill the last batches count again."""
         inputs.pop("num_positions", None)
-        return super().prediction_step(model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+        if self.eval_collator is None:
+            return super().prediction_step(model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
+        supervised = targets != IGNORE_INDEX
+        with torch.no_grad(), self.compute_loss_context_manager():
+            # logits of the supervised positions only, [N, V] (one lm_head call on every process, as ZeRO-3 needs)
+            logits = model(**inputs, logits_to_keep=supervised, use_cache=False).logits
+            counts = supervised.sum(dim=1)
+            config = self.model.config
+            losses = record_losses(logits, targets[supervised], counts.tolist(), config.time_token_ids, config.soft_ce_std)
+        return None, losses, counts
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -201,8 +244,9 @@ class NaNGuard(TrainerCallback):
 
 def build_trainer(
     model: Any, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any, callbacks: list | None = None,
-    train_sampler: Any = None, offload_activations: bool = False,
+    train_sampler: Any = None, offload_activations: bool = False, eval_collator: Any = None,
 ) -> NVILATrainer:
+    """eval_collator: padded batches for eval_loss (see `NVILATrainer`); None: `collator`, which must then pad."""
     reference: list[NVILATrainer] = []
     trainer = NVILATrainer(
         model=model,
@@ -213,6 +257,7 @@ def build_trainer(
         callbacks=[NaNGuard(), *(callbacks or [])],
         train_sampler=train_sampler,
         offload_activations=offload_activations,
+        eval_collator=eval_collator or collator,
     )
     reference.append(trainer)
     trainer.remove_callback(ProgressCallback)
