@@ -38,6 +38,7 @@ from nvila_ft.training.deepspeed import (
     gathered_parameters,
     is_main_process,
     join_deepspeed_comm,
+    master_trainable_state,
 )
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
 from nvila_ft.training.fp8 import convert_llm_to_float8
@@ -145,10 +146,10 @@ def finetune(cfg: DictConfig) -> float | None:
     trainer = build_trainer(model, args, ConversationDataset(train, processor), eval_dataset, collator, train_sampler=sampler,
                             offload_activations=trainer_config.offload_activations, eval_collator=Collator(processor))
     result = trainer.train(resume_from_checkpoint=resume)
-    with gathered_parameters(model):
-        if is_main_process():
-            save_adapters(model, run_dir / FINAL_DIR, overwrite=True, extra={"task": task.name})
+    # under DeepSpeed the trained values are its float32 master copies, gathered by every process
+    trained = master_trainable_state(model, keep=is_main_process()) if deepspeed.enabled else None
     if is_main_process():
+        save_adapters(model, run_dir / FINAL_DIR, overwrite=True, extra={"task": task.name}, state_dict=trained)
         plot_history(trainer.state.log_history, run_dir / "training_curve.png", title=f"{task.name} / {policy.name or 'policy'}")
     evaluate("after_training")
 

@@ -11,6 +11,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from nvila_ft.adapters.policy import AdapterPolicy
 from nvila_ft.training.config import ConfigError, Precision
 
@@ -123,6 +125,32 @@ def gathered_parameters(model: Any, modifier_rank: int | None = None) -> Any:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)
+
+
+def master_trainable_state(model: Any, keep: bool = True) -> dict[str, Any]:
+    """The trainable tensors by state-dict name, whole and in float32, from DeepSpeed's optimizer: its float32 master
+    copies are the trained values (the model's own parameters are 16-bit copies under bf16/fp16, shards under ZeRO-3).
+    Every process must call it (each tensor is gathered from the processes' partitions); only one with `keep` holds
+    the result, on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            value = safe_get_full_fp32_param(param)
+            if value is None:
+                raise RuntimeError(f"{name} is trainable but DeepSpeed's optimizer holds no float32 copy of it")
+            if keep:
+                state[name] = value.detach().to("cpu", torch.float32)
+    return state
+
+
+def set_master_weight(param: Any, value: Any) -> None:
+    """Write a trainable parameter's whole float32 value into DeepSpeed's master copy (each process keeps its own
+    partition of it; no communication)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value.float())
 
 
 def end_distributed() -> None:

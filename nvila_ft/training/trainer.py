@@ -171,14 +171,23 @@ class NVILATrainer(Trainer):
         return None, losses, counts
 
     # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed the adapters are saved from its float32 master copies (`master_trainable_state`), not
+        from the parameters (16-bit under bf16, shards under ZeRO-3), nor from a gathered 16-bit copy of the whole
+        model: trainable tensors are float32 as in one process."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        from nvila_ft.training.deepspeed import master_trainable_state
+
+        self._save(output_dir, state_dict=master_trainable_state(self.model, keep=self.args.should_save))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:  # the Trainer calls this on every process; one writes
             return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        # with ZeRO-3 the Trainer hands over the gathered 16-bit state dict; the parameters themselves are shards
-        gathered = state_dict if self.is_deepspeed_enabled and _zero3() else None
-        save_adapters(self.model, output_dir / ADAPTERS_DIR, overwrite=True, state_dict=gathered)
+        trained = state_dict if self.is_deepspeed_enabled else None  # DeepSpeed's float32 masters (`save_model`)
+        save_adapters(self.model, output_dir / ADAPTERS_DIR, overwrite=True, state_dict=trained)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -191,16 +200,21 @@ class NVILATrainer(Trainer):
         restore_adapter_weights(model or self.model, Path(resume_from_checkpoint) / ADAPTERS_DIR)
 
     def _load_best_model(self) -> None:
-        from nvila_ft.training.deepspeed import gathered_parameters
+        """The best checkpoint's adapters into the model and, under DeepSpeed, into its float32 master copies (what
+        `final/` is saved from): the parameters take the saved float32 values first, then their own dtype."""
+        from nvila_ft.training.deepspeed import gathered_parameters, set_master_weight
 
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         with gathered_parameters(self.model, modifier_rank=0):
+            own = [p.data for p in trainable]
+            for p in trainable:
+                p.data = p.data.float()  # no copy when already float32
             restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint) / ADAPTERS_DIR)
-
-
-def _zero3() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
+            for p, data in zip(trainable, own):
+                if self.is_deepspeed_enabled:
+                    set_master_weight(p, p.data)
+                data.copy_(p.data)  # back into DeepSpeed's own buffers (ZeRO-2's flat groups, ZeRO-3's gathered tensor)
+                p.data = data
 
 
 class ProgressWithThroughput(ProgressCallback):
