@@ -26,6 +26,7 @@ from nvila_ft.model.presets import build_model
 from nvila_ft.training.config import OPTIMIZERS, ConfigError, Precision, TrainerConfig
 from nvila_ft.training.offload import offloaded_activations
 from nvila_ft.training.trainer import NVILATrainer
+from tests.tolerances import TINY_TRAIN_STEP, cross_entropy, dynamic_map_half_gap, reordered, scale_of, worst
 
 # LoRA on the LLM (lm_head included), the projector fully trained, the vision tower's norms: every kind of trainable
 POLICY = AdapterPolicy(
@@ -63,8 +64,10 @@ def loss_and_grads(model, batch, **kwargs):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_grads(expected, actual, atol=1e-6, rtol=1e-5):
+def assert_same_grads(expected, actual, atol=None, rtol=0.0):
     assert expected.keys() == actual.keys() and expected
+    if atol is None:  # a training step's reductions reordered, at the scale of the largest gradient (tests/tolerances.py)
+        atol = reordered(TINY_TRAIN_STEP, scale_of(expected))["atol"]
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=rtol, msg=name)
 
@@ -103,7 +106,8 @@ def test_selective_loss_equals_full_cross_entropy_and_its_gradients(tiny, case, 
     output = model(**{k: v for k, v in batch.items() if k != "num_positions"}, **kwargs)
     assert output.logits is None  # no full-vocabulary logits in training
     loss, grads = loss_and_grads(model, batch, **kwargs)
-    torch.testing.assert_close(loss, full_loss, atol=1e-6, rtol=1e-6)
+    # the same hidden states; only the head (64 terms) and the cross-entropy (vocabulary, supervised rows) are reordered
+    torch.testing.assert_close(loss, full_loss, **cross_entropy(64 + 2048, batch["labels"].numel(), full_loss))
     assert_same_grads(full_grads, grads)
     assert "llm.lm_head.weight" in grads and any(n.startswith("vision_tower") for n in grads)
 
@@ -119,14 +123,15 @@ def test_selective_loss_with_lora_on_lm_head_and_only_in_training(tiny_checkpoin
     full_loss, full_grads = loss_and_grads(model, batch)
     model.selective_loss = True
     loss, grads = loss_and_grads(model, batch)
-    torch.testing.assert_close(loss, full_loss, atol=1e-6, rtol=1e-6)
+    loss_tolerance = cross_entropy(64 + 2048, batch["labels"].numel(), full_loss)  # the head and the loss reordered
+    torch.testing.assert_close(loss, full_loss, **loss_tolerance)
     assert any("lm_head.lora_A" in n for n in grads)
     assert_same_grads(full_grads, grads)
     model.eval()  # evaluation keeps the logits (and the same loss)
     with torch.no_grad():
         output = model(**{k: v for k, v in batch.items() if k != "num_positions"})
     assert output.logits is not None
-    torch.testing.assert_close(output.loss, full_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(output.loss, full_loss, **loss_tolerance)
 
 
 def test_selective_loss_without_any_supervised_token_is_a_connected_zero(tiny):
@@ -170,8 +175,8 @@ def test_checkpointing_per_component_and_offload_keep_the_gradients(components, 
 
     plain_loss, plain = run((), False)
     loss, grads = run(components, offload)
-    torch.testing.assert_close(loss, plain_loss, atol=0, rtol=0)
-    assert_same_grads(plain, grads, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss, plain_loss, atol=0, rtol=0)  # the forward runs the same ops either way: exact
+    assert_same_grads(plain, grads)  # recompute / offload reorder nothing by design; bounded as a reordered step
 
 
 def test_offload_copies_activations_and_leaves_parameters():
@@ -315,12 +320,20 @@ def test_levers_leave_trainable_names_and_merged_weights_unchanged(tiny_checkpoi
     on = dict(selective_loss=True, gradient_checkpointing=True, offload_activations=True)
     names_on, weights_on = _train_two_steps(source, tmp_path / "on", **on)
     assert names_on == names and weights_on.keys() == weights.keys()
+    # gradients agree to rho = 2 accumulation(step) of their scale; Adam's step 1 is +-lr whatever their size, step 2
+    # moves by <= ~3 rho lr (m / sqrt(v), each off by rho); merging B A (r = 4 terms) rounds once more at |W|
+    rho = reordered(TINY_TRAIN_STEP, 1.0)["atol"]
     for key in weights:
-        torch.testing.assert_close(weights_on[key], weights[key], atol=1e-6, rtol=1e-5, msg=key)
+        atol = 2 * 1e-2 * 3 * rho + 2 * worst(4 + 1) * scale_of(weights[key])  # 2 steps at lr 1e-2, then the merge
+        torch.testing.assert_close(weights_on[key], weights[key], atol=atol, rtol=0, msg=key)
     # 8-bit AdamW: the same parameters trained and merged, to nearly the same values (its moments are quantized)
     names_8bit, weights_8bit = _train_two_steps(source, tmp_path / "8bit", optim="paged_adamw_8bit", **on)
     assert names_8bit == names and weights_8bit.keys() == weights.keys()
     base = NVILAForConditionalGeneration.from_pretrained(source).state_dict()
+    # m, v kept to bitsandbytes' dynamic maps at their block's absmax: m within q_m = 12.3% above 1% of it, v within
+    # q_v = 22% above 1e-4 (g^2); Adam's first step uses the unquantized states, the second carries
+    # beta1 (1 - beta1) / (1 - beta1^2) / sqrt(beta2 / (1 + beta2)) = 0.67 of m's error and half v's into the update
+    bound = 0.67 * dynamic_map_half_gap(True, 1e-2) + 0.5 * dynamic_map_half_gap(False, 1e-4)  # 0.19
     for key in weights:
         update, update_8bit = weights[key] - base[key], weights_8bit[key] - base[key]
-        assert (update_8bit - update).norm() <= 0.1 * update.norm() + 1e-6, key
+        assert (update_8bit - update).norm() <= bound * update.norm() + 2 * worst(4 + 1) * scale_of(base[key]), key
