@@ -15,6 +15,7 @@ from nvila_ft.data.media import MediaError, VideoClip, load_video, write_video
 from nvila_ft.data.sources import DataError
 from nvila_ft.data.task import validation_source
 from nvila_ft.metrics import compute_metrics
+from tests.tolerances import METRIC  # float64 metrics: 64 roundings of values <= 1
 
 FIELDS = {"x": {"low": -1, "high": 1, "bins": 3}, "y": {"low": -1, "high": 1, "bins": 3}, "grip": {"values": ["open", "close"]}}
 
@@ -97,12 +98,12 @@ def test_action_metrics_against_a_hand_count():
                    "the robot moves"]       # malformed
     scores = compute_metrics(["action_exact_match", "action_field_accuracy", "action_malformed_rate"],
                              predictions, references)
-    assert scores["action_exact_match"] == pytest.approx(1 / 4)
-    assert scores["action_field_accuracy/x"] == pytest.approx(2 / 4)
-    assert scores["action_field_accuracy/y"] == pytest.approx(1 / 4)
-    assert scores["action_field_accuracy/grip"] == pytest.approx(2 / 4)
-    assert scores["action_field_accuracy"] == pytest.approx((2 / 4 + 1 / 4 + 2 / 4) / 3)
-    assert scores["action_malformed_rate"] == pytest.approx(2 / 4)
+    assert scores["action_exact_match"] == pytest.approx(1 / 4, abs=METRIC, rel=0)
+    assert scores["action_field_accuracy/x"] == pytest.approx(2 / 4, abs=METRIC, rel=0)
+    assert scores["action_field_accuracy/y"] == pytest.approx(1 / 4, abs=METRIC, rel=0)
+    assert scores["action_field_accuracy/grip"] == pytest.approx(2 / 4, abs=METRIC, rel=0)
+    assert scores["action_field_accuracy"] == pytest.approx((2 / 4 + 1 / 4 + 2 / 4) / 3, abs=METRIC, rel=0)
+    assert scores["action_malformed_rate"] == pytest.approx(2 / 4, abs=METRIC, rel=0)
 
 
 def test_action_metrics_never_crash_on_odd_outputs():

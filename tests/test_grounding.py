@@ -15,6 +15,7 @@ from nvila_ft.data.referring import GroundingData
 from nvila_ft.data.sources import DataError
 from nvila_ft.metrics import compute_metrics, iou_accuracy
 from nvila_ft.training.baselines import baseline_predictions, mean_box
+from tests.tolerances import METRIC  # float64 metrics: 64 roundings of values <= 1
 
 
 # ----------------------------------------------------------------------------------------------- format
@@ -74,8 +75,8 @@ def test_check_box_can_refuse_empty_boxes():
     ((0.0, 0.0, 0.10, 0.10), (0.01, 0.0, 0.11, 0.10), 90 / 110),
 ])
 def test_iou_against_hand_computation(a, b, expected):
-    assert iou(a, b) == pytest.approx(expected)
-    assert iou(b, a) == pytest.approx(expected)
+    assert iou(a, b) == pytest.approx(expected, abs=METRIC, rel=0)
+    assert iou(b, a) == pytest.approx(expected, abs=METRIC, rel=0)
 
 
 def test_iou_accuracy_counts_hits_mean_iou_and_malformed_predictions():
@@ -88,12 +89,12 @@ def test_iou_accuracy_counts_hits_mean_iou_and_malformed_predictions():
         "[0.5, 0.5]",                 # malformed
     ]
     scores = iou_accuracy(predictions, [reference] * 5)
-    assert scores["iou_accuracy"] == pytest.approx(2 / 5)
-    assert scores["mean_iou"] == pytest.approx((1 + 0.75 + 0.04 / 0.28) / 5)
-    assert scores["malformed_box_rate"] == pytest.approx(2 / 5)
+    assert scores["iou_accuracy"] == pytest.approx(2 / 5, abs=METRIC, rel=0)
+    assert scores["mean_iou"] == pytest.approx((1 + 0.75 + 0.04 / 0.28) / 5, abs=METRIC, rel=0)
+    assert scores["malformed_box_rate"] == pytest.approx(2 / 5, abs=METRIC, rel=0)
     strict = compute_metrics(["iou_accuracy_75"], predictions, [reference] * 5)
-    assert strict["iou_accuracy_75"] == pytest.approx(2 / 5) and strict["count"] == 5
-    assert iou_accuracy(predictions, [reference] * 5, threshold=0.9)["iou_accuracy_90"] == pytest.approx(1 / 5)
+    assert strict["iou_accuracy_75"] == pytest.approx(2 / 5, abs=METRIC, rel=0) and strict["count"] == 5
+    assert iou_accuracy(predictions, [reference] * 5, threshold=0.9)["iou_accuracy_90"] == pytest.approx(1 / 5, abs=METRIC, rel=0)
 
 
 def test_iou_accuracy_never_raises_on_garbage_references_or_predictions():
@@ -108,10 +109,10 @@ def test_mean_box_baseline_for_box_answers_only():
 
 # ----------------------------------------------------------------------------------------------- pixels
 def test_box_from_pixels_xywh_and_xyxy():
-    assert box_from_pixels([20, 10, 30, 40], 200, 100, "xywh") == pytest.approx((0.1, 0.1, 0.25, 0.5))
-    assert box_from_pixels([20, 10, 50, 50], 200, 100, "xyxy") == pytest.approx((0.1, 0.1, 0.25, 0.5))
+    assert box_from_pixels([20, 10, 30, 40], 200, 100, "xywh") == pytest.approx((0.1, 0.1, 0.25, 0.5), abs=METRIC, rel=0)
+    assert box_from_pixels([20, 10, 50, 50], 200, 100, "xyxy") == pytest.approx((0.1, 0.1, 0.25, 0.5), abs=METRIC, rel=0)
     # COCO's float boxes may overshoot the border by a fraction of a pixel: clipped, not refused
-    assert box_from_pixels([150.0, 60.0, 50.3, 40.2], 200, 100) == pytest.approx((0.75, 0.6, 1.0, 1.0))
+    assert box_from_pixels([150.0, 60.0, 50.3, 40.2], 200, 100) == pytest.approx((0.75, 0.6, 1.0, 1.0), abs=METRIC, rel=0)
 
 
 @pytest.mark.parametrize("bbox, fmt, message", [
