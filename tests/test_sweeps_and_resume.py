@@ -116,10 +116,12 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, cache, monkeypatch):
     straight, resumed = _final_tensors(tmp_path / "straight"), _final_tensors(interrupted)
     assert straight.keys() == resumed.keys() and len(straight) > 10
     for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+        # the resumed run repeats the straight run's ops on the same values (weights, Adam moments, RNG restored bit for
+        # bit from float32 files): exact on any machine
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
     straight_lr = [e["learning_rate"] for e in json.loads((tmp_path / "straight" / "checkpoint-8" / "trainer_state.json").read_text())["log_history"] if "learning_rate" in e]
     resumed_lr = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
-    assert resumed_lr == pytest.approx(straight_lr)
+    assert resumed_lr == straight_lr  # the scheduler's formula at the same steps: the same float64 operations
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, cache):
