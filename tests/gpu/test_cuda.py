@@ -15,6 +15,7 @@ from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
 from nvila_ft.adapters.merge import export_merged
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
+from tests.tolerances import UBF16, likely
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +36,10 @@ def test_bf16_forward_matches_fp32_on_cuda(tiny_checkpoints):
     inputs = batch(processor)
     with torch.no_grad():
         a, b = fp32(**inputs).logits, bf16(**inputs).logits.float()
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    # bf16 weights and activations: ~84 bf16 roundings reach a logit (per SigLIP layer 17, per Qwen2 layer 18, patch
+    # embedding, projector, head 14), each <= u_bf16 of the logits' scale; independent, the largest of ~1.6e5 logits
+    # stays within the probabilistic bound LAMBDA sqrt(84) u_bf16 = 0.29 of max|logit| (tests/tolerances.py)
+    assert (a - b).abs().max() < likely(84, torch.bfloat16) * a.abs().max()
     assert fp32.generate(**batch(processor, None), max_new_tokens=4).shape[0] == 1
 
 
@@ -94,6 +98,8 @@ def test_fp8_compute_matches_bf16_on_fp8_hardware(tiny_checkpoints, recipe):
         grads = torch.cat([p.grad.float().flatten() for p in m.parameters() if p.requires_grad])
         results.append((float(out.loss), out.logits.detach().float(), grads))
     (loss_bf16, logits_bf16, grads_bf16), (loss, logits, grads) = results
-    assert abs(loss - loss_bf16) / loss_bf16 < 0.01
-    assert (logits - logits_bf16).norm() / logits_bf16.norm() < 0.05
-    assert 1e-3 < (grads - grads_bf16).norm() / grads_bf16.norm() < 0.10
+    from tests.test_fp8 import LOGITS_TOLERANCE, grad_tolerance  # the CPU test's bounds (derived there)
+
+    assert abs(loss - loss_bf16) / loss_bf16 < 2 * LOGITS_TOLERANCE * float(logits_bf16.abs().max()) / loss_bf16
+    assert (logits - logits_bf16).norm() / logits_bf16.norm() < LOGITS_TOLERANCE
+    assert UBF16 < (grads - grads_bf16).norm() / grads_bf16.norm() < grad_tolerance(recipe)
