@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_cli import run_cli
+from tests.tolerances import TINY_FORWARD, TINY_TRAIN_STEP, accumulation
 
 pytest.importorskip("deepspeed")
 HOOKS = Path(__file__).parent / "distributed_hooks"
@@ -37,11 +38,11 @@ COMMON = [
 # the best checkpoint by the highest eval_loss: eval_loss falls over the epoch, so the best is checkpoint-2, not the
 # last one, and load_best_model_at_end restores it (with DeepSpeed, into its float32 master copies too)
 EARLIEST_BEST = ["trainer.greater_is_better=true"]
-# eval_loss: the same records' float32 forward (a chain of under 2^14 reductions, tests/test_eval_loss.py) with weights
-# from up to 8 float32 training steps, each a forward and backward chain of under 2^15 whose sums two processes split
-# otherwise (a gradient over 2 + 2 records, not 4): n < 8 * 2^15 + 2^14 < 2^19 terms. Each run lies within 8 sqrt(n) u
-# of the exact value (u = 2^-24, Higham & Mary's probabilistic bound), so the two differ by at most twice that
-EVAL_RTOL = 2 * 8 * (2**19) ** 0.5 * 2**-24
+# eval_loss: the same records' float32 forward (TINY_FORWARD reductions, tests/tolerances.py) with weights from up to
+# 8 float32 training steps (TINY_TRAIN_STEP each), whose sums two processes split otherwise (a gradient over 2 + 2
+# records, not 4): each run lies within accumulation(n) of the exact value over that whole chain, relative, so the two
+# differ by twice that
+EVAL_RTOL = 2 * accumulation(8 * TINY_TRAIN_STEP + TINY_FORWARD)
 
 
 def free_port() -> int:

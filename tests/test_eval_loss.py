@@ -15,15 +15,12 @@ from nvila_ft.model.presets import build_model
 from nvila_ft.model.tokenizer import IGNORE_INDEX
 from nvila_ft.training.config import Precision, TrainerConfig
 from nvila_ft.training.trainer import build_trainer
+from tests.tolerances import TINY_FORWARD, accumulation
 
-# The float32 reductions along the longest chain from the pixels to one token's loss in the tiny model (its dims in
-# nvila_ft/model/presets.py): patch embedding 192, two SigLIP layers 2 x 272, projector 1792, two Qwen2 layers
-# 2 x (528 + 2T), final norm and lm_head 128, logsumexp over the 2048-token vocabulary and the sum over T tokens: under
-# n = 2^14 terms for T <= 2000 positions. Batched or alone, a record runs them in other orders (the batch's shape sets
-# the kernels' blocking); each result lies within 8 sqrt(n) u of the exact value (u = 2^-24; Higham & Mary 2019, the
-# probabilistic bound for independent rounding errors, failing with probability under 2.5e-14), so two differ by at
-# most twice that.
-RTOL = 2 * 8 * (2**14) ** 0.5 * 2**-24
+# Batched or alone, a record's loss runs the tiny model's chain of float32 reductions from the pixels to the loss
+# (TINY_FORWARD: under 2^14 terms, counted in tests/tolerances.py) in other orders, the batch's shape setting the
+# kernels' blocking: each result lies within accumulation(n) of the exact value, relative, so two differ by twice that.
+RTOL = 2 * accumulation(TINY_FORWARD)
 
 
 def image(seed: int, size=(60, 40)) -> Image.Image:
