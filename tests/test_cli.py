@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,94 @@ SMALL_RUN = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path, cache: Path, check: bool = True, extra_env: dict | None = None):
-    env = dict(os.environ, NVILA_FT_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
-    env.update(extra_env or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "nvila_ft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
+@dataclass
+class CliResult:
+    """What a `nvila-ft` call left: its exit status and what it wrote on stdout and stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(
+    args: list[str], cwd: Path, cache: Path, check: bool = True, extra_env: dict | None = None, subprocess_: bool = False,
+) -> CliResult:
+    """`nvila-ft <args>` run from `cwd`, with built-in data under `cache`: in this process (what a test needs of a
+    command: its exit status, console and files, without a Python start and imports of its own each time), or as a
+    subprocess with `subprocess_=True` (what needs a process of its own: an import-time check, a killed process)."""
+    env = {"NVILA_FT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           **(extra_env or {})}
+    if subprocess_:
+        done = subprocess.run([sys.executable, "-m", "nvila_ft.cli", *args], cwd=cwd, env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=900)
+        result = CliResult(done.returncode, done.stdout, done.stderr)
+    else:
+        result = _in_process(args, cwd, env)
     if check and result.returncode != 0:
         raise AssertionError(f"nvila-ft {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def _forget_distributed_state(was_distributed: bool) -> None:
+    """A process group a command started (DeepSpeed starts one even for one process) and accelerate's cached state
+    end with the command, as they would with its process."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    if not was_distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _in_process(args: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
+    """`nvila_ft.cli.main(args)` with the process state a command may change put back afterwards: environment,
+    working directory, argv, torch's thread count, Hydra's global state, and the logging set-up. Hydra's
+    `dictConfig` closes every handler logging knows of, pytest's own among them: those are hidden from it for the
+    call and restored after, and the handlers the command made are closed."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nvila_ft import cli
+
+    saved_env, saved_cwd, saved_argv, saved_threads = dict(os.environ), os.getcwd(), list(sys.argv), torch.get_num_threads()
+    root = logging.getLogger()
+    saved_handlers, saved_level, saved_known = list(root.handlers), root.level, list(logging._handlerList)
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    was_distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    os.environ.update(env)
+    os.chdir(cwd)
+    logging._handlerList[:] = []
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                cli.main(list(args))
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - what a subprocess would print before exiting with 1
+                traceback.print_exc()
+                status = 1
+    finally:
+        GlobalHydra.instance().clear()
+        _forget_distributed_state(was_distributed)
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers[:], root.level = saved_handlers, saved_level
+        logging._handlerList[:] = saved_known
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+    return CliResult(status, stdout.getvalue(), stderr.getvalue())
 
 
 def last_checkpoint(run: Path) -> Path:
