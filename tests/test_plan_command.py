@@ -97,7 +97,8 @@ def test_world_size_divides_what_zero_shards(released_8b):
     single, sharded = weights("deepspeed=zero3", "plan.world_size=1"), weights("deepspeed=zero3", "plan.world_size=8")
     # two Qwen2-7B decoder layers gathered (with prefetch) in bf16: 233,057,792 weights + 1,441,792 LoRA (r=16)
     gathered = 2 * (233_057_792 + 1_441_792) * 2
-    assert sharded == pytest.approx(single / 8 + gathered, rel=1e-3)
+    # each of the three components' weights is divided by 8 and rounded up to a whole byte: at most 1 byte each
+    assert 0 <= sharded - gathered - single / 8 < 3
 
 
 @pytest.mark.parametrize("override, says", [
