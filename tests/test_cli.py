@@ -40,10 +40,12 @@ def run_cli(
 ) -> CliResult:
     """`nvila-ft <args>` run from `cwd`, with built-in data under `cache`: in this process (what a test needs of a
     command: its exit status, console and files, without a Python start and imports of its own each time), or as a
-    subprocess with `subprocess_=True` (what needs a process of its own: an import-time check, a killed process)."""
+    subprocess with `subprocess_=True` (what needs a process of its own: an import-time check, a killed process).
+    A DeepSpeed run always gets its own process: DeepSpeed keeps process-wide state that outlives a run (its process
+    groups, transformers' ZeRO-3 flag, `torch.nn.functional.linear` patched while ZeRO-3 builds a model)."""
     env = {"NVILA_FT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            **(extra_env or {})}
-    if subprocess_:
+    if subprocess_ or any(arg.startswith("deepspeed=") and arg != "deepspeed=none" for arg in args):
         done = subprocess.run([sys.executable, "-m", "nvila_ft.cli", *args], cwd=cwd, env=dict(os.environ, **env),
                               capture_output=True, text=True, timeout=900)
         result = CliResult(done.returncode, done.stdout, done.stderr)
@@ -54,20 +56,16 @@ def run_cli(
     return result
 
 
-def _forget_distributed_state(was_distributed: bool) -> None:
-    """A process group a command started (DeepSpeed starts one even for one process) and accelerate's cached state
-    end with the command, as they would with its process."""
-    import torch
+def _forget_accelerate_state() -> None:
+    """accelerate's cached process state ends with the command, as it would with its process."""
     from accelerate.state import AcceleratorState
 
-    if not was_distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _in_process(args: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
     """`nvila_ft.cli.main(args)` with the process state a command may change put back afterwards: environment,
-    working directory, argv, torch's thread count, Hydra's global state, and the logging set-up. Hydra's
+    working directory, argv, torch's thread count, Hydra's and accelerate's global state, and the logging set-up. Hydra's
     `dictConfig` closes every handler logging knows of, pytest's own among them: those are hidden from it for the
     call and restored after, and the handlers the command made are closed."""
     import contextlib
@@ -84,7 +82,6 @@ def _in_process(args: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
     root = logging.getLogger()
     saved_handlers, saved_level, saved_known = list(root.handlers), root.level, list(logging._handlerList)
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
-    was_distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     os.environ.update(env)
     os.chdir(cwd)
     logging._handlerList[:] = []
@@ -102,7 +99,7 @@ def _in_process(args: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
                 status = 1
     finally:
         GlobalHydra.instance().clear()
-        _forget_distributed_state(was_distributed)
+        _forget_accelerate_state()
         for handler in root.handlers:
             if handler not in saved_handlers:
                 handler.close()

@@ -25,6 +25,7 @@ from tests.test_cli import run_cli
 from tests.tolerances import TINY_FORWARD, TINY_TRAIN_STEP, accumulation, scale_of, unit_roundoff, worst
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow  # several processes per test: the slow tier (make test-slow, run by .ci/run)
 HOOKS = Path(__file__).parent / "distributed_hooks"
 # dropout off: two processes draw different dropout masks than one
 # one epoch of 32 training records (global batch 4: 8 steps); eval_loss every 2 steps over the 8 validation records
