@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").addFilter(_not_accelerator_detection)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per component
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # nor datasets' "Generating train split"
     _quiet_library_notices()
     import hydra
 

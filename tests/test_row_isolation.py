@@ -134,3 +134,16 @@ def test_validate_data_on_a_broken_parquet_ends_in_its_report_not_a_traceback(tm
     report = (tmp_path / "run" / "data_report.txt").read_text()
     assert f"{path}[1]: corrupt_media" in report and f"{path}[3]: missing_media" in report
     assert "train: 4 records: 2 ok, 2 bad" in report  # the null image is the source's own (structural) finding
+
+
+def test_a_table_row_without_its_image_is_a_bad_record_when_images_are_required(tmp_path, tiny_processor):
+    from nvila_ft.data.sources import TableSource
+
+    image_folder(tmp_path)
+    (tmp_path / "table.csv").write_text("image,question,answer\ngood.jpg,What?,x\n,What?,y\nerror_page.jpg,What?,z\n")
+    report = validate_source(TableSource(str(tmp_path / "table.csv"), image_required=True), tiny_processor)
+    origins = [f"{tmp_path / 'table.csv'}[{i}]" for i in range(3)]
+    check(report, origins, [(None, ""), ("missing_media", "column 'image': no image (empty)"),
+                            ("corrupt_media", "error_page.jpg: cannot decode image (not in a format Pillow reads)")])
+    lenient = validate_source(TableSource(str(tmp_path / "table.csv")), tiny_processor)
+    assert [r.modality for r in lenient.good] == ["image", "text"]

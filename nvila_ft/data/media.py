@@ -117,6 +117,8 @@ def load_image(
                 image = opened.convert("RGB")
     except Image.DecompressionBombError as e:
         raise MediaError(f"{name}: refused as a decompression bomb ({e})") from e
+    except Image.UnidentifiedImageError as e:  # Pillow's message repeats the file (or a BytesIO's address)
+        raise MediaError(f"{name}: cannot decode image (not in a format Pillow reads)") from e
     except _IMAGE_DECODE_ERRORS as e:
         raise MediaError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
     if image.width == 0 or image.height == 0:
@@ -194,6 +196,8 @@ def image_size(
             return opened.size
     except Image.DecompressionBombError as e:
         raise MediaError(f"{fp}: refused as a decompression bomb ({e})") from e
+    except Image.UnidentifiedImageError as e:
+        raise MediaError(f"{fp}: cannot decode image (not in a format Pillow reads)") from e
     except _IMAGE_DECODE_ERRORS as e:
         raise MediaError(f"{fp}: cannot decode image ({type(e).__name__}: {e})") from e
 

@@ -547,7 +547,7 @@ class TableSource:
     "Answer with one word. {question}") and one answer. Image/video cells are paths relative to `media_root`
     (default: the table's folder); JSON rows may list several. The delimiter is a tab for `.tsv`/`.tab`,
     a comma otherwise, unless `delimiter` is given. A row whose answer is empty, or that lacks a column
-    the template names, is a malformed record.
+    the template names, is a malformed record; with `image_required`, so is a row whose image cell is empty.
     """
 
     def __init__(
@@ -562,10 +562,12 @@ class TableSource:
         question_template: str = "{question}",
         system_prompt: str | None = None,
         delimiter: str | None = None,
+        image_required: bool = False,
         limit: int | None = None,
         on_error: str = "raise",
     ) -> None:
         self.path, self.media_root = str(path), media_root
+        self.image_required = image_required
         self.question_column, self.answer_column = question_column, answer_column
         self.image_column, self.video_column, self.id_column = image_column, video_column, id_column
         self.question_template, self.system_prompt = question_template, system_prompt
@@ -618,6 +620,9 @@ class TableSource:
         answer = _answer_text(row.get(self.answer_column), f"column {self.answer_column!r}")
         images = _table_media(row.get(self.image_column), self.image_column) if self.image_column else []
         videos = _table_media(row.get(self.video_column), self.video_column) if self.video_column else []
+        if self.image_required and not images:
+            raise _RecordProblem(f"column {self.image_column!r}: no image (empty), and this table's records need one "
+                                 "(image_required)", kind="missing_media")
         return _question_answer(images, videos, question, answer)
 
 

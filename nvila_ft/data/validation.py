@@ -278,9 +278,11 @@ class TaskDataCheck:
 def check_task_data(
     data: Any, processor: Any, progress: bool = False, splits: tuple[str, ...] = ("train", "validation")
 ) -> TaskDataCheck:
-    """Validate the records of a task's splits (a `TaskData`), keeping the sources' own errors."""
+    """Validate the records of a task's splits (a `TaskData`), keeping the sources' own errors; every bad record of
+    a file is listed in its order in the file, the sources' findings among the processor's."""
     reports = {
         split: validate_records(getattr(data, split), processor, progress=progress, description=f"checking {split}")
         for split in splits
     }
-    return TaskDataCheck(reports, list(data.errors) + [b for r in reports.values() for b in r.bad])
+    bad = list(data.errors) + [b for r in reports.values() for b in r.bad]
+    return TaskDataCheck(reports, sorted(bad, key=lambda b: _origin_key(b.origin)))
