@@ -281,11 +281,6 @@ def render_frames(
     return [Image.fromarray(to_uint8(map_range(frame, 0, 2**bits - 1)), "RGB") for frame in frames]
 
 
-def _display_headers(dataset: Any, indices: Sequence[int]) -> list[Any]:
-    headers = {i: frame_header(dataset, i) for i in set(indices)}
-    return [headers[i] for i in indices]
-
-
 def load_frames(path: pathlib.Path, indices: Sequence[int] | None, options: MediaOptions, dataset: Any = None) -> list[Image.Image]:
     """Frames `indices` of a DICOM file (None: all) as 8-bit RGB images."""
     dataset = read_dicom(path) if dataset is None else dataset
@@ -296,7 +291,8 @@ def load_frames(path: pathlib.Path, indices: Sequence[int] | None, options: Medi
     frames, photometric, bits = decode_frames(dataset, path, indices)
     if any(frame.size == 0 for frame in frames):
         raise MediaError(f"{path}: DICOM image has zero size")
-    return render_frames(frames, _display_headers(dataset, indices), photometric, bits, options, path)
+    headers = {i: frame_header(dataset, i) for i in set(indices)}
+    return render_frames(frames, [headers[i] for i in indices], photometric, bits, options, path)
 
 
 def load_image(path: pathlib.Path, options: MediaOptions) -> tuple[Image.Image, str | None]:

@@ -59,6 +59,7 @@ class EncodedImage(bytes):
     def __reduce__(self) -> tuple:
         return EncodedImage, (bytes(self), self.label)
 
+
 # What Pillow's plugins raise on bad data, at open or at decode time.
 _IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 

@@ -38,7 +38,8 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class MediaOptions:
-    """How media are read (the `data:` settings of the same names).
+    """How media are read (the `data:` settings of the same names); a bad setting is a ValueError whose message
+    starts with its name.
 
     intensity_window: [low, high] stored values of >8-bit grey PNG/TIFF mapped to 0..255 (None: each image's own
     range). dicom_window: how DICOM and NIfTI grey values are displayed: a preset of `DICOM_WINDOWS` (HU), [centre,
@@ -61,7 +62,10 @@ class MediaOptions:
             if len(window) != 2 or not float(window[0]) < float(window[1]):
                 raise ValueError(f"intensity_window = {list(window)}: give [low, high] with low < high, or null")
             object.__setattr__(self, "intensity_window", (float(window[0]), float(window[1])))
-        check_dicom_window(self.dicom_window)
+        try:
+            check_dicom_window(self.dicom_window)
+        except ValueError as err:
+            raise ValueError(f"dicom_window: {err}") from None
         if not isinstance(self.dicom_window, (str, type(None))):
             object.__setattr__(self, "dicom_window", tuple(float(v) for v in self.dicom_window))
         frame = self.image_frame

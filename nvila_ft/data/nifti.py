@@ -57,8 +57,8 @@ def refuse_other_volume(path: pathlib.Path) -> None:
                          "nibabel.save(nibabel.load(path), 'volume.nii.gz')", kind="unsupported_media")
 
 
-def _volume(path: pathlib.Path) -> Any:
-    """The image, reoriented to RAS+ (lazily: the data of an image already in RAS+ is not read here)."""
+def _image(path: pathlib.Path) -> Any:
+    """The image as stored (its header read, its data not), refusing what is not a grey 2-D or 3-D volume."""
     try:
         import nibabel
     except ImportError:
@@ -79,6 +79,14 @@ def _volume(path: pathlib.Path) -> Any:
     if len(shape) < 2 or np.dtype(image.get_data_dtype()).kind not in "biuf":
         raise MediaError(f"{path}: a NIfTI image of shape {shape} and type {image.get_data_dtype()}; nvila-ft reads "
                          "grey 2-D or 3-D volumes", kind="unsupported_media")
+    return image
+
+
+def _volume(path: pathlib.Path) -> Any:
+    """The image, reoriented to RAS+ (lazily: the data of an image already in RAS+ is not read here)."""
+    image = _image(path)  # first: it says what to install when nibabel is missing
+    import nibabel
+
     try:
         with library_messages("nibabel", path):
             return nibabel.as_closest_canonical(image)
@@ -86,12 +94,30 @@ def _volume(path: pathlib.Path) -> Any:
         raise MediaError(f"{path}: cannot orient the NIfTI volume ({first_line(e)})") from e
 
 
-def _axis_and_range(image: Any, options: MediaOptions, path: pathlib.Path) -> tuple[int, int, int]:
-    """(axis, first slice, slice count) of the slices frames are taken from (a 2-D image: its one slice)."""
+def _canonical_shape(path: pathlib.Path) -> tuple[int, ...]:
+    """The shape the volume has in RAS+, from its header and affine alone (reorienting would read the data)."""
+    image = _image(path)  # first: it says what to install when nibabel is missing
+    import nibabel
+
     if len(image.shape) == 2:
+        return tuple(int(n) for n in image.shape)
+    try:
+        targets = nibabel.io_orientation(image.affine)[:3, 0]
+    except Exception as e:  # noqa: BLE001 - a broken affine
+        raise MediaError(f"{path}: cannot orient the NIfTI volume ({first_line(e)})") from e
+    shape = [0, 0, 0]
+    for axis, target in enumerate(targets):
+        shape[int(target)] = int(image.shape[axis])
+    return tuple(shape)
+
+
+def _axis_and_range(shape: tuple[int, ...], options: MediaOptions, path: pathlib.Path) -> tuple[int, int, int]:
+    """(axis, first slice, slice count) of the slices frames are taken from, for a volume of RAS+ `shape` (a 2-D
+    image: its one slice)."""
+    if len(shape) == 2:
         return VOLUME_AXES["axial"], 0, 1
     axis = VOLUME_AXES[options.volume_axis]
-    count = int(image.shape[axis])
+    count = int(shape[axis])
     if options.volume_slices is None:
         return axis, 0, count
     first, last = options.volume_slices
@@ -103,17 +129,16 @@ def _axis_and_range(image: Any, options: MediaOptions, path: pathlib.Path) -> tu
 
 def slice_size(path: pathlib.Path, options: MediaOptions) -> tuple[int, int]:
     """(width, height) of the volume's slices across `volume_axis`, from its header."""
-    image = _volume(path)
-    x, y, z = (tuple(int(n) for n in image.shape[:3]) + (1,))[:3]
-    if len(image.shape) == 2:
-        return x, y
+    shape = _canonical_shape(path)
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    x, y, z = shape
     return {"axial": (x, y), "coronal": (x, z), "sagittal": (y, z)}[options.volume_axis]
 
 
 def header_frames(path: pathlib.Path, options: MediaOptions) -> int:
     """The slices a video of this volume is sampled from, from its header."""
-    image = _volume(path)
-    return _axis_and_range(image, options, path)[2]
+    return _axis_and_range(_canonical_shape(path), options, path)[2]
 
 
 def _slices(image: Any, axis: int, indices: Sequence[int], path: pathlib.Path) -> np.ndarray:
@@ -154,7 +179,7 @@ def load_slices(path: pathlib.Path, image: Any, axis: int, indices: Sequence[int
 def load_image(path: pathlib.Path, options: MediaOptions) -> tuple[Image.Image, str | None]:
     """One slice of the volume (by `options.image_frame`; a single-slice file is its slice), and a note."""
     image = _volume(path)
-    axis, first, count = _axis_and_range(image, options, path)
+    axis, first, count = _axis_and_range(tuple(image.shape[:3]), options, path)
     if count == 1:
         return load_slices(path, image, axis, [first], options)[0], None
     index, note = image_frame_index(count, options, path, "NIfTI volume")
@@ -164,5 +189,5 @@ def load_image(path: pathlib.Path, options: MediaOptions) -> tuple[Image.Image, 
 def load_video(path: pathlib.Path, num_frames: int, options: MediaOptions) -> list[Image.Image]:
     """`num_frames` evenly spaced slices of the volume (of `volume_slices` when set), displayed together."""
     image = _volume(path)
-    axis, first, count = _axis_and_range(image, options, path)
+    axis, first, count = _axis_and_range(tuple(image.shape[:3]), options, path)
     return load_slices(path, image, axis, [first + i for i in sample_frame_indices(count, num_frames)], options)

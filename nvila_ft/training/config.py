@@ -126,10 +126,8 @@ class DataOptions:
             raise ConfigError("data.packing and data.group_by_length use the lengths the data check measures; keep data.validate=true")
         try:
             MediaOptions(**self.processor_options())
-        except ValueError as err:
-            name = next((key for key in self.processor_options() if str(err).startswith(key)), "dicom_window")
-            message = str(err).removeprefix(f"{name} = ")
-            raise ConfigError(f"data.{name}: {message}" if name == "dicom_window" else f"data.{name} = {message}") from None
+        except ValueError as err:  # the message starts with the setting's name
+            raise ConfigError(f"data.{err}") from None
 
     def processor_options(self) -> dict[str, Any]:
         """The NVILAProcessor arguments these options set (the media settings)."""
