@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from nvila_ft.adapters.apply import base_module, get_component, is_quantized, set_component
+from nvila_ft.adapters.frozen_storage import restore_frozen_storage
 from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
 from nvila_ft.model.vision_tower import drop_unused
 from nvila_ft.training.fp8 import restore_linears
@@ -187,6 +188,7 @@ def merge_adapters(model: Any, qlora_merge: str = "dequantized") -> Any:
     if qlora_merge not in MERGE_MODES:
         raise ValueError(f"qlora_merge must be one of {MERGE_MODES}, got {qlora_merge!r}")
     restore_linears(model)  # a merged model computes in its own dtype, also after FP8-compute training
+    restore_frozen_storage(model)  # the checkpoint's own 16-bit tensors where the run kept int8 / host copies
     for name in ("vision_tower", "mm_projector", "llm"):
         module = get_component(model, name)
         if not hasattr(module, "merge_and_unload"):
@@ -239,6 +241,9 @@ def export_merged(
     dtype = dtype or model.config.model_dtype
     model.eval()
     probe = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in probe.items()}
+    # weights a run kept in int8 rows or host memory (frozen, never trained) are the checkpoint's again first: the
+    # export is the trained adapters on the original base, as a run without those levers would export
+    restore_frozen_storage(model)
     trained = model(**probe).logits.float()  # before anything is rebuilt, re-wrapped or merged
     float8 = restore_linears(model) > 0  # FP8 compute (precision.fp8): same weights, 16-bit matmuls from here on
     quantized = [

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
 from nvila_ft.adapters.artifacts import POLICY_FILE, load_adapters
+from nvila_ft.adapters.frozen_storage import FrozenStorage, store_frozen_weights
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import TaskDataCheck
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
@@ -57,9 +58,22 @@ def check_run(policy: AdapterPolicy, precision: Precision, trainer: Any, deepspe
     precision.check(policy)
     trainer.check()
     deepspeed.check(policy, precision)
+    storage = frozen_storage(precision, trainer)
+    problems = storage.problems(policy)
+    if problems:
+        raise ConfigError(problems[0])
+    if storage.any and deepspeed.enabled:
+        raise ConfigError("trainer.offload_embeddings and precision.lm_head_bits / vision_tower_bits are levers of runs "
+                          "without DeepSpeed (it casts every floating tensor of the model to its dtype, and ZeRO-3 shards "
+                          "frozen weights itself); set them back to false / 16, or use deepspeed=none")
     if deepspeed.offload_optimizer and trainer.optim not in ("adamw_torch", "adamw_torch_fused"):
         raise ConfigError(f"trainer.optim = {trainer.optim}: ZeRO-Offload steps DeepSpeed's CPU Adam; use adamw_torch, "
                           "or a deepspeed option without offload")
+
+
+def frozen_storage(precision: Precision, trainer: Any) -> FrozenStorage:
+    """Where a run keeps its frozen weights (trainer.offload_embeddings, precision.lm_head_bits / vision_tower_bits)."""
+    return FrozenStorage(trainer.offload_embeddings, precision.lm_head_bits, precision.vision_tower_bits)
 
 
 def checkpoint_to_resume(run_dir: Path) -> str:
@@ -134,9 +148,11 @@ def load_model(
     adapters: Path | None = None,
     trainable: bool = False,
     processor_options: dict[str, Any] | None = None,
+    storage: FrozenStorage | None = None,
 ) -> Loaded:
     """Base checkpoint (presets are built into `<run_dir>/base` once), quantized as the policy needs, then either
-    fresh adapters (`policy`) or saved ones (`adapters`); `processor_options`: NVILAProcessor arguments."""
+    fresh adapters (`policy`) or saved ones (`adapters`); `processor_options`: NVILAProcessor arguments; `storage`:
+    where the frozen weights are kept (the run's levers, checked by `check_run`; the tie of lm_head is checked here)."""
     checkpoint = source.checkpoint(run_dir / BASE_DIR)
     if adapters is not None:
         policy = AdapterPolicy.from_dict(json.loads((adapters / POLICY_FILE).read_text())["policy"])
@@ -157,6 +173,12 @@ def load_model(
         for param in model.parameters():
             if target is not None and param.requires_grad and param.is_floating_point() and not hasattr(param, "ds_id"):
                 param.data = param.data.to(target)
+    if storage is not None and storage.any and policy is not None:
+        problems = storage.problems(policy, tied_embeddings=bool(model.config.llm.get("tie_word_embeddings", False)))
+        if problems:
+            raise ConfigError(problems[0])
+        store_frozen_weights(model, storage)
+        log.info("frozen weights kept: %s", storage.describe())
     return Loaded(model, NVILAProcessor.from_pretrained(checkpoint, **(processor_options or {})), checkpoint)
 
 

@@ -18,6 +18,7 @@ from nvila_ft.commands.common import (
     BASE_DIR,
     build,
     check_run,
+    frozen_storage,
     load_model,
     log,
     plain,
@@ -151,7 +152,8 @@ def dpo(cfg: DictConfig) -> float | None:
         run_dir, precision, cfg.seed, has_eval=bool(validation), report_to=logger.report_to,
         arguments_class=DPOConfig, **options.config_arguments(),
     )
-    loaded = load_model(source, run_dir, precision, policy=policy, processor_options=data_options.processor_options())
+    loaded = load_model(source, run_dir, precision, policy=policy, processor_options=data_options.processor_options(),
+                        storage=frozen_storage(precision, trainer_config))
     model, processor = loaded.model, loaded.processor
     report = trainable_report(model)
     log.info("adapter policy %s\n%s", policy.name or "", format_report(report))

@@ -17,6 +17,7 @@ from nvila_ft.commands.common import (
     FINAL_DIR,
     build,
     check_run,
+    frozen_storage,
     load_model,
     log,
     plain,
@@ -98,7 +99,8 @@ def finetune(cfg: DictConfig) -> float | None:
     )
     if deepspeed.enabled:
         join_deepspeed_comm()
-    loaded = load_model(source, run_dir, precision, policy=policy, processor_options=data_options.processor_options())
+    loaded = load_model(source, run_dir, precision, policy=policy, processor_options=data_options.processor_options(),
+                        storage=frozen_storage(precision, trainer_config))
     model, processor = loaded.model, loaded.processor
     if precision.fp8:
         conversion = convert_llm_to_float8(model, precision.fp8)

@@ -80,6 +80,9 @@ def run_shape(precision: Precision, trainer: TrainerConfig, deepspeed: Any, worl
         gradient_accumulation=trainer.gradient_accumulation_steps,
         offload_activations=trainer.offload_activations,
         cuda=cuda,
+        offload_embeddings=trainer.offload_embeddings,
+        lm_head_bits=precision.lm_head_bits,
+        vision_tower_bits=precision.vision_tower_bits,
     )
 
 
@@ -133,7 +136,7 @@ def plan_run(config: NVILAConfig, policy: Any, stats: SequenceStats, shape: RunS
     """Plans at p50, p95 and the longest sample, and the cheapest changes that make the longest fit.
     `longest_for(config)`: the longest sample under a changed model configuration (fewer tiles);
     `runnable(policy, shape)`: whether finetune would accept a changed run."""
-    model = planner.meta_model(config, policy, shape.weights_dtype, shape.lora_float32)
+    model = planner.meta_model(config, policy, shape.weights_dtype, shape.lora_float32, shape.storage)
     plans = {q: planner.plan(config, policy, getattr(stats, q), shape, model=model) for q in ("p50", "p95", "max")}
     models = {_model_key(policy, shape): model}
     return {"plans": plans, "changes": fitting_changes(config, policy, shape, budget, plans["max"].total, longest_for, runnable, models)}
@@ -141,7 +144,7 @@ def plan_run(config: NVILAConfig, policy: Any, stats: SequenceStats, shape: RunS
 
 def _model_key(policy: Any, shape: RunShape) -> tuple:
     """What a meta model depends on (building one takes seconds at 8B)."""
-    return (repr(policy), shape.weights_dtype, shape.lora_float32)
+    return (repr(policy), shape.weights_dtype, shape.lora_float32, shape.storage)
 
 
 def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: int, current: int,
@@ -159,7 +162,7 @@ def fitting_changes(config: NVILAConfig, policy: Any, shape: RunShape, budget: i
         new_policy, new_shape, new_config = applied
         key = _model_key(new_policy, new_shape)
         if key not in models:
-            models[key] = planner.meta_model(new_config, new_policy, new_shape.weights_dtype, new_shape.lora_float32)
+            models[key] = planner.meta_model(new_config, new_policy, new_shape.weights_dtype, new_shape.lora_float32, new_shape.storage)
         return planner.plan(new_config, new_policy, longest_for(new_config), new_shape, model=models[key]).total
 
     rows, together = [], (policy, shape, config)

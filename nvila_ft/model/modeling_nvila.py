@@ -111,7 +111,8 @@ class NVILAForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return self.get_input_embeddings().weight.device
+        """Where the model computes (the projector's device: the input embedding table may be kept in host memory)."""
+        return next(self.mm_projector.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

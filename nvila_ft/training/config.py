@@ -23,6 +23,9 @@ class Precision:
 
     trainable_float32 keeps trainable tensors (LoRA, norms, fully trained weights) in float32 when the weights
     are 16-bit, so the optimizer updates full-precision values.
+    lm_head_bits / vision_tower_bits: 16, or 8 to store a frozen lm_head / a frozen or LayerNorm-tuned vision
+    tower's linears as int8 rows with one scale per row (`nvila_ft.adapters.frozen_storage`); exports keep the
+    checkpoint's own 16-bit weights.
     fp8: "tensorwise" | "rowwise" | None: the LLM's linear layers multiply in float8 (torchao `Float8Linear`, one
     scale per tensor or per row; see `nvila_ft.training.fp8`); weights stay in `weights`. Needs an sm_89+ GPU;
     on a machine without CUDA, finetune refuses it unless fp8_on_cpu: then the same numerics run on the CPU (for
@@ -32,6 +35,8 @@ class Precision:
     weights: str = "float32"
     autocast: str | None = None
     trainable_float32: bool = True
+    lm_head_bits: int = 16
+    vision_tower_bits: int = 16
     fp8: str | None = None
     fp8_on_cpu: bool = False
 
@@ -181,6 +186,7 @@ class TrainerConfig:
     Memory levers: selective_loss projects only the supervised positions through lm_head, in chunks (no logits of
     every position); gradient_checkpointing is true (every component of CHECKPOINTABLE), false, or a list of them;
     offload_activations keeps the tensors saved for backward in CPU memory (pinned on CUDA), parameters excepted;
+    offload_embeddings keeps the frozen input embedding table in CPU memory and sends only a batch's rows;
     optim is one of OPTIMIZERS (8-bit and paged AdamW from bitsandbytes keep the per-component groups).
     distributed_timeout_s: how long a process waits in a collective for the others before the job fails (a
     crashed process under torchrun ends the job at once; this bounds the other launchers).
@@ -200,6 +206,7 @@ class TrainerConfig:
     gradient_checkpointing: bool | list[str] = False
     selective_loss: bool = True
     offload_activations: bool = False
+    offload_embeddings: bool = False
     eval_steps: int | None = 100
     save_steps: int = 100
     save_total_limit: int | None = 2

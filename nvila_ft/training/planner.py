@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from nvila_ft.adapters.apply import apply_policy, get_component
+from nvila_ft.adapters.frozen_storage import FrozenStorage, dequantized_slice_bytes, store_frozen_weights
 from nvila_ft.adapters.policy import COMPONENTS, AdapterPolicy
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.losses import LOSS_CHUNK_ROWS
@@ -99,6 +100,13 @@ class RunShape:
     gradient_accumulation: int = 1  # micro-batches a step: their gradients live through the later forwards
     offload_activations: bool = False  # tensors saved for backward kept in CPU memory
     cuda: bool = True  # count the CUDA context
+    offload_embeddings: bool = False  # the frozen input embedding table in host memory
+    lm_head_bits: int = 16  # 8: a frozen lm_head stored as int8 rows
+    vision_tower_bits: int = 16  # 8: a frozen / LayerNorm-tuned vision tower's linears as int8 rows
+
+    @property
+    def storage(self) -> FrozenStorage:
+        return FrozenStorage(self.offload_embeddings, self.lm_head_bits, self.vision_tower_bits)
 
     @property
     def lora_float32(self) -> bool:
@@ -155,10 +163,11 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def meta_model(config: NVILAConfig, policy: AdapterPolicy, dtype: torch.dtype, lora_float32: bool = True) -> Any:
+def meta_model(config: NVILAConfig, policy: AdapterPolicy, dtype: torch.dtype, lora_float32: bool = True,
+               storage: FrozenStorage = FrozenStorage()) -> Any:
     """The model on the meta device with the policy applied (quantized methods counted as their LoRA), in the
     compute dtype as autocast computes; LoRA adapters in float32 when the run keeps trainable tensors so (PEFT
-    then runs their inputs in float32 too)."""
+    then runs their inputs in float32 too); frozen weights kept as `storage` says."""
     model = build_from_config(config, dtype=dtype, device="meta").train()  # training mode: dropout keeps masks
     drop_unused(model.vision_tower.model, model.vision_tower.num_layers_used)  # never loaded (see the loader)
     counting = copy.deepcopy(policy)
@@ -171,7 +180,7 @@ def meta_model(config: NVILAConfig, policy: AdapterPolicy, dtype: torch.dtype, l
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()
-    return model
+    return store_frozen_weights(model, storage)
 
 
 def _quantized_linears(model: Any, name: str, policy: AdapterPolicy) -> list[nn.Linear]:
@@ -217,10 +226,11 @@ def weight_lines(model: Any, policy: AdapterPolicy, shape: RunShape) -> list[Lin
                 continue
             if param.requires_grad:
                 trainable_bytes += param.numel() * (4 if shape.lora_float32 else dtype_bytes)
-            else:
-                plain += param.numel() * dtype_bytes
+            else:  # the weights dtype, or int8 rows and their float32 scales (precision.*_bits=8)
+                plain += param.numel() * param.element_size()
         total = plain + trainable_bytes + sum(_quantized_bytes(m, getattr(policy, name)) for m in quantized)
         note = f"{len(quantized)} linears {_storage_word(getattr(policy, name))}" if quantized else _dtype_word(shape.weights_dtype)
+        note += _frozen_storage_word(name, shape)
         if shape.zero_stage == 3 and shape.offload_params:
             total, note = 0, note + ", offloaded to the CPU (ZeRO-3)"
         elif shape.zero_stage == 3:
@@ -236,6 +246,13 @@ def _storage_word(component: Any) -> str:
     if component.method == "fp8_lora":
         return "in float8"
     return f"in {component.quantization.bits}-bit" + (" (double-quantized constants)" if component.quantization.double_quant and component.quantization.bits == 4 else "")
+
+
+def _frozen_storage_word(name: str, shape: RunShape) -> str:
+    words = {"llm": [("input embeddings in host memory", shape.offload_embeddings), ("lm_head in int8 rows", shape.lm_head_bits == 8)],
+             "vision_tower": [("linears in int8 rows", shape.vision_tower_bits == 8)]}.get(name, [])
+    chosen = [word for word, on in words if on]
+    return f"; {', '.join(chosen)}" if chosen else ""
 
 
 def _dtype_word(dtype: torch.dtype) -> str:
@@ -453,7 +470,7 @@ def _loss_activations(model: Any, positions: int, rows: int, logits_positions: i
     over `logits_positions` positions."""
     base = get_component(model, "llm")
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    dtype = base.lm_head.weight.dtype
+    dtype = base.model.norm.weight.dtype  # (lm_head's weight may be int8 rows)
     hidden = torch.empty(rows, positions, model.config.llm_hidden_size, device="meta", dtype=dtype, requires_grad=True)
     with torch.enable_grad(), _SavedTensors([hidden, *base.parameters()]) as saved:
         normed = base.model.norm(hidden)[:, :logits_positions]
@@ -511,6 +528,9 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
         saved, transient = _loss_activations(model, sample.positions, rows, sample.positions)
         logits_rows = rows * sample.positions
         note = f"log-probabilities of {sample.positions:,} positions x {config.vocab_size:,} tokens"
+    if shape.lm_head_bits == 8:  # lm_head dequantizes one slice of its rows at a time, beside the logits
+        transient += dequantized_slice_bytes(config.vocab_size, config.llm_hidden_size, DTYPE_BYTES.get(next(_layers(model, "llm")[0].parameters()).dtype, 4))
+        note += "; lm_head in int8 rows"
     lines.append(Line("llm", "loss", saved, note))
     # at the turn to backward: the logits and their float32 copy (forward), or the gradients flowing back
     # through the logits or the largest layer (backward), whichever is larger
@@ -523,7 +543,7 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
 # ---------------------------------------------------------------------------------------------- the plan
 def plan(config: NVILAConfig, policy: AdapterPolicy, sample: SampleDemand, shape: RunShape, model: Any = None) -> Plan:
     """The memory of one GPU for one micro-batch of `sample`-sized rows."""
-    model = model if model is not None else meta_model(config, policy, shape.weights_dtype, shape.lora_float32)
+    model = model if model is not None else meta_model(config, policy, shape.weights_dtype, shape.lora_float32, shape.storage)
     lines = weight_lines(model, policy, shape) + training_state_lines(model, shape) + activation_lines(model, sample, shape)
     result = Plan(lines, sample, shape)
     if shape.cuda:
@@ -566,6 +586,17 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
     if not shape.offload_activations:
         out.append(Change(["trainer.offload_activations=true"], "activations kept in CPU memory", "host transfers each step",
                           lambda p, s, c: (p, replace(s, offload_activations=True), c)))
+    tied = bool(config.llm.get("tie_word_embeddings", False))
+    for override, description, cost, changed in (
+        ("trainer.offload_embeddings=true", "the frozen input embedding table in CPU memory", "a host-to-GPU copy of the batch's rows",
+         replace(shape, offload_embeddings=True)),
+        ("precision.lm_head_bits=8", "the frozen lm_head in int8 rows", "int8 rounding of the logits' weights; dequantized per slice",
+         replace(shape, lm_head_bits=8)),
+        ("precision.vision_tower_bits=8", "the frozen vision tower's linears in int8 rows", "int8 rounding of the vision weights",
+         replace(shape, vision_tower_bits=8)),
+    ):
+        if changed != shape and not changed.storage.problems(policy, tied) and shape.zero_stage == 0:
+            out.append(Change([override], description, cost, lambda p, s, c, key=override: (p, _with_override(s, key), c)))
     if shape.lora_float32:
         out.append(Change(["precision.trainable_float32=false"], "trained tensors (LoRA, norms) in 16 bits",
                           "16-bit updates of the trained tensors", lambda p, s, c: (p, replace(s, trainable_float32=False), c)))
@@ -588,6 +619,12 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
             out.append(Change([f"model.max_tiles={fewer}"], f"at most {fewer} tiles an image", "detail in large images",
                               lambda p, s, c, n=fewer: (p, s, with_settings(c, max_tiles=n))))
     return out
+
+
+def _with_override(shape: RunShape, override: str) -> RunShape:
+    """A storage lever (`trainer.offload_embeddings=true`, `precision.*_bits=8`) set on a run shape."""
+    key, value = override.split(".", 1)[1].split("=")
+    return replace(shape, **{key: value == "true" if value in ("true", "false") else int(value)})
 
 
 def gib(value: int) -> str:

@@ -1,0 +1,286 @@
+"""Where frozen weights are kept, to free accelerator memory without changing what is trained.
+
+- `HostEmbedding` (`trainer.offload_embeddings`): the LLM's input embedding table stays in host memory and only the
+  rows of a batch are gathered there and sent to the accelerator. Under every LoRA / QLoRA / frozen LLM policy the
+  table is frozen, and it is as large as lm_head (1.09 GB at NVILA-8B, 1.56 GB at NVILA-15B in bf16).
+- `Int8RowLinear` (`precision.lm_head_bits=8`, `precision.vision_tower_bits=8`): a frozen linear stored as int8
+  codes with one float32 scale per output row (absmax / 127, the layout of bitsandbytes' `Int8Params`: codes and
+  `SCB`). The weight is dequantized a slice of rows at a time into the compute dtype and multiplied there, in
+  forward and again in backward for the input's gradient, so no 16-bit copy of the whole weight ever exists:
+  lm_head's selective loss and a LayerNorm-tuned vision tower keep their gradients. bitsandbytes' own 8-bit
+  linear quantizes the activations too (LLM.int8) and dequantizes the whole weight for the input gradient, which
+  at lm_head's 151,648 rows is the 16-bit copy this lever removes.
+
+Nothing here is saved: adapters hold trained tensors only, and `restore_frozen_storage` puts the checkpoint's own
+16-bit tensors back before a merge, so exports are those of a run without these levers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A weight is dequantized at most this many values at a time (4 Mi values: 16 MiB in float32 + 8 MiB in bf16).
+INT8_SLICE_VALUES = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------- int8 rows
+def int8_slice_rows(in_features: int) -> int:
+    """Rows of an int8 weight dequantized together (at least one)."""
+    return max(1, INT8_SLICE_VALUES // max(in_features, 1))
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 absmax per row) of a 2-D weight, rows = round(127 * w / absmax); a slice of rows at a
+    time, so the float32 working copy stays small (bitsandbytes' `int8_vectorwise_quant` takes the whole tensor)."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    absmax = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    step = int8_slice_rows(weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step].float()
+        scale = rows.abs().amax(dim=1)
+        absmax[start : start + step] = scale
+        codes[start : start + step] = torch.round(rows * (127.0 / scale.clamp(min=torch.finfo(torch.float32).tiny))[:, None]).to(torch.int8)
+    return codes, absmax
+
+
+def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight rows `codes` (int8) with their absmax, in `dtype` (computed in float32)."""
+    return codes.float().mul_((absmax.float() / 127.0)[:, None]).to(dtype)
+
+
+class _Int8RowMatmul(torch.autograd.Function):
+    """inputs @ dequantized(weight).T, slice by slice; the backward gives the input's gradient only (frozen)."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(codes, absmax)  # the int8 weight itself: nothing the size of a 16-bit copy
+        out = inputs.new_empty((*inputs.shape[:-1], codes.shape[0]))
+        step = int8_slice_rows(codes.shape[1])
+        for start in range(0, codes.shape[0], step):
+            weight = dequantize_rows(codes[start : start + step], absmax[start : start + step], inputs.dtype)
+            out[..., start : start + step] = inputs @ weight.t()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, absmax = ctx.saved_tensors
+        grad_input = None
+        step = int8_slice_rows(codes.shape[1])
+        for start in range(0, codes.shape[0], step):
+            weight = dequantize_rows(codes[start : start + step], absmax[start : start + step], grad.dtype)
+            part = grad[..., start : start + step] @ weight
+            grad_input = part if grad_input is None else grad_input.add_(part)
+        return grad_input, None, None
+
+
+class Int8RowLinear(nn.Module):
+    """A frozen linear layer stored as int8 rows with float32 absmax scales; computes in its input's dtype (the
+    autocast dtype under autocast, as `nn.Linear` would)."""
+
+    def __init__(self, codes: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.weight_absmax = nn.Parameter(absmax, requires_grad=False)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8RowLinear":
+        if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
+            raise ValueError("int8 storage is for frozen linears")
+        codes, absmax = quantize_rows(linear.weight.detach())
+        return cls(codes, absmax, linear.bias)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_rows(self.weight, self.weight_absmax, dtype)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not inputs.is_meta and torch.is_autocast_enabled(inputs.device.type):  # (the planner's meta trace casts itself)
+            inputs = inputs.to(torch.get_autocast_dtype(inputs.device.type))
+        out = _Int8RowMatmul.apply(inputs, self.weight, self.weight_absmax)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 rows"
+
+
+def dequantized_slice_bytes(out_features: int, in_features: int, dtype_bytes: int) -> int:
+    """The most bytes `Int8RowLinear` holds while it dequantizes: one slice in float32 and in the compute dtype."""
+    return min(int8_slice_rows(in_features), out_features) * in_features * (4 + dtype_bytes)
+
+
+# ---------------------------------------------------------------------------------------------- host embedding
+class HostEmbedding(nn.Module):
+    """A frozen embedding table kept in host memory; a batch's rows are gathered there and sent to its device.
+
+    The table is a plain attribute, neither parameter nor buffer, so `Module.to(device)` (the Trainer's) leaves it
+    where it is and nothing counts it among the model's accelerator tensors; it is pinned when CUDA is present.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        if embedding.weight.requires_grad:
+            raise ValueError("host memory is for a frozen embedding table")
+        table = embedding.weight.detach()
+        if not table.is_meta:  # (the planner's shapes-only model keeps it on the meta device)
+            table = table.to("cpu")
+            table = table.pin_memory() if torch.cuda.is_available() else table
+        self.table = table
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids.to("cpu"), self.table, self.padding_idx)
+        return rows.to(input_ids.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, in host memory"
+
+
+# ---------------------------------------------------------------------------------------------- the levers
+@dataclass(frozen=True)
+class FrozenStorage:
+    """How frozen weights are kept: `offload_embeddings` (trainer.offload_embeddings), `lm_head_bits` and
+    `vision_tower_bits` (precision.*: 16, or 8 for int8 rows)."""
+
+    offload_embeddings: bool = False
+    lm_head_bits: int = 16
+    vision_tower_bits: int = 16
+
+    @property
+    def any(self) -> bool:
+        return self.offload_embeddings or self.lm_head_bits != 16 or self.vision_tower_bits != 16
+
+    def describe(self) -> str:
+        chosen = [("the input embedding table in host memory", self.offload_embeddings),
+                  ("lm_head in int8 rows", self.lm_head_bits == 8), ("the vision tower's linears in int8 rows", self.vision_tower_bits == 8)]
+        return ", ".join(text for text, on in chosen if on) or "as loaded"
+
+    def problems(self, policy: Any, tied_embeddings: bool | None = None) -> list[str]:
+        """Why these settings cannot apply to a run of `policy` (empty when they can). tied_embeddings: whether the
+        model ties lm_head to the input embeddings (None: not known yet, checked when the model is built)."""
+        out = []
+        for key, bits in (("lm_head_bits", self.lm_head_bits), ("vision_tower_bits", self.vision_tower_bits)):
+            if bits not in (16, 8):
+                out.append(f"precision.{key} = {bits!r}; use 16 or 8")
+        llm = policy.llm
+        trains_llm_weights = llm.method == "full"
+        if self.offload_embeddings:
+            if trains_llm_weights or _targets(llm, "embed_tokens"):
+                out.append(f"trainer.offload_embeddings keeps the frozen input embedding table in host memory, but "
+                           f"adapters.llm.method = {llm.method} trains it; set trainer.offload_embeddings=false")
+            if tied_embeddings:
+                out.append("trainer.offload_embeddings: this model ties lm_head to the input embeddings (NVILA-Lite-2B), "
+                           "so the table is lm_head's weight and must stay on the accelerator; set trainer.offload_embeddings=false")
+        if self.lm_head_bits == 8:
+            if trains_llm_weights or _targets(llm, "lm_head"):
+                out.append(f"precision.lm_head_bits=8 stores a frozen lm_head, but adapters.llm "
+                           f"({llm.method}{', targets lm_head' if _targets(llm, 'lm_head') else ''}) trains it; use precision.lm_head_bits=16")
+            if tied_embeddings:
+                out.append("precision.lm_head_bits=8: this model ties lm_head to the input embeddings (NVILA-Lite-2B); "
+                           "an 8-bit copy would add memory, not save it; use precision.lm_head_bits=16")
+        if self.vision_tower_bits == 8 and policy.vision_tower.method not in ("frozen", "layernorm"):
+            out.append(f"precision.vision_tower_bits=8 stores a frozen or LayerNorm-tuned vision tower, but "
+                       f"adapters.vision_tower.method = {policy.vision_tower.method}; use precision.vision_tower_bits=16")
+        return out
+
+
+def _targets(component: Any, module_name: str) -> bool:
+    """Whether a LoRA component names the module among its targets (or its modules to save)."""
+    if not component.uses_lora:
+        return False
+    named = component.target_modules if isinstance(component.target_modules, (list, tuple)) else []
+    pattern = component.target_modules if isinstance(component.target_modules, str) else ""
+    return module_name in named or module_name in pattern
+
+
+def _llm_base(model: Any) -> nn.Module:
+    llm = model.llm
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def vision_linears(model: Any) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) of every linear in the vision tower's used encoder layers."""
+    for layer in model.vision_tower.used_layers():
+        for parent in layer.modules():
+            for child_name, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    yield parent, child_name, child
+
+
+def store_frozen_weights(model: Any, storage: FrozenStorage) -> Any:
+    """Apply the storage levers to a model whose adapter policy is applied (in place); returns the model."""
+    base = _llm_base(model)
+    if storage.offload_embeddings and not isinstance(base.model.embed_tokens, HostEmbedding):
+        base.model.embed_tokens = HostEmbedding(base.model.embed_tokens)
+    if storage.lm_head_bits == 8 and type(base.lm_head) is nn.Linear:
+        base.lm_head = Int8RowLinear.from_linear(base.lm_head)
+    if storage.vision_tower_bits == 8:
+        for parent, child_name, linear in list(vision_linears(model)):
+            setattr(parent, child_name, Int8RowLinear.from_linear(linear))
+    return model
+
+
+def has_frozen_storage(model: Any) -> bool:
+    return any(isinstance(m, (HostEmbedding, Int8RowLinear)) for m in model.modules())
+
+
+def restore_frozen_storage(model: Any) -> int:
+    """Put the checkpoint's own tensors back where the storage levers changed a layer (a merge then equals the
+    one of a run without them); returns the layers restored. Reads the checkpoint at `model.name_or_path`."""
+    from nvila_ft.model.checkpoint import iter_safetensors
+    from nvila_ft.model.config import CheckpointError
+
+    changed = [(name, module) for name, module in model.named_modules() if isinstance(module, (HostEmbedding, Int8RowLinear))]
+    if not changed:
+        return 0
+    device, dtype = model.device, model.dtype
+    root = Path(str(getattr(model, "name_or_path", "")))
+    wanted: dict[str, dict[str, tuple[str, str]]] = {"llm": {}, "vision_tower": {}}  # folder -> key -> (module, tensor)
+    for name, module in changed:
+        folder, prefix = _checkpoint_prefix(name)
+        tensors = ("weight", "bias") if getattr(module, "bias", None) is not None else ("weight",)
+        wanted[folder] |= {f"{prefix}.{tensor}": (name, tensor) for tensor in tensors}
+    found = {wanted[folder][key]: value for folder in wanted if wanted[folder]
+             for key, value in iter_safetensors(root / folder, set(wanted[folder]))}
+    missing = [key for folder in wanted for key, where in wanted[folder].items() if where not in found]
+    if missing:
+        raise CheckpointError(f"{root}: lacks {', '.join(missing[:3])}; weights kept in 8 bits or host memory are restored "
+                              "from the checkpoint the model was loaded from")
+    for name, module in changed:
+        parent_name, _, child = name.rpartition(".")
+        tensor = lambda which: nn.Parameter(found[(name, which)].to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
+        if isinstance(module, HostEmbedding):
+            plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, device="meta")
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            if module.bias is not None:
+                plain.bias = tensor("bias")
+        plain.weight = tensor("weight")
+        plain.train(module.training)
+        setattr(model.get_submodule(parent_name), child, plain)
+    return len(changed)
+
+
+def _checkpoint_prefix(module_name: str) -> tuple[str, str]:
+    """(checkpoint folder, key prefix there) of a module of the model: `llm.lm_head` -> ("llm", "lm_head"),
+    `vision_tower.model.encoder.layers.0.mlp.fc1` -> ("vision_tower", "vision_model.encoder.layers.0.mlp.fc1")."""
+    from nvila_ft.model.checkpoint import VISION_PREFIX
+
+    component, _, rest = module_name.partition(".")
+    rest = rest.replace("base_model.model.", "", 1)  # under a PEFT wrapper
+    if component == "llm":
+        return "llm", rest
+    rest = rest.removeprefix("model.")  # VisionTower.model
+    return "vision_tower", rest if rest.startswith(VISION_PREFIX) else VISION_PREFIX + rest
