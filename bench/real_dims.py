@@ -12,6 +12,9 @@ full loss: what the default `Trainer` step does). One JSON line per run:
   timeline over one step (tensors only; `profiler_peak_bytes`) less the embedding table kept in host memory
   (`host_table_bytes`, which a GPU's counter never sees); GPU: `max_memory_allocated` (and reserved) over one step;
   both after a first step created the optimizer states;
+- peak_before_optimizer_bytes (CPU): the same over forward and backward only (bitsandbytes' 8-bit AdamW has no fused
+  CPU kernel: its CPU update holds float32 copies of the largest tensor, which a GPU's fused update does not);
+  planned_gpu_allocated_bytes: the planner's tensor peak of the same run on a GPU;
 - peak_rss_bytes: the process's peak resident memory (includes the pages of the memory-mapped checkpoint);
   peak_anonymous_bytes: the peak of what the process allocated (RssAnon, sampled); load_*: the same at the end of
   loading, and its seconds;
@@ -188,7 +191,7 @@ def run(args) -> dict:
     from nvila_ft.adapters.optim import parameter_groups
     from nvila_ft.data.processor import NVILAProcessor
     from nvila_ft.model.checkpoint import read_config
-    from nvila_ft.training.peak import peak_bytes
+    from nvila_ft.training.peak import cpu_memory_timeline, peak_bytes
     from nvila_ft.training.planner import SampleDemand, plan
 
     anonymous = AnonymousPeak()
@@ -223,12 +226,13 @@ def run(args) -> dict:
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in processor(chat).items()}
     tiles = sum(int(batch[k].shape[0]) for k in ("pixel_values", "video_pixel_values") if batch.get(k) is not None)
     sample = SampleDemand(int(batch["input_ids"].shape[-1]), tiles, int((batch["labels"][..., 1:] != -100).sum()))
-    losses = []
+    losses, optimizer_starts = [], []
 
     def step():
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss
         loss.backward()
+        optimizer_starts.append(time.time_ns() // 1000)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(float(loss), 5))
@@ -241,13 +245,20 @@ def run(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - begin)
-    profiled = peak_bytes(step, device)
+    if device == "cpu":  # the peak, and the peak before the optimizer step (forward and backward)
+        times, totals = cpu_memory_timeline(step)
+        profiled = max(totals)
+        before_optimizer = max(t for when, t in zip(times, totals) if when < optimizer_starts[-1])
+    else:
+        profiled, before_optimizer = peak_bytes(step, device), None
     # tables kept in host memory (trainer.offload_embeddings): on a GPU max_memory_allocated never sees them; on the
     # CPU the profiler counts them like any tensor, so they are taken off to give what an accelerator would hold
     host = sum(m.table.numel() * m.table.element_size() for m in model.modules() if isinstance(m, HostEmbedding)) if device == "cpu" else 0
     peak = profiled - host
     seconds = statistics.median(times) if times else None
     planned = plan(model.config, policy, sample, shape).allocated if mode != "baseline" else None
+    # the same run on a GPU (fused optimizer kernels: no CPU working copies in the update)
+    planned_gpu = plan(model.config, policy, sample, replace(shape, cuda=True)).allocated if mode != "baseline" else None
     out = {
         "preset": args.preset, "setting": args.setting, "policy": args.policy, "mode": mode, "precision": args.precision,
         "fp8_compute": args.fp8 if mode != "baseline" else None, "levers": mode == "levers",
@@ -256,10 +267,11 @@ def run(args) -> dict:
         "offload_embeddings": shape.offload_embeddings, "lm_head_bits": shape.lm_head_bits, "vision_tower_bits": shape.vision_tower_bits,
         "device": device, "positions": sample.positions, "tiles": sample.tiles, "supervised": sample.supervised, "steps_timed": args.steps,
         "peak_tensor_bytes": peak, "profiler_peak_bytes": profiled if device == "cpu" else None, "host_table_bytes": host,
+        "peak_before_optimizer_bytes": before_optimizer - host if before_optimizer is not None else None,
         "peak_rss_bytes": max_rss(), "peak_anonymous_bytes": anonymous.peak,
         "load_seconds": round(load_seconds, 1), "load_peak_rss_bytes": load_rss, "load_peak_anonymous_bytes": load_anonymous,
         "step_seconds": round(seconds, 3) if seconds else None, "tokens_per_second": round(sample.positions / seconds, 1) if seconds else None,
-        "losses": losses, "planned_bytes": planned,
+        "losses": losses, "planned_bytes": planned, "planned_gpu_allocated_bytes": planned_gpu,
         "plan_error_percent": round(100 * (planned - peak) / peak, 1) if planned else None,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }

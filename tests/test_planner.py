@@ -132,6 +132,34 @@ def test_8bit_optimizer_states_are_exact(tiny_checkpoints):
     assert planned["optimizer"] == states
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_8bit_optimizer_cpu_update_working_copies(dtype):
+    """bitsandbytes has no fused 8-bit AdamW kernel on the CPU: its update holds float32 copies of the largest
+    tensor's states, gradient, weight (a 16-bit one) and denominator and a square root, 20 or 24 bytes a value,
+    which the planner counts for runs without CUDA. The measured peak of the step is the parameters, gradients and
+    8-bit states plus that working set; bitsandbytes' own small buffers (quantile maps, step counters) come within
+    the 1% left for them here."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from nvila_ft.training.peak import peak_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256)).to(dtype)
+    optimizer = bnb.optim.AdamW8bit(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # states exist from here on
+
+    def step():
+        optimizer.step()
+
+    numels = [p.numel() for p in model.parameters()]
+    shape = RunShape(weights_dtype=dtype, optim="adamw_bnb_8bit", cuda=False, trainable_float32=False)
+    planned = {line.item: line.bytes for line in planner.training_state_lines(model, shape)}
+    assert planned["optimizer step"] == (24 if dtype == torch.bfloat16 else 20) * max(numels)
+    held = stored_bytes(model.parameters()) + stored_bytes(p.grad for p in model.parameters()) + planned["optimizer"]
+    measured = peak_bytes(step, "cpu")
+    assert abs(measured - (held + planned["optimizer step"])) <= 0.01 * measured, (measured, held, planned)
+
+
 # ------------------------------------------------------------------------------------- sample sizes
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):

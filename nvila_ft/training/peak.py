@@ -24,6 +24,13 @@ def peak_bytes(work: Callable[[], object], device: str) -> int:
         work()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
+    _, totals = cpu_memory_timeline(work)
+    return int(max(totals))
+
+
+def cpu_memory_timeline(work: Callable[[], object]) -> tuple[list[int], list[int]]:
+    """(times in microseconds since the epoch, as `time.time_ns() // 1000` gives them; tensor bytes live at each)
+    over `work()` on the CPU, from the profiler's memory timeline."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as profiler:
@@ -31,5 +38,5 @@ def peak_bytes(work: Callable[[], object], device: str) -> int:
     with tempfile.TemporaryDirectory() as folder:
         timeline = Path(folder) / "timeline.json"
         profiler.export_memory_timeline(str(timeline), device="cpu")
-        _, sizes = json.loads(timeline.read_text())
-    return int(max(sum(row) for row in sizes))
+        times, sizes = json.loads(timeline.read_text())
+    return [int(t) for t in times], [int(sum(row)) for row in sizes]

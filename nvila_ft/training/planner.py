@@ -303,7 +303,14 @@ def training_state_lines(model: Any, shape: RunShape) -> list[Line]:
             gradient_bytes, note = 2 * gradient_bytes, note + ", DDP buckets"
         lines.append(Line("run", "gradients", gradient_bytes, note))
     step_bytes = 0 if shape.offload_optimizer else lines[0].bytes
-    lines.append(Line("run", "optimizer step", step_bytes, "on the CPU" if shape.offload_optimizer else "temporaries of the update, about the gradients' size"))
+    step_note = "on the CPU" if shape.offload_optimizer else "temporaries of the update, about the gradients' size"
+    if not shape.cuda and shape.optim in BNB_8BIT_OPTIMIZERS and numels:
+        # bitsandbytes' CPU update (no fused kernel) holds float32 copies of each tensor's two states, gradient,
+        # weight and denominator and a square root at once: 20 bytes a value, 24 for a 16-bit tensor (its float32 copy)
+        per_value = 20 if shape.lora_float32 or shape.weights_dtype == torch.float32 else 24
+        step_bytes = max(step_bytes, per_value * max(numels))
+        step_note = f"bitsandbytes' CPU update: float32 working copies of the largest tensor ({max(numels):,} values)"
+    lines.append(Line("run", "optimizer step", step_bytes, step_note))
     states = optimizer_state_bytes(numels, shape.optim)
     note = f"{shape.optim}: {states / max(trainable, 1):.1f} bytes a trainable parameter"
     if deepspeed:
