@@ -246,9 +246,9 @@ def run(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - begin)
     if device == "cpu":  # the peak, and the peak before the optimizer step (forward and backward)
-        times, totals = cpu_memory_timeline(step)
+        moments, totals = cpu_memory_timeline(step)
         profiled = max(totals)
-        before_optimizer = max(t for when, t in zip(times, totals) if when < optimizer_starts[-1])
+        before_optimizer = max(t for when, t in zip(moments, totals) if when < optimizer_starts[-1])
     else:
         profiled, before_optimizer = peak_bytes(step, device), None
     # tables kept in host memory (trainer.offload_embeddings): on a GPU max_memory_allocated never sees them; on the

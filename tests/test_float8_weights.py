@@ -54,3 +54,29 @@ def test_fp8_lora_policy_uses_it_on_every_float8_base(tiny_checkpoints):
     model = apply_policy(load_for_policy(tiny_checkpoints["nvila-8b-tiny"], policy, torch.bfloat16, "cpu"), policy)
     float8 = [m for m in model.llm.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata")]
     assert float8 and all(isinstance(m, Float8StorageLinear) for m in float8)
+
+
+def test_default_targets_are_stored_in_float8_as_they_load_and_equal_conversion_after_loading(tiny_checkpoints):
+    """fp8_lora with its default targets goes through transformers' torchao quantization on load (the whole 16-bit
+    LLM is never in memory at once); named targets are converted after loading. Both give the same float8 weights,
+    the same LoRA layers and the same trainable names."""
+    from dataclasses import replace
+
+    from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
+    from nvila_ft.adapters.apply import float8_on_load, is_quantized
+    from tests.test_planner import ROOT
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    default = AdapterPolicy.from_yaml(str(ROOT / "adapters" / "ln_vit_fp8_lora_llm.yaml"))
+    named = replace(default, llm=replace(default.llm, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert float8_on_load(default.llm) is not None and float8_on_load(named.llm) is None
+    loaded = load_for_policy(checkpoint, default, torch.bfloat16, "cpu")
+    assert is_quantized(loaded.llm)  # float8 straight from the loader
+    assert not is_quantized(load_for_policy(checkpoint, named, torch.bfloat16, "cpu").llm)
+    on_load = apply_policy(loaded, default)
+    after = apply_policy(load_for_policy(checkpoint, named, torch.bfloat16, "cpu"), named)
+    assert [n for n, p in on_load.named_parameters() if p.requires_grad] == [n for n, p in after.named_parameters() if p.requires_grad]
+    weights = lambda model: {n: m.weight.dequantize() for n, m in model.llm.named_modules() if isinstance(m, Float8StorageLinear)}  # noqa: E731
+    first, second = weights(on_load), weights(after)
+    assert first.keys() == second.keys() and len(first) == 7 * 2  # seven linears in each of the two layers
+    assert all(torch.equal(first[n], second[n]) for n in first)

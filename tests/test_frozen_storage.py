@@ -307,3 +307,19 @@ def test_levers_from_the_command_line(tmp_path):
     assert "frozen weights kept: the input embedding table in host memory, lm_head in int8 rows, the vision tower's linears in int8 rows" in (run / "cli.log").read_text()
     wrong = run_cli(["finetune", "precision.vision_tower_bits=4", f"hydra.run.dir={tmp_path / 'w'}"], tmp_path, cache, check=False)
     assert wrong.returncode == 1 and one_line_error(wrong).endswith("precision.vision_tower_bits = 4; use 16 or 8")
+
+
+def test_plan_offers_each_lever_only_where_it_applies():
+    from nvila_ft.model.presets import preset_config
+    from tests.test_planner import ROOT, preset_policy
+
+    def offered(preset: str, policy_name: str) -> set[str]:
+        policy = preset_policy(ROOT / "adapters" / f"{policy_name}.yaml")
+        config = preset_config(preset, torch.bfloat16)
+        return {o for change in planner.changes(policy, RunShape(), config) for o in change.overrides}
+
+    storage = {"trainer.offload_embeddings=true", "precision.lm_head_bits=8", "precision.vision_tower_bits=8"}
+    assert storage <= offered("nvila-8b", "ln_vit_qlora_llm")
+    assert offered("nvila-lite-2b", "ln_vit_qlora_llm") & storage == {"precision.vision_tower_bits=8"}  # tied lm_head
+    assert offered("nvila-8b", "lora_vit_lora_llm") & storage == storage - {"precision.vision_tower_bits=8"}
+    assert offered("nvila-8b", "ft_vit_ft_llm") & storage == set()

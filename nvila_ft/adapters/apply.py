@@ -71,6 +71,18 @@ def bitsandbytes_config(policy: ComponentPolicy, skip_modules: list[str] | None 
     )
 
 
+def float8_on_load(policy: ComponentPolicy) -> Any:
+    """transformers' torchao quantization for an fp8_lora component whose LoRA targets are the default ones (every
+    linear of the component but lm_head): each weight is stored in float8 as it loads, so the whole 16-bit base is
+    never in memory at once. None for other targets (then `quantize_float8` converts them after loading)."""
+    if policy.method != "fp8_lora" or policy.target_modules is not None or policy.exclude_modules:
+        return None
+    from torchao.quantization import Float8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Float8WeightOnlyConfig(), modules_to_not_convert=["lm_head"])
+
+
 def load_for_policy(
     path: str | os.PathLike,
     policy: AdapterPolicy,
@@ -78,7 +90,8 @@ def load_for_policy(
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
 ) -> Any:
-    """Load a checkpoint with the components that a policy trains on a bitsandbytes base quantized on load."""
+    """Load a checkpoint with the components that a policy trains on a quantized base quantized as it loads
+    (bitsandbytes for qlora, torchao float8 for fp8_lora with its default targets), one tensor at a time."""
     from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -92,6 +105,8 @@ def load_for_policy(
             kwargs[name] = {"quantization_config": bitsandbytes_config(component, skip)}
             if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
                 kwargs[name]["device_map"] = placement
+        elif float8_on_load(component) is not None:  # (fp8_lora is refused under ZeRO-3)
+            kwargs[name] = {"quantization_config": float8_on_load(component), "device_map": placement}
     model = NVILAForConditionalGeneration.from_pretrained(
         path,
         dtype=dtype,
@@ -171,7 +186,8 @@ def quantize_float8(module: nn.Module, targets: dict[str, Any]) -> None:
 
     config = LoraConfig(**targets)
     chosen = lambda m, fqn: isinstance(m, nn.Linear) and bool(check_target_module_exists(config, fqn))  # noqa: E731
-    quantize_(module, Float8WeightOnlyConfig(), filter_fn=chosen)
+    if not is_quantized(module):  # (a base quantized as it loaded, `float8_on_load`, is already)
+        quantize_(module, Float8WeightOnlyConfig(), filter_fn=chosen)
     for name, linear in module.named_modules():
         if isinstance(linear, nn.Linear) and hasattr(linear.weight, "dequantize") and chosen(linear, name):
             keep_float8_for_backward(linear)  # no 16-bit copy of each weight held until backward
@@ -196,8 +212,8 @@ def _apply_component(model: Any, name: str, policy: ComponentPolicy) -> None:
             f"{where}.method = qlora, but the {name} was loaded in 16 bits; load the model with "
             "nvila_ft.adapters.load_for_policy (or a quantization_config) so the base is quantized on load"
         )
-    if policy.method != "qlora" and is_quantized(module):
-        raise PolicyError(f"{where}.method = {policy.method}, but the {name} is quantized; only qlora trains a quantized base")
+    if policy.method not in ("qlora", "fp8_lora") and is_quantized(module):
+        raise PolicyError(f"{where}.method = {policy.method}, but the {name} is quantized; only qlora and fp8_lora train a quantized base")
     used = model.vision_tower.used_layers() if name == "vision_tower" else None
     if policy.method == "full":
         module.requires_grad_(True)
