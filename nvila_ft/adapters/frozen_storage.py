@@ -5,8 +5,9 @@
   table is frozen, and it is as large as lm_head (1.09 GB at NVILA-8B, 1.56 GB at NVILA-15B in bf16).
 - `Int8RowLinear` (`precision.lm_head_bits=8`, `precision.vision_tower_bits=8`): a frozen linear stored as int8
   codes with one float32 scale per output row (absmax / 127, the layout of bitsandbytes' `Int8Params`: codes and
-  `SCB`). The weight is dequantized a slice of rows at a time into the compute dtype and multiplied there, in
-  forward and again in backward for the input's gradient, so no 16-bit copy of the whole weight ever exists:
+  `SCB`). A slice of rows at a time, the codes are turned into the compute dtype (exactly) and multiplied, the
+  scales applied to the products, in forward and again in backward for the input's gradient, so no 16-bit copy of
+  the whole weight ever exists:
   lm_head's selective loss and a LayerNorm-tuned vision tower keep their gradients. bitsandbytes' own 8-bit
   linear quantizes the activations too (LLM.int8) and dequantizes the whole weight for the input gradient, which
   at lm_head's 151,648 rows is the 16-bit copy this lever removes.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A weight is dequantized at most this many values at a time (4 Mi values: 16 MiB in float32 + 8 MiB in bf16).
+# A weight is turned into the compute dtype at most this many values at a time (4 Mi values: 8 MiB in bf16).
 INT8_SLICE_VALUES = 1 << 22
 
 
@@ -56,26 +57,32 @@ def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtyp
 
 
 class _Int8RowMatmul(torch.autograd.Function):
-    """inputs @ dequantized(weight).T, slice by slice; the backward gives the input's gradient only (frozen)."""
+    """inputs @ (codes * absmax / 127).T a slice of rows at a time, with the row scales applied to the products
+    (x . (c s) = s (x . c)): each slice's int8 codes become the compute dtype exactly (|c| <= 127) and nothing is
+    scaled but the outputs; the backward gives the input's gradient only (the weight is frozen)."""
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(codes, absmax)  # the int8 weight itself: nothing the size of a 16-bit copy
-        out = inputs.new_empty((*inputs.shape[:-1], codes.shape[0]))
+        scales = (absmax / 127.0).to(inputs.dtype)
         step = int8_slice_rows(codes.shape[1])
+        if step >= codes.shape[0]:  # one slice: the product is the output
+            return F.linear(inputs, codes.to(inputs.dtype)).mul_(scales)
+        out = inputs.new_empty((*inputs.shape[:-1], codes.shape[0]))
         for start in range(0, codes.shape[0], step):
-            weight = dequantize_rows(codes[start : start + step], absmax[start : start + step], inputs.dtype)
-            out[..., start : start + step] = inputs @ weight.t()
+            rows = slice(start, start + step)
+            out[..., rows] = F.linear(inputs, codes[rows].to(inputs.dtype)).mul_(scales[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         codes, absmax = ctx.saved_tensors
+        scales = (absmax / 127.0).to(grad.dtype)
         grad_input = None
         step = int8_slice_rows(codes.shape[1])
         for start in range(0, codes.shape[0], step):
-            weight = dequantize_rows(codes[start : start + step], absmax[start : start + step], grad.dtype)
-            part = grad[..., start : start + step] @ weight
+            rows = slice(start, start + step)
+            part = (grad[..., rows] * scales[rows]) @ codes[rows].to(grad.dtype)
             grad_input = part if grad_input is None else grad_input.add_(part)
         return grad_input, None, None
 
@@ -112,8 +119,8 @@ class Int8RowLinear(nn.Module):
 
 
 def dequantized_slice_bytes(out_features: int, in_features: int, dtype_bytes: int) -> int:
-    """The most bytes `Int8RowLinear` holds while it dequantizes: one slice in float32 and in the compute dtype."""
-    return min(int8_slice_rows(in_features), out_features) * in_features * (4 + dtype_bytes)
+    """The most bytes `Int8RowLinear` holds for its weight while it multiplies: one slice of codes in the compute dtype."""
+    return min(int8_slice_rows(in_features), out_features) * in_features * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------- host embedding
