@@ -5,8 +5,8 @@ question and a two-sentence answer), bf16, micro-batch 1, with every memory leve
 (`real_dims.run_shape("levers", ...)`: selective loss, checkpointing of both components, 8-bit AdamW, 16-bit trained
 tensors, the embedding table in host memory, lm_head and a frozen / LayerNorm-tuned vision tower in int8 rows). A
 preset fits a card when the planner's total (tensors + CUDA context + 5% allocator slack) is at most the card's
-memory in GiB. A cell says "measured" where `--measured` holds a run of that model, setting, policy and mode (its
-CPU tensor peak, or its GPU peak), "planned" otherwise.
+memory in GiB. Each cell gives the planned GiB on the GPU and, where `--measured` holds a run of that model, setting and policy with
+every lever, its measured tensor peak (CPU profiler, or the GPU's `max_memory_allocated`); "planned" alone otherwise.
 
     .venv/bin/python bench/per_gpu_table.py --measured bench/results/cpu_nvila_8b.jsonl
 """
@@ -49,13 +49,14 @@ def planned(preset: str, setting: str) -> dict[str, tuple[float, float]]:
     return out, sample
 
 
-def measured_runs(paths: list[Path]) -> set[tuple[str, str, str]]:
-    runs = set()
+def measured_runs(paths: list[Path]) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """{(preset, setting, policy): (tensor peak GiB, "CPU" or the GPU's name)} of the runs with every lever."""
+    runs = {}
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if row.get("mode") == "levers" and "peak_tensor_bytes" in row:
-                runs.add((row["preset"], row["setting"], row["policy"]))
+                runs[(row["preset"], row["setting"], row["policy"])] = (row["peak_tensor_bytes"] / 2**30, row.get("gpu") or "CPU")
     return runs
 
 
@@ -74,7 +75,10 @@ def main() -> None:
         for preset in MODELS:
             fits = [(name, total) for name, (total, _) in plans[preset][0].items() if total <= card and name not in shown[preset]]
             shown[preset] |= {name for name, _ in fits}
-            words = [f"`{name}` {total:.1f} ({'measured' if (preset, args.setting, name) in measured else 'planned'})" for name, total in fits]
+            words = []
+            for name, total in fits:
+                seen = measured.get((preset, args.setting, name))
+                words.append(f"`{name}` {total:.1f} (planned; measured: {seen[1]} tensor peak {seen[0]:.1f})" if seen else f"`{name}` {total:.1f} (planned)")
             cells.append(("+ " if shown[preset] - {n for n, _ in fits} and words else "") + ", ".join(words))
         print(f"| {card} GB | " + " | ".join(cells) + " |")
 
