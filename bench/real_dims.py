@@ -201,6 +201,8 @@ def run(args) -> dict:
     mode = "levers" if args.levers and args.mode == "nvila-ft" else args.mode
     checkpoint = checkpoint_dir(args.preset, dtype, args.workdir)
     shape = run_shape(mode, args.setting, policy, read_config(checkpoint), dtype, device)
+    if mode == "levers" and args.lm_head_bits and shape.lm_head_bits != 16:
+        shape = replace(shape, lm_head_bits=args.lm_head_bits)  # precision.lm_head_bits=4: NF4 rows
     start = time.perf_counter()
     if mode == "baseline":
         model = baseline_model(checkpoint, policy, dtype, device)
@@ -313,6 +315,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None, help="nvila-ft runs with precision=fp8")
     parser.add_argument("--levers", action="store_true", help="nvila-ft runs as --modes levers")
+    parser.add_argument("--lm-head-bits", type=int, choices=[8, 4], default=None, help="lm_head storage of the levers runs (default 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nvila-real-dims")
@@ -332,6 +335,7 @@ def main() -> None:
         for mode in args.modes:
             command = [sys.executable, __file__, "--preset", args.preset, "--setting", args.setting, "--precision", args.precision,
                        *(["--fp8", args.fp8] if args.fp8 else []), *(["--levers"] if args.levers else []),
+                       *(["--lm-head-bits", str(args.lm_head_bits)] if args.lm_head_bits else []),
                        "--steps", str(args.steps), "--device", args.device, "--workdir", str(args.workdir), "--mode", mode, "--policy", policy]
             result = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]

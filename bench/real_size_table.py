@@ -24,7 +24,8 @@ def newest_rows(paths: list[Path]) -> dict[tuple, dict]:
             row = json.loads(line)
             if "mode" not in row:
                 continue
-            key = (row["preset"], row["setting"], row["policy"], row["mode"])
+            mode = row["mode"] + (", NF4 lm_head" if row.get("lm_head_bits") == 4 else "")
+            key = (row["preset"], row["setting"], row["policy"], mode)
             if (row.get("step_seconds") or 0) > 1e6:
                 row["step_seconds"] = None  # the bench's first version overwrote it with a timeline time
             if "peak_tensor_bytes" in row or "peak_tensor_bytes" not in rows.get(key, {}):
@@ -44,7 +45,7 @@ def main() -> None:
     print("| model | setting | policy | way | positions | peak tensor GB (target) | fwd+bwd peak GB | planned GB (error) | "
           "planned on a GPU GB | peak RSS / anonymous GB | load s, anonymous GB | step s (speed vs baseline) | losses |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    order = sorted(rows, key=lambda k: (k[0], k[1], k[2], MODES.index(k[3]) if k[3] in MODES else 9))
+    order = sorted(rows, key=lambda k: (k[0], k[1], k[2], MODES.index(k[3].split(",")[0]) if k[3].split(",")[0] in MODES else 9, k[3]))
     for key in order:
         row = rows[key]
         preset, setting, policy, mode = key
@@ -52,7 +53,7 @@ def main() -> None:
             print(f"| {preset} | {setting} | `{policy}` | {mode} | - | did not finish: {' '.join(row.get('error') or [])[:120]} (exit {row.get('returncode')}) |"
                   " - | - | - | - | - | - | - |")
             continue
-        target = TARGETS_GB.get((preset, policy)) if mode == "levers" else None
+        target = TARGETS_GB.get((preset, policy)) if mode.startswith("levers") else None
         peak = gb(row["peak_tensor_bytes"]) + (f" ({target:.1f}: {'met' if row['peak_tensor_bytes'] <= target * GB else 'missed'})" if target else "")
         planned = f"{gb(row['planned_bytes'])} ({row['plan_error_percent']:+.1f}%)" if row.get("planned_bytes") else "-"
         baseline = rows.get((preset, setting, policy, "baseline"), {})

@@ -268,7 +268,7 @@ def test_planned_peak_with_every_lever_is_near_the_measured_peak(tmp_path):
 @pytest.mark.parametrize("storage, llm, vision, message", [
     (FrozenStorage(offload_embeddings=True), ComponentPolicy(method="full"), None, "adapters.llm.method = full trains it"),
     (FrozenStorage(lm_head_bits=8), ComponentPolicy(method="lora", target_modules=["q_proj", "lm_head"]), None, "targets lm_head"),
-    (FrozenStorage(lm_head_bits=4), ComponentPolicy(method="lora"), None, "precision.lm_head_bits = 4; use 16 or 8"),
+    (FrozenStorage(lm_head_bits=2), ComponentPolicy(method="lora"), None, "precision.lm_head_bits = 2; use 16, 8 or 4"),
     (FrozenStorage(vision_tower_bits=8), ComponentPolicy(method="lora"), ComponentPolicy(method="lora"),
      "adapters.vision_tower.method = lora; use precision.vision_tower_bits=16"),
 ])
@@ -323,3 +323,49 @@ def test_plan_offers_each_lever_only_where_it_applies():
     assert offered("nvila-lite-2b", "ln_vit_qlora_llm") & storage == {"precision.vision_tower_bits=8"}  # tied lm_head
     assert offered("nvila-8b", "lora_vit_lora_llm") & storage == storage - {"precision.vision_tower_bits=8"}
     assert offered("nvila-8b", "ft_vit_ft_llm") & storage == set()
+
+
+def test_nf4_lm_head_is_bitsandbytes_nf4_in_slices_within_its_half_gap(tiny_checkpoints, monkeypatch):
+    """precision.lm_head_bits=4: the head in bitsandbytes' NF4 blocks of 64; each weight within half the widest gap
+    of the NF4 code times its block's absmax, the sliced matmul equal to the dequantized weight's, the loss within
+    2 max_r ||x_r||_1 max|dW|, the planner's bytes exact and the export the checkpoint's head."""
+    import bitsandbytes.functional as bnb_functional
+
+    from nvila_ft.adapters.frozen_storage import NF4_BLOCK, Nf4RowLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 40, bias=False).requires_grad_(False)
+    monkeypatch.setattr(frozen_storage, "INT8_SLICE_VALUES", 128 * 7)  # slices of 7 rows
+    stored = Nf4RowLinear.from_linear(linear)
+    restored = stored.dequantized(torch.float32)
+    half_gap = float(torch.diff(stored.code).max()) / 2
+    block_absmax = stored.weight_absmax.view(40, 128 // NF4_BLOCK).repeat_interleave(NF4_BLOCK, dim=1)
+    assert torch.all((restored - linear.weight).abs() <= block_absmax * (half_gap + 2**-24))
+    whole, _ = bnb_functional.quantize_4bit(linear.weight, blocksize=NF4_BLOCK, quant_type="nf4")
+    assert torch.equal(whole.flatten(), stored.weight.flatten())  # blocks never straddle a slice: the same codes
+    inputs = torch.randn(3, 128, requires_grad=True)
+    out = stored(inputs)
+    torch.testing.assert_close(out, inputs @ restored.t(), **reordered(128, float(inputs.detach().abs().max() * restored.abs().max() * 128)))
+    (grad,) = torch.autograd.grad(out.sum(), inputs)
+    torch.testing.assert_close(grad, torch.ones(3, 40) @ restored, **reordered(40, float(restored.abs().max() * 40)))
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    model = model_with(checkpoint, FrozenStorage(lm_head_bits=4))
+    head = model.llm.get_base_model().lm_head
+    assert isinstance(head, Nf4RowLinear)
+    rows: list[torch.Tensor] = []
+    head.register_forward_hook(lambda module, args, out: rows.append(args[0].detach()))
+    batch = batch_of(model)
+    loss = model(**batch).loss
+    plain = model_with(checkpoint, FrozenStorage())
+    reference = plain(**batch).loss
+    weight_change = (head.dequantized(torch.float32) - plain.llm.get_base_model().lm_head.weight).abs().amax(1)
+    bound = 2 * float((torch.cat(rows).abs().sum(1, keepdim=True) * weight_change[None]).max()) + worst(TINY_TRAIN_STEP) * float(reference)
+    assert abs(float(loss) - float(reference)) <= bound
+    shape = RunShape(weights_dtype=torch.float32, cuda=False, lm_head_bits=4)
+    meta = planner.meta_model(read_config(checkpoint), POLICY, torch.float32, shape.lora_float32, shape.storage)
+    planned = {line.component: line.bytes for line in planner.weight_lines(meta, POLICY, shape)}
+    assert planned["llm"] == stored_bytes(model.llm.parameters())
+    merged = merge_adapters(model)
+    expected = dict(iter_safetensors(checkpoint / "llm", {"lm_head.weight"}))["lm_head.weight"]
+    assert torch.equal(merged.llm.lm_head.weight, expected)

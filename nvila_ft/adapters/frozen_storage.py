@@ -118,9 +118,101 @@ class Int8RowLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 rows"
 
 
-def dequantized_slice_bytes(out_features: int, in_features: int, dtype_bytes: int) -> int:
-    """The most bytes `Int8RowLinear` holds for its weight while it multiplies: one slice of codes in the compute dtype."""
-    return min(int8_slice_rows(in_features), out_features) * in_features * dtype_bytes
+# bitsandbytes' NF4 blockwise format (`quantize_4bit`): two codes a byte, one float32 absmax per block of 64 values
+NF4_BLOCK = 64
+
+
+class _Nf4RowMatmul(torch.autograd.Function):
+    """inputs @ W.T with W stored by `Nf4RowLinear`, a slice of rows dequantized at a time (forward, and again in
+    backward for the input's gradient; the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, layer: "Nf4RowLinear") -> torch.Tensor:
+        ctx.layer = layer  # its packed codes are what backward reads again: nothing the size of a 16-bit copy
+        out = inputs.new_empty((*inputs.shape[:-1], layer.out_features))
+        for rows in layer.slices():
+            out[..., rows] = F.linear(inputs, layer.rows(rows, inputs.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer, grad_input = ctx.layer, None
+        for rows in layer.slices():
+            part = grad[..., rows] @ layer.rows(rows, grad.dtype)
+            grad_input = part if grad_input is None else grad_input.add_(part)
+        return grad_input, None
+
+
+class Nf4RowLinear(nn.Module):
+    """A frozen linear layer (no bias) stored in bitsandbytes' NF4 format, blocks of 64 values along its rows; rows
+    are dequantized by `bitsandbytes.functional.dequantize_4bit` a slice at a time."""
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight_absmax = nn.Parameter(absmax, requires_grad=False)
+        self.register_buffer("code", code)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Nf4RowLinear":
+        out_features, in_features = linear.weight.shape
+        if linear.weight.requires_grad or linear.bias is not None:
+            raise ValueError("4-bit row storage is for frozen linears without a bias")
+        if in_features % NF4_BLOCK:
+            raise ValueError(f"4-bit row storage needs in_features divisible by {NF4_BLOCK} (got {in_features})")
+        weight = linear.weight.detach()
+        packed = torch.empty(out_features * in_features // 2, 1, dtype=torch.uint8, device=weight.device)
+        absmax = torch.empty(out_features * in_features // NF4_BLOCK, dtype=torch.float32, device=weight.device)
+        code = torch.empty(16, dtype=torch.float32, device=weight.device)
+        layer = cls(packed, absmax, code, out_features, in_features)
+        if weight.is_meta:  # the planner's shapes-only model
+            return layer
+        import bitsandbytes.functional as bnb_functional
+
+        for rows in layer.slices():
+            codes, state = bnb_functional.quantize_4bit(weight[rows], blocksize=NF4_BLOCK, quant_type="nf4")
+            layer.weight.data[layer._bytes(rows)] = codes
+            layer.weight_absmax.data[layer._blocks(rows)] = state.absmax
+            layer.code.copy_(state.code)
+        return layer
+
+    def slices(self) -> Iterator[slice]:
+        step = int8_slice_rows(self.in_features)
+        return (slice(start, min(start + step, self.out_features)) for start in range(0, self.out_features, step))
+
+    def _bytes(self, rows: slice) -> slice:
+        return slice(rows.start * self.in_features // 2, rows.stop * self.in_features // 2)
+
+    def _blocks(self, rows: slice) -> slice:
+        return slice(rows.start * self.in_features // NF4_BLOCK, rows.stop * self.in_features // NF4_BLOCK)
+
+    def rows(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """The weight's rows `rows`, dequantized to `dtype`."""
+        if self.weight.is_meta:
+            return torch.empty(rows.stop - rows.start, self.in_features, dtype=dtype, device="meta")
+        import bitsandbytes.functional as bnb_functional
+
+        state = bnb_functional.QuantState(absmax=self.weight_absmax[self._blocks(rows)], shape=torch.Size([rows.stop - rows.start, self.in_features]),
+                                          code=self.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+        return bnb_functional.dequantize_4bit(self.weight[self._bytes(rows)], state)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([self.rows(rows, dtype) for rows in self.slices()])
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not inputs.is_meta and torch.is_autocast_enabled(inputs.device.type):
+            inputs = inputs.to(torch.get_autocast_dtype(inputs.device.type))
+        return _Nf4RowMatmul.apply(inputs, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False, nf4 rows"
+
+
+def dequantized_slice_bytes(out_features: int, in_features: int, dtype_bytes: int, bits: int = 8) -> int:
+    """The most bytes a stored linear holds for its weight while it multiplies: one slice in the compute dtype
+    (4-bit: and bitsandbytes' float32 dequantization of it)."""
+    return min(int8_slice_rows(in_features), out_features) * in_features * (dtype_bytes + (4 if bits == 4 else 0))
 
 
 # ---------------------------------------------------------------------------------------------- host embedding
@@ -171,16 +263,17 @@ class FrozenStorage:
 
     def describe(self) -> str:
         chosen = [("the input embedding table in host memory", self.offload_embeddings),
-                  ("lm_head in int8 rows", self.lm_head_bits == 8), ("the vision tower's linears in int8 rows", self.vision_tower_bits == 8)]
+                  ("lm_head in int8 rows", self.lm_head_bits == 8), ("lm_head in NF4 rows", self.lm_head_bits == 4), ("the vision tower's linears in int8 rows", self.vision_tower_bits == 8)]
         return ", ".join(text for text, on in chosen if on) or "as loaded"
 
     def problems(self, policy: Any, tied_embeddings: bool | None = None) -> list[str]:
         """Why these settings cannot apply to a run of `policy` (empty when they can). tied_embeddings: whether the
         model ties lm_head to the input embeddings (None: not known yet, checked when the model is built)."""
         out = []
-        for key, bits in (("lm_head_bits", self.lm_head_bits), ("vision_tower_bits", self.vision_tower_bits)):
-            if bits not in (16, 8):
-                out.append(f"precision.{key} = {bits!r}; use 16 or 8")
+        if self.lm_head_bits not in (16, 8, 4):
+            out.append(f"precision.lm_head_bits = {self.lm_head_bits!r}; use 16, 8 or 4")
+        if self.vision_tower_bits not in (16, 8):
+            out.append(f"precision.vision_tower_bits = {self.vision_tower_bits!r}; use 16 or 8")
         llm = policy.llm
         trains_llm_weights = llm.method == "full"
         if self.offload_embeddings:
@@ -190,13 +283,13 @@ class FrozenStorage:
             if tied_embeddings:
                 out.append("trainer.offload_embeddings: this model ties lm_head to the input embeddings (NVILA-Lite-2B), "
                            "so the table is lm_head's weight and must stay on the accelerator; set trainer.offload_embeddings=false")
-        if self.lm_head_bits == 8:
+        if self.lm_head_bits != 16:
             if trains_llm_weights or _targets(llm, "lm_head"):
-                out.append(f"precision.lm_head_bits=8 stores a frozen lm_head, but adapters.llm "
+                out.append(f"precision.lm_head_bits={self.lm_head_bits} stores a frozen lm_head, but adapters.llm "
                            f"({llm.method}{', targets lm_head' if _targets(llm, 'lm_head') else ''}) trains it; use precision.lm_head_bits=16")
             if tied_embeddings:
-                out.append("precision.lm_head_bits=8: this model ties lm_head to the input embeddings (NVILA-Lite-2B); "
-                           "an 8-bit copy would add memory, not save it; use precision.lm_head_bits=16")
+                out.append(f"precision.lm_head_bits={self.lm_head_bits}: this model ties lm_head to the input embeddings "
+                           "(NVILA-Lite-2B); a quantized copy would add memory, not save it; use precision.lm_head_bits=16")
         if self.vision_tower_bits == 8 and policy.vision_tower.method not in ("frozen", "layernorm"):
             out.append(f"precision.vision_tower_bits=8 stores a frozen or LayerNorm-tuned vision tower, but "
                        f"adapters.vision_tower.method = {policy.vision_tower.method}; use precision.vision_tower_bits=16")
@@ -231,8 +324,8 @@ def store_frozen_weights(model: Any, storage: FrozenStorage) -> Any:
     base = _llm_base(model)
     if storage.offload_embeddings and not isinstance(base.model.embed_tokens, HostEmbedding):
         base.model.embed_tokens = HostEmbedding(base.model.embed_tokens)
-    if storage.lm_head_bits == 8 and type(base.lm_head) is nn.Linear:
-        base.lm_head = Int8RowLinear.from_linear(base.lm_head)
+    if storage.lm_head_bits != 16 and type(base.lm_head) is nn.Linear:
+        base.lm_head = (Int8RowLinear if storage.lm_head_bits == 8 else Nf4RowLinear).from_linear(base.lm_head)
     if storage.vision_tower_bits == 8:
         for parent, child_name, linear in list(vision_linears(model)):
             setattr(parent, child_name, Int8RowLinear.from_linear(linear))
@@ -240,7 +333,7 @@ def store_frozen_weights(model: Any, storage: FrozenStorage) -> Any:
 
 
 def has_frozen_storage(model: Any) -> bool:
-    return any(isinstance(m, (HostEmbedding, Int8RowLinear)) for m in model.modules())
+    return any(isinstance(m, (HostEmbedding, Int8RowLinear, Nf4RowLinear)) for m in model.modules())
 
 
 def restore_frozen_storage(model: Any) -> int:
@@ -249,7 +342,7 @@ def restore_frozen_storage(model: Any) -> int:
     from nvila_ft.model.checkpoint import iter_safetensors
     from nvila_ft.model.config import CheckpointError
 
-    changed = [(name, module) for name, module in model.named_modules() if isinstance(module, (HostEmbedding, Int8RowLinear))]
+    changed = [(name, module) for name, module in model.named_modules() if isinstance(module, (HostEmbedding, Int8RowLinear, Nf4RowLinear))]
     if not changed:
         return 0
     device, dtype = model.device, model.dtype
@@ -271,8 +364,9 @@ def restore_frozen_storage(model: Any) -> int:
         if isinstance(module, HostEmbedding):
             plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, device="meta")
         else:
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            if module.bias is not None:
+            bias = getattr(module, "bias", None)
+            plain = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+            if bias is not None:
                 plain.bias = tensor("bias")
         plain.weight = tensor("weight")
         plain.train(module.training)

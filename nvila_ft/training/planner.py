@@ -249,7 +249,8 @@ def _storage_word(component: Any) -> str:
 
 
 def _frozen_storage_word(name: str, shape: RunShape) -> str:
-    words = {"llm": [("input embeddings in host memory", shape.offload_embeddings), ("lm_head in int8 rows", shape.lm_head_bits == 8)],
+    words = {"llm": [("input embeddings in host memory", shape.offload_embeddings), ("lm_head in int8 rows", shape.lm_head_bits == 8),
+                     ("lm_head in NF4 rows", shape.lm_head_bits == 4)],
              "vision_tower": [("linears in int8 rows", shape.vision_tower_bits == 8)]}.get(name, [])
     chosen = [word for word, on in words if on]
     return f"; {', '.join(chosen)}" if chosen else ""
@@ -535,9 +536,10 @@ def activation_lines(model: Any, sample: SampleDemand, shape: RunShape) -> list[
         saved, transient = _loss_activations(model, sample.positions, rows, sample.positions)
         logits_rows = rows * sample.positions
         note = f"log-probabilities of {sample.positions:,} positions x {config.vocab_size:,} tokens"
-    if shape.lm_head_bits == 8:  # lm_head dequantizes one slice of its rows at a time, beside the logits
-        transient += dequantized_slice_bytes(config.vocab_size, config.llm_hidden_size, DTYPE_BYTES.get(next(_layers(model, "llm")[0].parameters()).dtype, 4))
-        note += "; lm_head in int8 rows"
+    if shape.lm_head_bits != 16:  # lm_head dequantizes one slice of its rows at a time, beside the logits
+        transient += dequantized_slice_bytes(config.vocab_size, config.llm_hidden_size,
+                                             DTYPE_BYTES.get(next(_layers(model, "llm")[0].parameters()).dtype, 4), shape.lm_head_bits)
+        note += f"; lm_head in {'int8' if shape.lm_head_bits == 8 else 'NF4'} rows"
     lines.append(Line("llm", "loss", saved, note))
     # at the turn to backward: the logits and their float32 copy (forward), or the gradients flowing back
     # through the logits or the largest layer (backward), whichever is larger
