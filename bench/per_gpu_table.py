@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from real_dims import ROOT, conversation, load_policy, run_shape
+from real_dims import SETTINGS, conversation, load_policy, run_shape
 
 MODELS = {"nvila-lite-2b": "NVILA-Lite-2B", "nvila-8b": "NVILA-8B", "nvila-15b": "NVILA-15B"}
 CARDS_GIB = (8, 12, 16, 24, 48, 80)
@@ -38,9 +38,9 @@ def planned(preset: str, setting: str) -> dict[str, tuple[float, float]]:
     from nvila_ft.training.planner import GIB, SampleDemand, plan
 
     config = preset_config(preset, torch.bfloat16)
-    processor = NVILAProcessor(load_tokenizer(TINY_TOKENIZER_DIR, config.chat_template), config)
-    size = processor.measure(conversation(setting, Path(tempfile.gettempdir())))
-    sample = SampleDemand(size.positions, size.tiles, size.supervised)
+    processor = NVILAProcessor(load_tokenizer(TINY_TOKENIZER_DIR, config.chat_template), config, multi_image_tiling=SETTINGS[setting][4])
+    batch = processor(conversation(setting, Path(tempfile.gettempdir())))  # as bench/real_dims.py counts its sample
+    sample = SampleDemand(int(batch["input_ids"].shape[-1]), int(batch["pixel_values"].shape[0]), int((batch["labels"][..., 1:] != -100).sum()))
     out = {}
     for name in POLICIES:
         policy = load_policy(name)
@@ -75,11 +75,11 @@ def main() -> None:
         for preset in MODELS:
             fits = [(name, total) for name, (total, _) in plans[preset][0].items() if total <= card and name not in shown[preset]]
             shown[preset] |= {name for name, _ in fits}
-            words = []
-            for name, total in fits:
-                seen = measured.get((preset, args.setting, name))
-                words.append(f"`{name}` {total:.1f} (planned; measured: {seen[1]} tensor peak {seen[0]:.1f})" if seen else f"`{name}` {total:.1f} (planned)")
-            cells.append(("+ " if shown[preset] - {n for n, _ in fits} and words else "") + ", ".join(words))
+            words = [f"`{name}` {total:.1f}" for name, total in fits]
+            seen = [f"`{name}` {measured[(preset, args.setting, name)][1]} tensor peak {measured[(preset, args.setting, name)][0]:.1f}"
+                    for name, _ in fits if (preset, args.setting, name) in measured]
+            mark = f" (planned; measured: {', '.join(seen)})" if seen else " (planned)" if words else ""
+            cells.append(("+ " if shown[preset] - {n for n, _ in fits} and words else "") + ", ".join(words) + mark)
         print(f"| {card} GB | " + " | ".join(cells) + " |")
 
 
