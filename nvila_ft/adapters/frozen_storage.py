@@ -7,10 +7,11 @@
   codes with one float32 scale per output row (absmax / 127, the layout of bitsandbytes' `Int8Params`: codes and
   `SCB`). A slice of rows at a time, the codes are turned into the compute dtype (exactly) and multiplied, the
   scales applied to the products, in forward and again in backward for the input's gradient, so no 16-bit copy of
-  the whole weight ever exists:
-  lm_head's selective loss and a LayerNorm-tuned vision tower keep their gradients. bitsandbytes' own 8-bit
-  linear quantizes the activations too (LLM.int8) and dequantizes the whole weight for the input gradient, which
-  at lm_head's 151,648 rows is the 16-bit copy this lever removes.
+  the whole weight ever exists: lm_head's selective loss and a LayerNorm-tuned vision tower keep their gradients.
+  bitsandbytes' own 8-bit linear quantizes the activations too (LLM.int8) and dequantizes the whole weight for the
+  input gradient, which at lm_head's 151,648 rows is the 16-bit copy this lever removes.
+- `Nf4RowLinear` (`precision.lm_head_bits=4`): lm_head in bitsandbytes' NF4 blocks of 64 (its own quantize_4bit /
+  dequantize_4bit), dequantized by the same slices of rows.
 
 Nothing here is saved: adapters hold trained tensors only, and `restore_frozen_storage` puts the checkpoint's own
 16-bit tensors back before a merge, so exports are those of a run without these levers.
