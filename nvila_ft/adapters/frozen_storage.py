@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvila_ft.adapters.apply import base_module
+
 # A weight is turned into the compute dtype at most this many values at a time (4 Mi values: 8 MiB in bf16).
 INT8_SLICE_VALUES = 1 << 22
 
@@ -50,6 +52,13 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         absmax[start : start + step] = scale
         codes[start : start + step] = torch.round(rows * (127.0 / scale.clamp(min=torch.finfo(torch.float32).tiny))[:, None]).to(torch.int8)
     return codes, absmax
+
+
+def autocast_input(inputs: torch.Tensor) -> torch.Tensor:
+    """The input as autocast would give it to a linear layer (the planner's meta trace casts itself)."""
+    if not inputs.is_meta and torch.is_autocast_enabled(inputs.device.type):
+        return inputs.to(torch.get_autocast_dtype(inputs.device.type))
+    return inputs
 
 
 def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -110,8 +119,7 @@ class Int8RowLinear(nn.Module):
         return dequantize_rows(self.weight, self.weight_absmax, dtype)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if not inputs.is_meta and torch.is_autocast_enabled(inputs.device.type):  # (the planner's meta trace casts itself)
-            inputs = inputs.to(torch.get_autocast_dtype(inputs.device.type))
+        inputs = autocast_input(inputs)
         out = _Int8RowMatmul.apply(inputs, self.weight, self.weight_absmax)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
@@ -202,9 +210,7 @@ class Nf4RowLinear(nn.Module):
         return torch.cat([self.rows(rows, dtype) for rows in self.slices()])
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if not inputs.is_meta and torch.is_autocast_enabled(inputs.device.type):
-            inputs = inputs.to(torch.get_autocast_dtype(inputs.device.type))
-        return _Nf4RowMatmul.apply(inputs, self)
+        return _Nf4RowMatmul.apply(autocast_input(inputs), self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False, nf4 rows"
@@ -306,11 +312,6 @@ def _targets(component: Any, module_name: str) -> bool:
     return module_name in named or module_name in pattern
 
 
-def _llm_base(model: Any) -> nn.Module:
-    llm = model.llm
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-
-
 def vision_linears(model: Any) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) of every linear in the vision tower's used encoder layers."""
     for layer in model.vision_tower.used_layers():
@@ -322,7 +323,7 @@ def vision_linears(model: Any) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
 
 def store_frozen_weights(model: Any, storage: FrozenStorage) -> Any:
     """Apply the storage levers to a model whose adapter policy is applied (in place); returns the model."""
-    base = _llm_base(model)
+    base = base_module(model.llm)
     if storage.offload_embeddings and not isinstance(base.model.embed_tokens, HostEmbedding):
         base.model.embed_tokens = HostEmbedding(base.model.embed_tokens)
     if storage.lm_head_bits != 16 and type(base.lm_head) is nn.Linear:

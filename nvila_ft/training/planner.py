@@ -596,16 +596,17 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
         out.append(Change(["trainer.offload_activations=true"], "activations kept in CPU memory", "host transfers each step",
                           lambda p, s, c: (p, replace(s, offload_activations=True), c)))
     tied = bool(config.llm.get("tie_word_embeddings", False))
-    for override, description, cost, changed in (
+    for override, description, cost, lever in (
         ("trainer.offload_embeddings=true", "the frozen input embedding table in CPU memory", "a host-to-GPU copy of the batch's rows",
-         replace(shape, offload_embeddings=True)),
+         {"offload_embeddings": True}),
         ("precision.lm_head_bits=8", "the frozen lm_head in int8 rows", "int8 rounding of the logits' weights; dequantized per slice",
-         replace(shape, lm_head_bits=8)),
+         {"lm_head_bits": 8}),
         ("precision.vision_tower_bits=8", "the frozen vision tower's linears in int8 rows", "int8 rounding of the vision weights",
-         replace(shape, vision_tower_bits=8)),
+         {"vision_tower_bits": 8}),
     ):
+        changed = replace(shape, **lever)
         if changed != shape and not changed.storage.problems(policy, tied) and shape.zero_stage == 0:
-            out.append(Change([override], description, cost, lambda p, s, c, key=override: (p, _with_override(s, key), c)))
+            out.append(Change([override], description, cost, lambda p, s, c, lever=lever: (p, replace(s, **lever), c)))
     if shape.lora_float32:
         out.append(Change(["precision.trainable_float32=false"], "trained tensors (LoRA, norms) in 16 bits",
                           "16-bit updates of the trained tensors", lambda p, s, c: (p, replace(s, trainable_float32=False), c)))
@@ -628,12 +629,6 @@ def changes(policy: AdapterPolicy, shape: RunShape, config: NVILAConfig) -> list
             out.append(Change([f"model.max_tiles={fewer}"], f"at most {fewer} tiles an image", "detail in large images",
                               lambda p, s, c, n=fewer: (p, s, with_settings(c, max_tiles=n))))
     return out
-
-
-def _with_override(shape: RunShape, override: str) -> RunShape:
-    """A storage lever (`trainer.offload_embeddings=true`, `precision.*_bits=8`) set on a run shape."""
-    key, value = override.split(".", 1)[1].split("=")
-    return replace(shape, **{key: value == "true" if value in ("true", "false") else int(value)})
 
 
 def gib(value: int) -> str:
