@@ -9,6 +9,8 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from nvila_ft.errors import UserError
+
 COMMANDS = {
     "finetune": ("nvila_ft.commands.finetune", "finetune", "fine-tune a model on a task with an adapter policy"),
     "evaluate": ("nvila_ft.commands.evaluate", "evaluate", "generation metrics of a run or a checkpoint on a task"),
@@ -29,15 +31,6 @@ Configuration is Hydra's: groups model, task, adapters, trainer, precision, deep
 model.path=/ckpt/NVILA-Lite-2B precision=bf16`); `-m` sweeps comma-separated values; `--cfg job` prints
 the composed config; `nvila-ft <command> --help` lists every option.
 """
-# Typed errors of nvila-ft that are the user's to fix: shown as one clear line, without a traceback.
-USER_ERRORS = (
-    "nvila_ft.training.config.ConfigError",
-    "nvila_ft.adapters.policy.PolicyError",
-    "nvila_ft.model.config.CheckpointError",
-    "nvila_ft.data.processor.SampleError",
-    "nvila_ft.data.sources.DataError",
-    "nvila_ft.adapters.merge.ExportError",
-)
 
 
 # Import-time warnings about optional CUDA kernels (torchao, bitsandbytes) that say nothing about the run.
@@ -140,14 +133,14 @@ def register_config_groups() -> None:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    """Errors that are the user's to fix: nvila-ft's typed ones, Hydra's composition errors, OmegaConf's."""
+    """Errors that are the user's to fix: nvila-ft's (`UserError`), Hydra's composition errors, OmegaConf's."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     for e in (error, error.__cause__):
         if e is None:
             continue
-        if f"{type(e).__module__}.{type(e).__qualname__}" in USER_ERRORS or isinstance(e, FileExistsError):
+        if isinstance(e, (UserError, FileExistsError)):
             return True
     return isinstance(error, (HydraException, OmegaConfBaseException)) and not _is_instantiation_bug(error)
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from nvila_ft.adapters.apply import base_module, get_component, is_quantized, set_component
 from nvila_ft.adapters.frozen_storage import restore_frozen_storage
+from nvila_ft.errors import UserError
 from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
 from nvila_ft.model.vision_tower import drop_unused
 from nvila_ft.training.fp8 import restore_linears
@@ -31,7 +32,7 @@ from nvila_ft.training.fp8 import restore_linears
 MERGE_MODES = ("dequantized", "original")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The merged model does not reproduce the adapted one; nothing was written."""
 
 

@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
+from nvila_ft.errors import UserError
+
 COMPONENTS = ("vision_tower", "mm_projector", "llm")
 METHODS = ("frozen", "layernorm", "lora", "dora", "qlora", "fp8_lora", "full")
 LORA_METHODS = ("lora", "dora", "qlora", "fp8_lora")
 QUANTIZED_METHODS = ("qlora", "fp8_lora")
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError, ValueError):
     """A policy that cannot work; the message names the component, the field and the fix."""
 
 

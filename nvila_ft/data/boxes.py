@@ -21,6 +21,8 @@ import math
 import re
 from typing import NamedTuple
 
+from nvila_ft.errors import UserError
+
 Box = tuple[float, float, float, float]
 
 DECIMALS = 2
@@ -33,7 +35,7 @@ _BRACKETED = re.compile(r"[\[(]([^\[\]()]*)[\])]")
 _SEPARATORS = re.compile(r"[,\s]+")
 
 
-class BoxError(ValueError):
+class BoxError(UserError, ValueError):
     """A box that is not a box of its image (the message says why)."""
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from nvila_ft.errors import UserError
 from nvila_ft.model.tokenizer import MEDIA_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ TEXT_MEDIA_TAGS = re.compile(r"<image>|<video>|<vila/video>")
 LLAVA_MEDIA_TAGS = ("<image>", "<video>")
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError, ValueError):
     """A conversation that cannot be used; the message names the offending message and field."""
 
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from nvila_ft.data.display_window import DicomWindow, check_dicom_window
+from nvila_ft.errors import UserError
 
 # Volume axes in canonical RAS+ orientation (NIfTI): the slices across each are the usual radiological views.
 VOLUME_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A media item could not be used; the message names the source and the reason, on one line.
 
     kind: what data validation reports: "missing_media", "unsafe_path", "corrupt_media", "video_frames" or

@@ -15,8 +15,10 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import Sampler
 
+from nvila_ft.errors import UserError
 
-class PackingError(ValueError):
+
+class PackingError(UserError, ValueError):
     """A sample that cannot be packed; the message names it."""
 
 

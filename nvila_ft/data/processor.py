@@ -31,6 +31,7 @@ from nvila_ft.data.media import MediaError, VideoClip, image_size, load_image, l
 from nvila_ft.data.media_base import MediaOptions
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
+from nvila_ft.errors import UserError
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.media_layout import MediaLayout
 from nvila_ft.model.tokenizer import (
@@ -48,7 +49,7 @@ from nvila_ft.model.tokenizer import (
 logger = logging.getLogger(__name__)
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A sample that cannot be turned into model inputs; the message names the sample and the reason.
 
     kind: what data validation reports ("no_answer", "too_long", "structure", or the media error's kind).

@@ -32,6 +32,7 @@ from nvila_ft.data.conversation import ConversationError, count_media_tags, llav
 from nvila_ft.data.media import EncodedImage
 from nvila_ft.data.records import Record
 from nvila_ft.data.validation import BadRecord
+from nvila_ft.errors import UserError
 
 ON_ERROR = ("raise", "collect")
 # Keys of a LLaVA record that hold media, in the order the official loader places them.
@@ -42,7 +43,7 @@ HF_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file, or a record in it, that cannot be used; the message names the file, record and field."""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from nvila_ft.errors import UserError
+
 # Official `image_encoder` / `video_encoder` targets (hydra `_target_` strings in the checkpoint) mapped
 # to the names of our own encoders.
 ENCODER_TARGETS = {
@@ -29,7 +31,7 @@ STC_PROJECTORS = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsam
 IMAGE_MODES = ("dynamic_s2", "dynamic", "resize", "pad", "default")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A directory or config that is not a loadable NVILA checkpoint; the message names the file and field."""
 
 

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from nvila_ft.data.media_base import MediaOptions
+from nvila_ft.errors import UserError
 
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao Float8LinearRecipeName values nvila-ft offers
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run configuration that cannot work; raised before anything heavy is loaded."""
 
 
