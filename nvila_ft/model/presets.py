@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,40 @@ TSP_VIDEO = {
     "video_encoder": {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]},
 }
 
-# name -> (vision dims, llm dims, tied lm_head, projector type, top-level keys, model_max_length)
-PRESETS: dict[str, tuple[dict, dict, bool, str, dict, int]] = {
-    "nvila-8b-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample", {**_s2(32), "num_video_frames": 8}, 4096),
-    "nvila-lite-tiny": (TINY_VISION, TINY_LLM, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
-    "nvila-video-tiny": (TINY_VISION, TINY_LLM, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 16}, 4096),
-    "nvila-8b-small": (SMALL_VISION, SMALL_LLM, False, "mlp_downsample", {**_s2(64), "num_video_frames": 8}, 8192),
-    "nvila-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample", {**_s2(448), "num_video_frames": 8}, 8192),
-    "nvila-15b": (SIGLIP_SO400M_448, QWEN25_14B, False, "mlp_downsample", {**_s2(448), "num_video_frames": 8}, 8192),
-    "nvila-lite-2b": (SIGLIP_SO400M_448, QWEN2_1_5B, True, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
-    "nvila-lite-8b": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
-    "nvila-lite-15b": (SIGLIP_SO400M_448, QWEN25_14B, False, "mlp_downsample_3x3_fix", {**LITE, "num_video_frames": 8}, 4096),
-    "nvila-8b-video": (SIGLIP_SO400M_448, QWEN2_7B, False, "mlp_downsample_2x2_fix", {**TSP_VIDEO, "num_video_frames": 256}, 16384),
+
+@dataclass(frozen=True)
+class Preset:
+    """A named architecture: the dimensions of its two stock models and NVILA's pieces between them.
+
+    media: the top-level config keys of its image and video handling (Dynamic-S2, tiles, TSP pooling)."""
+
+    vision: dict[str, Any]
+    llm: dict[str, Any]
+    projector: str
+    media: dict[str, Any]
+    num_video_frames: int = 8
+    tied_lm_head: bool = False
+    model_max_length: int = 4096
+
+
+PRESETS: dict[str, Preset] = {
+    "nvila-8b-tiny": Preset(vision=TINY_VISION, llm=TINY_LLM, projector="mlp_downsample", media=_s2(32)),
+    "nvila-lite-tiny": Preset(vision=TINY_VISION, llm=TINY_LLM, projector="mlp_downsample_3x3_fix", media=LITE,
+                              tied_lm_head=True),
+    "nvila-video-tiny": Preset(vision=TINY_VISION, llm=TINY_LLM, projector="mlp_downsample_2x2_fix", media=TSP_VIDEO,
+                               num_video_frames=16),
+    "nvila-8b-small": Preset(vision=SMALL_VISION, llm=SMALL_LLM, projector="mlp_downsample", media=_s2(64),
+                             model_max_length=8192),
+    "nvila-8b": Preset(vision=SIGLIP_SO400M_448, llm=QWEN2_7B, projector="mlp_downsample", media=_s2(448),
+                       model_max_length=8192),
+    "nvila-15b": Preset(vision=SIGLIP_SO400M_448, llm=QWEN25_14B, projector="mlp_downsample", media=_s2(448),
+                        model_max_length=8192),
+    "nvila-lite-2b": Preset(vision=SIGLIP_SO400M_448, llm=QWEN2_1_5B, projector="mlp_downsample_3x3_fix", media=LITE,
+                            tied_lm_head=True),
+    "nvila-lite-8b": Preset(vision=SIGLIP_SO400M_448, llm=QWEN2_7B, projector="mlp_downsample_3x3_fix", media=LITE),
+    "nvila-lite-15b": Preset(vision=SIGLIP_SO400M_448, llm=QWEN25_14B, projector="mlp_downsample_3x3_fix", media=LITE),
+    "nvila-8b-video": Preset(vision=SIGLIP_SO400M_448, llm=QWEN2_7B, projector="mlp_downsample_2x2_fix", media=TSP_VIDEO,
+                             num_video_frames=256, model_max_length=16384),
 }
 TINY_PRESETS = tuple(name for name in PRESETS if name.endswith("-tiny"))
 
@@ -145,18 +168,18 @@ def preset_config(name: str, dtype: torch.dtype = torch.float32) -> NVILAConfig:
     """The four configs of a preset, as they appear on disk."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    vision_dims, llm_dims, tied, projector_type, top_keys, max_length = PRESETS[name]
+    preset = PRESETS[name]
     dtype_name = str(dtype).removeprefix("torch.")
-    llm = _llm_config(llm_dims, tied, max_length, dtype_name)
-    vision = _vision_config(vision_dims, dtype_name)
+    llm = _llm_config(preset.llm, preset.tied_lm_head, preset.model_max_length, dtype_name)
+    vision = _vision_config(preset.vision, dtype_name)
     projector = {
         "architectures": ["MultimodalProjector"],
-        "mm_projector_type": projector_type,
+        "mm_projector_type": preset.projector,
         "model_type": "v2l_projector",
         "torch_dtype": dtype_name,
         "transformers_version": "4.46.0",
     }
-    scales = 3 if top_keys.get("dynamic_s2") else 1
+    scales = 3 if preset.media.get("dynamic_s2") else 1
     top = {
         "_name_or_path": f"presets/{name}",
         "architectures": ["LlavaLlamaModel"],
@@ -192,7 +215,8 @@ def preset_config(name: str, dtype: torch.dtype = torch.float32) -> NVILAConfig:
         "video_encoder": {"_target_": "llava.model.encoders.BasicVideoEncoder"},
         "vision_resolution": -1,
         "vision_tower_cfg": copy.deepcopy(vision),
-        **copy.deepcopy(top_keys),
+        **copy.deepcopy(preset.media),
+        "num_video_frames": preset.num_video_frames,
     }
     preprocessor = _preprocessor_config(vision["image_size"])
     return NVILAConfig(raw=top, llm=llm, vision_tower=vision, mm_projector=projector, preprocessor=preprocessor)

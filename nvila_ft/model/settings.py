@@ -10,13 +10,30 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from nvila_ft.model.config import CheckpointError, NVILAConfig
 from nvila_ft.model.media_layout import temporal_pools
 
-KNOBS = ("max_tiles", "min_tiles", "num_video_frames", "s2_scales", "video_pool_sizes")
+
+@dataclass
+class ModelSettings:
+    """The knobs a run may set, each None by default: the checkpoint's own value."""
+
+    max_tiles: int | None = None
+    min_tiles: int | None = None
+    num_video_frames: int | None = None
+    s2_scales: list[int] | None = None
+    video_pool_sizes: list[list[int]] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs this run sets."""
+        values = {key: getattr(self, key) for key in KNOBS}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+KNOBS = tuple(field.name for field in fields(ModelSettings))
 
 
 def with_settings(config: NVILAConfig, **settings: Any) -> NVILAConfig:

@@ -6,35 +6,27 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from nvila_ft.atomic import atomic_directory, atomic_write_json
 from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
 from nvila_ft.model.config import CheckpointError, NVILAConfig
-from nvila_ft.model.settings import KNOBS, with_settings
+from nvila_ft.model.presets import PRESETS, preset_config, save_preset_checkpoint
+from nvila_ft.model.pretrained import pretrained_checkpoint
+from nvila_ft.model.settings import ModelSettings, with_settings
 
 
 @dataclass
-class ModelSource:
+class ModelSource(ModelSettings):
     """path: an official-layout checkpoint (a hub id only when a network is allowed); when it is set the preset
     is ignored, so `model.path=<dir>` works with any model option. preset: a named architecture, either with the
-    pretrained weights shipped with nvila-ft (`pretrained`, tiny presets) or randomly initialised from `seed`."""
+    pretrained weights shipped with nvila-ft (`pretrained`, tiny presets) or randomly initialised from `seed`.
+    The scale-then-compress knobs (`max_tiles`, ...) are `ModelSettings`' (nvila_ft.model.settings)."""
 
     path: str | None = None
     preset: str | None = None
     pretrained: bool = False
     seed: int = 0
     attn_implementation: str = "sdpa"
-    # scale-then-compress knobs (None: the checkpoint's own; see nvila_ft.model.settings)
-    max_tiles: int | None = None
-    min_tiles: int | None = None
-    num_video_frames: int | None = None
-    s2_scales: list[int] | None = None
-    video_pool_sizes: list[list[int]] | None = None
-
-    def settings(self) -> dict[str, Any]:
-        """The knobs this run sets."""
-        values = {key: getattr(self, key) for key in KNOBS}
-        return {key: value for key, value in values.items() if value is not None}
 
     def config(self) -> NVILAConfig:
         """The configuration the run uses, from config files only (the checkpoint's, or the preset's), with the
@@ -42,8 +34,6 @@ class ModelSource:
         if self.path is not None:
             config = read_config(resolve_checkpoint(self.path))
         else:
-            from nvila_ft.model.presets import preset_config
-
             config = preset_config(self.preset)
         return with_settings(config, **self.settings())
 
@@ -51,13 +41,9 @@ class ModelSource:
         if self.path is None and self.preset is None:
             raise CheckpointError("set model.path (a checkpoint directory) or model.preset")
         if self.path is None:
-            from nvila_ft.model.presets import PRESETS
-
             if self.preset not in PRESETS:
                 raise CheckpointError(f"model.preset = {self.preset!r} is not a preset ({', '.join(PRESETS)})")
             if self.pretrained:
-                from nvila_ft.model.pretrained import pretrained_checkpoint
-
                 pretrained_checkpoint(self.preset)
         self.config()  # fails now, naming the file or the setting, if it is not a checkpoint or cannot take a knob
 
@@ -87,8 +73,6 @@ class ModelSource:
 
     def _write_overlay(self, target: Path) -> None:
         """The checkpoint's files linked into `target`, with a config.json that carries this run's knobs."""
-        from nvila_ft.atomic import atomic_directory
-
         source = resolve_checkpoint(self.path)
         with atomic_directory(target) as staging:
             for entry in source.iterdir():
@@ -98,22 +82,14 @@ class ModelSource:
 
     def _write_preset(self, target: Path) -> None:
         if self.pretrained:
-            from nvila_ft.atomic import atomic_directory
-            from nvila_ft.model.pretrained import pretrained_checkpoint
-
             with atomic_directory(target) as staging:
                 shutil.copytree(pretrained_checkpoint(self.preset), staging, dirs_exist_ok=True)
                 self._write_settings(staging)
             return
-        from nvila_ft.atomic import atomic_directory
-        from nvila_ft.model.presets import save_preset_checkpoint
-
         with atomic_directory(target) as staging:  # the base appears whole, knobs included, or not at all
             save_preset_checkpoint(staging, self.preset, seed=self.seed, overwrite=True)
             self._write_settings(staging)
 
     def _write_settings(self, folder: Path) -> None:
         if self.settings():
-            from nvila_ft.atomic import atomic_write_json
-
             atomic_write_json(folder / "config.json", with_settings(read_config(folder), **self.settings()).to_dict())

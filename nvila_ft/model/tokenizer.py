@@ -26,6 +26,22 @@ IGNORE_INDEX = -100
 _LITERAL_MARKERS = {token: f"\ue000{index}\ue001" for index, token in enumerate(RUNTIME_TOKENS)}
 _MARKER_PATTERN = re.compile("(\ue000\\d\ue001)")
 
+# Renders like VILA's qwen2.jinja after its whitespace stripping; written on one line so that rendering adds no
+# stray whitespace. The default system prompt has no trailing period, unlike Qwen2's stock template. The
+# `is defined` test is ours: transformers 5 drops None-valued keys before rendering, so a message whose content
+# was None arrives without `content`, and must be skipped as VILA skips it.
+QWEN2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages if message['content'] is defined and message['content'] is not none %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+
 # A conversation long enough to show every token that follows an assistant reply (official stop-token rule).
 _DUMMY_CONVERSATION = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}] * 10
 
@@ -48,8 +64,6 @@ class TokenIds:
 
 def chat_template_by_name(name: str) -> str:
     """Chat templates a config may name in `chat_template` (the official loader reads them from its package)."""
-    from nvila_ft.model.tiny_tokenizer import QWEN2_CHAT_TEMPLATE
-
     templates = {"qwen2": QWEN2_CHAT_TEMPLATE}
     if name not in templates:
         raise CheckpointError(f"config.json: `chat_template` = {name!r} is not a known template ({', '.join(templates)})")
