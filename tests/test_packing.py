@@ -127,11 +127,11 @@ def test_no_attention_crosses_samples_in_a_packed_row():
 
 
 def test_text_only_pack_runs_the_dummy_tile_in_distributed_training(monkeypatch):
-    from nvila_ft.model import modeling_nvila
+    from nvila_ft.model import media_features
 
     model = build_model("nvila-8b-tiny", seed=0).train()
     processor = NVILAProcessor(model.tokenizer, model.config)
-    monkeypatch.setattr(modeling_nvila, "_distributed_world_size", lambda: 2)
+    monkeypatch.setattr(media_features, "_distributed_world_size", lambda: 2)
     packed = Collator(processor, max_tokens=4096)([processor.process(conversations(8)[1])] * 2)
     loss = model(**{k: v for k, v in packed.items() if k != "num_positions"}).loss
     loss.backward()

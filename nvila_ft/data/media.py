@@ -1,34 +1,29 @@
 """Load the images and videos of a sample for the NVILA processor, refusing unsafe or broken media.
 
 Sampling and colour conversion follow the official NVILA release: images are `.convert("RGB")`-ed,
-videos are sampled at `round(linspace(0, count - 1, num_frames))`. DICOM files and series (`nvila_ft.data.dicom`)
-and NIfTI volumes (`nvila_ft.data.nifti`) are recognised by their names or contents and read by their own
-modules; a multi-frame one given as an image follows `nvila_ft.data.media_base`'s rule (one chosen frame).
+videos are sampled at `round(linspace(0, count - 1, num_frames))`. Video files are decoded by
+`nvila_ft.data.video_file`; DICOM files and series (`nvila_ft.data.dicom`) and NIfTI volumes (`nvila_ft.data.nifti`)
+are recognised by their names or contents and read by their own modules; a multi-frame one given as an image
+follows `nvila_ft.data.media_base`'s rule (one chosen frame).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import pathlib
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from nvila_ft.data import dicom, nifti
 from nvila_ft.data.media_base import DEFAULT_OPTIONS, MediaError, MediaOptions, library_messages, sample_frame_indices
-
-if TYPE_CHECKING:  # PyAV is imported lazily so that importing this module stays cheap.
-    import av
-
-logger = logging.getLogger(__name__)
+from nvila_ft.data.video_file import decode_chosen_frames, decode_sampled_frames
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
@@ -62,9 +57,6 @@ class EncodedImage(bytes):
 
 # What Pillow's plugins raise on bad data, at open or at decode time.
 _IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
-
-# Only plain files: no network, and no `concat:`/`subfile:` style protocols smuggled in through playlists.
-_FFMPEG_OPTIONS = {"protocol_whitelist": "file"}
 
 
 def resolve_media_path(path: str | os.PathLike, media_root: str | os.PathLike | None) -> pathlib.Path:
@@ -280,7 +272,7 @@ def load_video(
     if dicom.is_dicom(path):
         with library_messages("pydicom", path):
             return dicom.load_video(path, num_frames, options)
-    return _load_video_file(path, num_frames)
+    return decode_sampled_frames(path, num_frames)
 
 
 def _load_clip(clip: VideoClip, media_root: str | os.PathLike | None, options: MediaOptions) -> list[Image.Image]:
@@ -298,89 +290,7 @@ def _load_clip(clip: VideoClip, media_root: str | os.PathLike | None, options: M
                              kind="video_frames")
         images = {i: load_image(files[i], media_root, options) for i in set(clip.frames)}
         return [images[i] for i in clip.frames]
-    import av
-
-    wanted, images = set(clip.frames), {}
-    with _open_video(path) as container:
-        # Decoding is sequential (seeking lands on key frames, not exact indices): stop after the last one needed.
-        decoded = 0
-        for position, frame in enumerate(_decode_frames(container, path)):
-            decoded = position + 1
-            if position in wanted:
-                try:
-                    images[position] = frame.to_image().convert("RGB")
-                except (av.FFmpegError, ValueError) as e:
-                    raise MediaError(f"{clip}: frame {position} failed to convert ({e})") from e
-            if position >= last:
-                break
-    if last not in images:
-        raise MediaError(f"{clip}: frame {last} asked for, the video has {decoded} decodable frames (0-{decoded - 1})",
-                         kind="video_frames")
-    return [images[i] for i in clip.frames]
-
-
-def _load_video_file(path: pathlib.Path, num_frames: int) -> list[Image.Image]:
-    import av
-
-    # Containers often misreport their frame count, so count what actually decodes first, then decode
-    # again converting only the sampled frames: memory stays at num_frames images, whatever the length.
-    with _open_video(path) as container:
-        frame_count = sum(1 for _ in _decode_frames(container, path))
-    if frame_count == 0:
-        raise MediaError(f"{path}: no decodable video frames")
-    indices = sample_frame_indices(frame_count, num_frames)
-
-    wanted = set(indices)
-    images: dict[int, Image.Image] = {}
-    with _open_video(path) as container:
-        # The counting pass already warned about any damage.
-        for position, frame in enumerate(_decode_frames(container, path, warn=False)):
-            if position in wanted:
-                try:
-                    images[position] = frame.to_image().convert("RGB")
-                except (av.FFmpegError, ValueError) as e:
-                    logger.warning("%s: skipped frame %d that failed to convert (%s)", path, position, e)
-            if position >= indices[-1]:
-                break
-    if len(images) < len(wanted):
-        logger.warning("%s: got %d of %d sampled frames", path, len(images), len(wanted))
-    return [images[i] for i in indices if i in images]
-
-
-def _open_video(path: pathlib.Path) -> av.container.InputContainer:
-    import av
-
-    try:
-        # An absolute path cannot be mistaken for an FFmpeg protocol prefix such as `concat:`.
-        container = av.open(str(path.absolute()), options=_FFMPEG_OPTIONS)
-    except (av.FFmpegError, OSError) as e:
-        raise MediaError(f"{path}: cannot open as a video ({e})") from e
-    if not container.streams.video or container.streams.video[0].codec_context is None:
-        container.close()
-        raise MediaError(f"{path}: has no decodable video stream")
-    return container
-
-
-def _decode_frames(
-    container: av.container.InputContainer, path: pathlib.Path, warn: bool = True
-) -> Iterator[av.VideoFrame]:
-    """Decode the first video stream, skipping packets that fail (as official NVILA skips bad frames)."""
-    import av
-
-    log = logger.warning if warn else logger.debug
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    try:
-        for packet in container.demux(stream):
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as e:
-                log("%s: skipped a packet that failed to decode (%s)", path, e)
-                continue
-            yield from frames
-    except av.FFmpegError as e:
-        # The demuxer cannot go on (e.g. a truncated file): keep what decoded so far.
-        log("%s: stopped reading at damaged data (%s)", path, e)
+    return decode_chosen_frames(path, clip.frames, str(clip))
 
 
 def write_video(

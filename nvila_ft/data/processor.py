@@ -15,7 +15,6 @@ image (`generate_content`), otherwise each image is one resized tile.
 from __future__ import annotations
 
 import copy
-
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,12 +25,14 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from nvila_ft.data.batching import packed_batch, padded_batch
 from nvila_ft.data.conversation import Part, Turn, normalize_messages
 from nvila_ft.data.media import MediaError, VideoClip, image_size, load_image, load_video, volume_frames
 from nvila_ft.data.media_base import MediaOptions
 from nvila_ft.data.pixels import PixelNormalizer
 from nvila_ft.data.tiling import dynamic_s2_tiles, dynamic_tiles, pad_to_square
 from nvila_ft.errors import UserError
+from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.media_layout import MediaLayout
 from nvila_ft.model.tokenizer import (
@@ -137,8 +138,6 @@ class NVILAProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "NVILAProcessor":
-        from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
-
         root = resolve_checkpoint(path)
         config = read_config(root)
         return cls(load_tokenizer(root / "llm", config.chat_template), config, **kwargs)
@@ -324,41 +323,11 @@ class NVILAProcessor:
     # ------------------------------------------------------------------ batches
     def collate(self, samples: list[ProcessedSample], padding_side: str = "right") -> BatchFeature:
         """Pad token ids (and labels) and concatenate the batch's media in reading order."""
-        longest = max(len(s.input_ids) for s in samples)
-        pad = self.token_ids.pad
-        input_ids = torch.full((len(samples), longest), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
-        with_labels = all(s.labels is not None for s in samples)
-        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long) if with_labels else None
-        for b, sample in enumerate(samples):
-            n = len(sample.input_ids)
-            span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
-            input_ids[b, span] = torch.tensor(sample.input_ids)
-            attention_mask[b, span] = 1
-            if labels is not None:
-                labels[b, span] = torch.tensor(sample.labels)
-        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if labels is not None:
-            data["labels"] = labels
-        return BatchFeature(data | _media_tensors(samples))
+        return padded_batch(samples, self.token_ids.pad, padding_side)
 
     def pack(self, rows: list[list[ProcessedSample]]) -> BatchFeature:
-        """Training samples packed into rows: each row holds its samples one after another, with position ids
-        restarting at 0 for each sample and no attention mask, so that attention stays within each sample. Rows
-        are padded to the longest (padding: its own positions, label -100); media in reading order."""
-        if any(s.labels is None for row in rows for s in row):
-            raise ValueError("only training samples (with labels) are packed")
-        longest = max(sum(s.length for s in row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.token_ids.pad, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        for r, row in enumerate(rows):
-            used = sum(s.length for s in row)
-            input_ids[r, :used] = torch.tensor([t for s in row for t in s.input_ids])
-            labels[r, :used] = torch.tensor([t for s in row for t in s.labels])
-            position_ids[r] = torch.tensor([i for s in row for i in range(s.length)] + list(range(longest - used)))
-        data = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        return BatchFeature(data | _media_tensors([s for row in rows for s in row]))
+        """Training samples packed into rows (`nvila_ft.data.batching.packed_batch`)."""
+        return packed_batch(rows, self.token_ids.pad)
 
     def __call__(
         self,
@@ -386,20 +355,6 @@ class NVILAProcessor:
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip()
-
-
-def _media_tensors(samples: list[ProcessedSample]) -> dict[str, torch.Tensor]:
-    """The media of a batch, concatenated in reading order (the order of their placeholders)."""
-    data = {}
-    images = [item for s in samples for item in s.images]
-    if images:
-        data["pixel_values"] = torch.cat([item.tiles for item in images])
-        data["image_grids"] = torch.tensor([item.grid or (0, 0) for item in images], dtype=torch.long)
-    videos = [video for s in samples for video in s.videos]
-    if videos:
-        data["video_pixel_values"] = torch.cat(videos)
-        data["video_frame_counts"] = torch.tensor([v.shape[0] for v in videos], dtype=torch.long)
-    return data
 
 
 def _default_max_length(tokenizer: Any, config: NVILAConfig) -> int:

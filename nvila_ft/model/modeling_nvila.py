@@ -35,9 +35,7 @@ from nvila_ft.model.checkpoint import (
 )
 from nvila_ft.model.config import NVILAConfig
 from nvila_ft.model.losses import selective_cross_entropy, soft_cross_entropy
-from nvila_ft.model.media_encoders import video_features
-from nvila_ft.model.media_layout import output_grid, s2_tile_count
-from nvila_ft.model.multiscale import merge_scales, merge_tiles, split_tiles, tokens_to_map
+from nvila_ft.model.media_features import encode_media
 from nvila_ft.model.projector import MultimodalProjector
 from nvila_ft.model.tokenizer import load_tokenizer, token_ids
 from nvila_ft.model.vision_tower import VisionTower
@@ -177,9 +175,6 @@ class NVILAForConditionalGeneration(nn.Module):
         return bool(self.checkpointed_components())
 
     # ------------------------------------------------------------------ media
-    def _vision_dtype(self) -> torch.dtype:
-        return self.vision_tower.transformer.embeddings.patch_embedding.weight.dtype
-
     def media_features(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -189,70 +184,12 @@ class NVILAForConditionalGeneration(nn.Module):
         like: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(image features [image tokens, D], video features [video tokens, D], zero term of a dummy tile), in the
-        device and dtype of `like` (the token embeddings; default: the model's).
-
-        Features come in the order of their placeholders: items in reading order, each a raster over its
-        (merged) grid, videos frame by frame (or pooled group by group). All tiles and frames go through the
-        tower and the projector in one call each, so every process of a distributed run makes the same calls
-        (a text-only batch runs one dummy tile, returned as a zero term, whenever another process may run the
-        tower: distributed training, or any distributed step while ZeRO-3 shards the weights).
-        """
-        config = self.config
+        device and dtype of `like` (the token embeddings; default: the model's); see `encode_media`."""
         # under ZeRO-3 reading a parameter's attributes can gather it, so the processes must read the same ones:
         # the device and dtype come from a tensor every process has
         device, dtype = (like.device, like.dtype) if like is not None else (self.device, self.dtype)
-        image_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        grids = [] if image_grids is None else [tuple(int(v) for v in g) for g in image_grids.tolist()]
-        frame_counts = [] if video_frame_counts is None else [int(c) for c in video_frame_counts.tolist()]
-        chunks = [t for t in (pixel_values, video_pixel_values) if t is not None and t.shape[0] > 0]
-        dummy = not chunks
-        if dummy:
-            if not _must_run_the_tower():
-                return None, None, None
-            chunks = [torch.zeros(1, 3, config.tile_size, config.tile_size, device=device)]
-        features = self.vision_tower(torch.cat(chunks).to(self._vision_dtype()))
-
-        scales = config.s2_scales
-        projector_inputs, item_grids, start = [], [], 0
-        for grid in grids:
-            tiled = grid != (0, 0)
-            count = s2_tile_count(scales, grid) if (tiled and config.dynamic_s2) else 1
-            if tiled and not config.dynamic_s2:
-                raise ValueError(f"image grid {grid} given, but this model ({config.family}) takes single tiles")
-            item = features[start : start + count]
-            start += count
-            if config.dynamic_s2:
-                if tiled:
-                    merged = merge_scales(item, scales, grid, config.s2_resize_output_to_scale_idx)
-                    grid = output_grid(scales, grid, config.s2_resize_output_to_scale_idx)
-                else:
-                    merged, grid = tokens_to_map(item).repeat(1, len(scales), 1, 1), (1, 1)
-                item = split_tiles(merged, *grid).flatten(2).transpose(1, 2)
-            else:
-                grid = (1, 1)
-            projector_inputs.append(item)
-            item_grids.append(grid)
-        if start != image_tiles:
-            raise ValueError(f"image_grids describe {start} tiles but pixel_values has {image_tiles}")
-        frames = features[image_tiles:]
-        if sum(frame_counts) != (0 if dummy else frames.shape[0]):
-            raise ValueError(f"video_frame_counts sum to {sum(frame_counts)} but video_pixel_values has {frames.shape[0]}")
-        if config.dynamic_s2:
-            frames = frames.repeat(1, 1, len(scales))  # single-tile path: the one scale stands in for all
-        projector_inputs.append(frames)
-
-        projector_dtype = next(self.mm_projector.parameters(), features).dtype
-        projected = self.mm_projector(torch.cat(projector_inputs).to(projector_dtype)).to(dtype)
-        if dummy:
-            return None, None, projected.sum() * 0.0
-
-        images, start = [], 0
-        for rows, cols in item_grids:
-            tiles = projected[start : start + rows * cols]
-            start += rows * cols
-            images.append(merge_tiles(tokens_to_map(tiles), rows, cols).flatten(2)[0].transpose(0, 1))
-        videos = [video_features(clip, config.video_encoder) for clip in projected[start:].split(frame_counts)]
-        return (torch.cat(images) if images else None), (torch.cat(videos) if videos else None), None
+        return encode_media(self.config, self.vision_tower, self.mm_projector, pixel_values, image_grids,
+                            video_pixel_values, video_frame_counts, device, dtype)
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """[image tokens, D]: the features that fill the batch's image placeholders, in order."""
@@ -415,21 +352,3 @@ def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {value!r}")
     return dtype
-
-
-def _distributed_world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _must_run_the_tower() -> bool:
-    """Whether a batch without media still runs the vision tower (on a dummy tile): in distributed training
-    (DDP / ZeRO synchronise every parameter's gradient) and in any distributed forward under ZeRO-3 (its
-    parameter gathers are collectives every process must join)."""
-    if _distributed_world_size() < 2:
-        return False
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return torch.is_grad_enabled() or is_deepspeed_zero3_enabled()
-
