@@ -28,7 +28,7 @@ from trl import DPOTrainer
 
 from nvila_ft.adapters.apply import base_module, get_component
 from nvila_ft.adapters.policy import AdapterPolicy
-from nvila_ft.data.preferences import REJECTED, rejected_messages
+from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
