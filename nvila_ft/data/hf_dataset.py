@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from nvila_ft.atomic import atomic_directory, atomic_write_bytes
 from nvila_ft.data.conversation import count_media_tags
 from nvila_ft.data.kit import (
@@ -28,8 +26,8 @@ from nvila_ft.data.kit import (
     resolve_media_root,
     with_system_prompt,
 )
+from nvila_ft.data.hf_cells import clean_message, image_cell, is_placeholder, prepend_media, video_cell
 from nvila_ft.data.llava import llava_messages
-from nvila_ft.data.media import EncodedImage
 from nvila_ft.data.records import Record
 from nvila_ft.data.validation import BadRecord
 
@@ -220,8 +218,8 @@ class HFDataset:
         )
 
     def _media(self, row: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        images = _image_cell(row.get(self.image_column), self.image_column) if self.image_column else []
-        videos = _video_cell(row.get(self.video_column), self.video_column) if self.video_column else []
+        images = image_cell(row.get(self.image_column), self.image_column) if self.image_column else []
+        videos = video_cell(row.get(self.video_column), self.video_column) if self.video_column else []
         if self.image_required and not images:
             raise RecordProblem(f"column {self.image_column!r}: no image (empty or null), and this dataset's "
                                  "records need one (image_required)", kind="missing_media")
@@ -234,10 +232,10 @@ class HFDataset:
                 f"column {self.messages_column!r}: expected a non-empty list of messages, got {describe_value(raw)}"
             )
         images, videos = self._media(row)
-        messages = [_clean_message(m) for m in raw]
+        messages = [clean_message(m) for m in raw]
         parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)]
         image_parts = [p for p in parts if p.get("type") == "image"]
-        placeholders = [p for p in image_parts if _is_placeholder(p)]
+        placeholders = [p for p in image_parts if is_placeholder(p)]
         if placeholders:
             if len(placeholders) != len(images):
                 raise RecordProblem(
@@ -251,7 +249,7 @@ class HFDataset:
         images = [] if image_parts else images
         videos = [] if any(p.get("type") == "video" for p in parts) else videos
         if images or videos:
-            messages = _prepend_media(messages, images, videos, self.messages_column)
+            messages = prepend_media(messages, images, videos, self.messages_column)
         return messages, {}
 
     def _from_conversations(self, row: dict[str, Any], origin: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -341,74 +339,3 @@ def _static_prefix(parts: Sequence[str]) -> list[str]:
             break
         prefix.append(part)
     return prefix or ["."]
-
-
-def _image_cell(value: Any, column: str) -> list[Any]:
-    """An image cell -> list of sources the processor takes (PIL image, bytes or path)."""
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, Image.Image) or (isinstance(item, str) and item):
-            out.append(item)
-        elif isinstance(item, (bytes, bytearray)):
-            out.append(EncodedImage(item, f"column {column!r}"))
-        elif isinstance(item, dict) and item.get("bytes") is not None:
-            out.append(EncodedImage(item["bytes"], f"column {column!r}"))
-        elif isinstance(item, dict) and item.get("path"):
-            out.append(item["path"])
-        elif item is None or item == "":
-            continue
-        else:
-            raise RecordProblem(
-                f"column {column!r}: expected images, paths or {{'bytes', 'path'}} dicts, got {describe_value(item)}"
-            )
-    return out
-
-
-def _video_cell(value: Any, column: str) -> list[Any]:
-    """A video cell -> list of videos (each a path, or a list of frames)."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict) and value.get("path"):
-        return [value["path"]]
-    if isinstance(value, (list, tuple)):
-        if value and all(isinstance(v, Image.Image) for v in value):
-            return [list(value)]
-        if all(isinstance(v, str) for v in value):
-            return [v for v in value if v]
-    raise RecordProblem(
-        f"column {column!r}: expected a video path, a list of paths or a list of frames, got {describe_value(value)}"
-    )
-
-
-def _is_placeholder(part: dict[str, Any]) -> bool:
-    return all(part.get(key) is None for key in ("image", "path", "url"))
-
-
-def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
-    """Copy a message, dropping the None fields Arrow adds when it unifies struct types across rows."""
-    content = message.get("content")
-    if isinstance(content, list):
-        content = [
-            {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part for part in content
-        ]
-    return {**{k: v for k, v in message.items() if v is not None}, "content": content}
-
-
-def _prepend_media(
-    messages: list[dict[str, Any]], images: list[Any], videos: list[Any], column: str
-) -> list[dict[str, Any]]:
-    """Put media before the text of the first user message (images, then videos)."""
-    media = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
-    for k, message in enumerate(messages):
-        if message.get("role") in ("user", "human"):
-            content = message.get("content")
-            content = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
-            return messages[:k] + [{**message, "content": media + content}] + messages[k + 1:]
-    raise RecordProblem(f"column {column!r}: has media but no user message to attach them to")
-
-

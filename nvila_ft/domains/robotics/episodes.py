@@ -38,6 +38,7 @@ from typing import Any
 from nvila_ft.data.kit import (
     RecordProblem,
     SubsetFile,
+    WrittenSubset,
     check_on_error,
     describe_value,
     json_file_records,
@@ -111,6 +112,9 @@ class RobotEpisodes:
 
     def subset_files(self) -> list[SubsetFile]:
         """None: a subset of per-step records is not a subset of the episodes file."""
+        raise cannot_write(self)
+
+    def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
         raise cannot_write(self)
 
     def _step_records(self, entry: Any, origin: str, index: int, root: str) -> list[Record]:

@@ -122,26 +122,7 @@ def make_robot_episodes_dataset(
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     episodes = []
     for index in range(num_episodes):
-        rng = np.random.default_rng([seed, index])
-        color_name = str(rng.choice(list(COLORS)))
-        cells = rng.choice(grid * grid, size=2, replace=False)
-        block, gripper = divmod(int(cells[0]), grid), divmod(int(cells[1]), grid)  # (row, column)
-        background = int(rng.integers(25, 61))
-        frames, steps = [], []
-        while True:
-            frames.append(_episode_frame(grid, cell, background, COLORS[color_name], block, gripper))
-            dx = int(np.sign(block[1] - gripper[1]))
-            dy = 0 if dx else int(np.sign(gripper[0] - block[0]))
-            on_block = gripper == block
-            steps.append({
-                "frame": len(frames) - 1,
-                "subgoal": "grasp the block" if on_block else "line up with the block" if dx else "reach the block",
-                "action": {"x": dx, "y": dy, "grip": "close" if on_block else "open"},
-                "action_text": MOVES[(dx, dy)],
-            })
-            if on_block:
-                break
-            gripper = (gripper[0] - dy, gripper[1] + dx)
+        color_name, frames, steps = _pick_up(np.random.default_rng([seed, index]), grid, cell)
         name = f"episodes/ep_{index:06d}"
         if media == "mp4":
             (out_dir / "episodes").mkdir(parents=True, exist_ok=True)
@@ -156,6 +137,29 @@ def make_robot_episodes_dataset(
     atomic_write_json(data_path, episodes)
     atomic_write_json(out_dir / MANIFEST_FILE, manifest)
     return data_path
+
+
+def _pick_up(rng: np.random.Generator, grid: int, cell: int) -> tuple[str, list[Image.Image], list[dict[str, Any]]]:
+    """One drawn episode: the block's colour, the frames and the steps (see `make_robot_episodes_dataset`)."""
+    color_name = str(rng.choice(list(COLORS)))
+    cells = rng.choice(grid * grid, size=2, replace=False)
+    block, gripper = divmod(int(cells[0]), grid), divmod(int(cells[1]), grid)  # (row, column)
+    background = int(rng.integers(25, 61))
+    frames, steps = [], []
+    while True:
+        frames.append(_episode_frame(grid, cell, background, COLORS[color_name], block, gripper))
+        dx = int(np.sign(block[1] - gripper[1]))
+        dy = 0 if dx else int(np.sign(gripper[0] - block[0]))
+        on_block = gripper == block
+        steps.append({
+            "frame": len(frames) - 1,
+            "subgoal": "grasp the block" if on_block else "line up with the block" if dx else "reach the block",
+            "action": {"x": dx, "y": dy, "grip": "close" if on_block else "open"},
+            "action_text": MOVES[(dx, dy)],
+        })
+        if on_block:
+            return color_name, frames, steps
+        gripper = (gripper[0] - dy, gripper[1] + dx)
 
 
 def _episode_frame(grid: int, cell: int, background: int, color: tuple[int, int, int],
