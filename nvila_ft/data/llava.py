@@ -55,7 +55,7 @@ class LlavaJson:
         return json_file_records(self, Path(self.path), self.path, lambda entry, origin, _: llava_record(entry, origin, root))
 
     def subset_files(self) -> list[SubsetFile]:
-        return file_of(self, self.path, self.media_root if self.media_root is not None else Path(self.path).parent)
+        return file_of(self, self.path, self.media_root)
 
     def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
         return write_entries(file, indices, out)

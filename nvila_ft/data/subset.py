@@ -91,6 +91,8 @@ def write_entries(file: SubsetFile, indices: set[int], out: Path, delimiter: str
     return WrittenSubset(file.prefix, out, len(kept), file.media_root, "llava_json")
 
 
-def file_of(source: Any, path: str, media_folder: str | Path) -> list[SubsetFile]:
-    """The one input of a source that reads `path` with its media under `media_folder`, named like the file."""
-    return [SubsetFile(path, str(Path(media_folder).resolve()), Path(path).name, source)]
+def file_of(source: Any, path: str, media_root: str | None = None) -> list[SubsetFile]:
+    """The one input of a source that reads `path` with its media under `media_root` (default: the file's folder),
+    named like the file."""
+    folder = media_root if media_root is not None else Path(path).parent
+    return [SubsetFile(path, str(Path(folder).resolve()), Path(path).name, source)]

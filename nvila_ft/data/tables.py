@@ -86,7 +86,7 @@ class TableSource:
         return out
 
     def subset_files(self) -> list[SubsetFile]:
-        return file_of(self, self.path, self.media_root if self.media_root is not None else Path(self.path).parent)
+        return file_of(self, self.path, self.media_root)
 
     def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
         path = Path(file.prefix)

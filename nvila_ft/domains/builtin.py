@@ -43,8 +43,7 @@ class BuiltinData:
 
     def subset_files(self) -> list[SubsetFile]:
         """The generated data file (LLaVA JSON); its subset's media paths are relative to the cache folder."""
-        path = self.path()
-        return file_of(self, str(path), path.parent)
+        return file_of(self, str(self.path()))
 
     def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
         return write_entries(file, indices, out)

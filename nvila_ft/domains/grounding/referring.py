@@ -95,7 +95,7 @@ class GroundingData:
     def subset_files(self) -> list[SubsetFile]:
         if self.path is None:
             raise cannot_write(self)
-        return file_of(self, self.path, self.media_root if self.media_root is not None else Path(self.path).parent)
+        return file_of(self, self.path, self.media_root)
 
     def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
         return write_entries(file, indices, out)
