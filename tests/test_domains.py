@@ -80,6 +80,13 @@ def test_each_pack_folder_is_one_registry_row():
     assert {"shapes", "scan", "robot_video", "grounding", "preference"} <= set(GENERATORS)
 
 
+def test_every_pack_ships_in_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert {f"nvila_ft.domains.{domain.name}" for domain in DOMAINS} | {"nvila_ft.domains"} <= listed
+
+
 def test_only_the_registry_enumerates_domains():
     """Adding a domain is a folder and a registry row: the data floor, the generic metrics and the domains floor's
     shared modules (tasks, built-in data, baselines, scoring) import no pack; only registry.py does."""
