@@ -1,6 +1,7 @@
 """The data-source kit: what every source needs to turn files into `Record`s, whatever its layout.
 
-A source reads rows (JSON, JSON Lines, CSV, or `datasets` files), turns each into a Record and reports the rows
+A source reads rows (JSON, JSON Lines or CSV here; parquet, arrow and the rest through `datasets` in
+`nvila_ft.data.hf_dataset`), turns each into a Record and reports the rows
 it cannot use: a file that cannot be read at all raises `DataError`; a malformed row raises `RecordProblem`
 inside the source, which `report` turns into a DataError naming the file, the row and the field, or (the source
 built with `on_error="collect"`) into a `BadRecord` in `source.errors`, the good rows still returned. Media
@@ -13,6 +14,7 @@ write a subset of it in its own layout (`subset_files`, `write_subset`).
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -116,6 +118,17 @@ def is_json_lines(file: Path, text: str) -> bool:
 def table_delimiter(file: Path, delimiter: str | None = None) -> str:
     """A table's delimiter: the one given, else a tab for `.tsv`/`.tab` and a comma otherwise."""
     return delimiter or ("\t" if file.suffix.lower() in (".tsv", ".tab") else ",")
+
+
+def table_rows(file: Path, name: str, delimiter: str) -> tuple[list[str] | None, list[dict[str, Any]]]:
+    """The header (None for an empty file) and the rows of a CSV/TSV table; DataError naming the line that cannot
+    be read."""
+    reader = csv.DictReader(read_text(file).splitlines(keepends=True), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise DataError(f"{name}: cannot read as a table (line {reader.line_num}: {e})") from e
+    return reader.fieldnames, rows
 
 
 def json_entries(file: Path, name: str) -> Iterator[tuple[int, Any]]:

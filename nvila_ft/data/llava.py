@@ -20,8 +20,8 @@ from nvila_ft.data.kit import (
     describe_value,
     json_file_records,
     media_meta,
-    question_type_meta,
     optional_id,
+    question_type_meta,
     resolve_media_root,
 )
 from nvila_ft.data.records import Record

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,12 @@ from nvila_ft.data.kit import (
     describe_value,
     json_entries,
     limited,
+    optional_id,
     question_answer,
     question_type_meta,
-    read_text,
-    optional_id,
     report,
     resolve_media_root,
+    table_rows,
     table_delimiter,
     with_system_prompt,
 )
@@ -97,14 +96,8 @@ class TableSource:
         if suffix in JSON_SUFFIXES:
             yield from json_entries(file, self.path)
             return
-        text = read_text(file)
-        delimiter = table_delimiter(file, self.delimiter)
-        try:
-            reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
-            rows = list(reader)
-        except csv.Error as e:
-            raise DataError(f"{self.path}: cannot read as a table (line {reader.line_num}: {e})") from e
-        if reader.fieldnames is None:
+        header, rows = table_rows(file, self.path, table_delimiter(file, self.delimiter))
+        if header is None:
             raise DataError(f"{self.path}: empty table (no header row)")
         yield from enumerate(rows)
 

@@ -31,8 +31,8 @@ from nvila_ft.data.kit import (
     check_on_error,
     describe_value,
     json_file_records,
-    question_answer,
     optional_id,
+    question_answer,
     report,
     resolve_media_root,
 )

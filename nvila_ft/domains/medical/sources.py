@@ -33,7 +33,6 @@ Malformed records are reported like the other sources' (file, 0-based index, fie
 
 from __future__ import annotations
 
-import csv
 import glob
 import math
 import re
@@ -52,10 +51,10 @@ from nvila_ft.data.kit import (
     describe_value,
     json_entries,
     question_answer,
-    read_text,
     report,
     resolve_media_root,
     table_delimiter,
+    table_rows,
 )
 from nvila_ft.data.records import Record
 from nvila_ft.data.subset import write_entries
@@ -178,13 +177,8 @@ class MedicalVQA:
         return json_entries(file, self.path)
 
     def _csv_rows(self, file: Path) -> Iterator[tuple[int, Any]]:
-        text = read_text(file)
-        reader = csv.DictReader(text.splitlines(keepends=True), delimiter=table_delimiter(file))
-        try:
-            rows = list(reader)
-        except csv.Error as e:
-            raise DataError(f"{self.path}: cannot read as a table (line {reader.line_num}: {e})") from e
-        columns = [c.strip() for c in reader.fieldnames or []]
+        header, rows = table_rows(file, self.path, table_delimiter(file))
+        columns = [c.strip() for c in header or []]
         required = ["Figure_path", "Question", "Answer_label"] + [f"Choice {letter}" for letter in PMC_VQA_LETTERS]
         missing = [c for c in required if c not in columns]
         if missing:
