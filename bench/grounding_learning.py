@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nvila_ft.data.boxes import iou, parse_box
-from nvila_ft.data.builtin import COLORS
+from nvila_ft.domains.grounding.boxes import iou, parse_box
+from nvila_ft.domains.synthetic import COLORS
 
 
 def shape_hits(predictions: Path) -> tuple[int, int, int]:

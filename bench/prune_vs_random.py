@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nvila_ft.data.builtin import ANSWERS, BUILTIN_DATASETS
+from nvila_ft.domains.registry import GENERATORS
 
 
 def cli(args: list[str], env: dict[str, str]) -> None:
@@ -45,7 +45,7 @@ def finetune(run: Path, train: Path, val: Path, steps: int, seed: int, env: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="scan", choices=sorted(BUILTIN_DATASETS))
+    parser.add_argument("--dataset", default="scan", choices=sorted(GENERATORS))
     parser.add_argument("--records", type=int, default=800, help="generated records (train + held out)")
     parser.add_argument("--val", type=int, default=200, help="held-out records")
     parser.add_argument("--strong-steps", type=int, default=300)
@@ -62,8 +62,9 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="prune-vs-random-"))
     env = dict(os.environ, NVILA_FT_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
 
-    data_file = BUILTIN_DATASETS[args.dataset](work / "data", args.records, seed=1234)
+    data_file = GENERATORS[args.dataset].make(work / "data", args.records, seed=1234)
     entries = json.loads(data_file.read_text())
+    answers = json.loads((data_file.parent / "answers.json").read_text())
     order = list(range(len(entries)))
     random.Random(1234).shuffle(order)
     held = set(order[: args.val])
@@ -73,7 +74,7 @@ def main() -> None:
     for i in noisy:
         answer = train[i]["conversations"][1]["value"]
         train[i]["conversations"][1]["value"] = random.Random(i).choice(
-            [a for a in ANSWERS[train[i]["question_type"]] if a != answer])
+            [a for a in answers[train[i]["question_type"]] if a != answer])
     train_file.write_text(json.dumps(train))
     val_file.write_text(json.dumps([e for i, e in enumerate(entries) if i in held]))
 

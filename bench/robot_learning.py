@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nvila_ft.data.builtin import make_robot_episodes_dataset
+from nvila_ft.domains.robotics.generators import make_robot_episodes_dataset
 
 FIELDS = ("x", "y", "grip")
 

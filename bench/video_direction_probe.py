@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nvila_ft.data.builtin import ANSWERS, make_robot_video_dataset
+from nvila_ft.domains.robotics.generators import DIRECTIONS, make_robot_video_dataset
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.pretrained import pretrained_checkpoint
@@ -60,7 +60,7 @@ def main() -> None:
                 tokens = model.get_video_features(frames, torch.tensor([frames.shape[0]]))  # [tokens, dim]
                 for name, value in zip(views, (tokens, tokens.mean(0), tokens[-per_frame:])):
                     views[name].append(value.flatten())
-                labels.append(ANSWERS["direction"].index(record["conversations"][1]["value"]))
+                labels.append(DIRECTIONS.index(record["conversations"][1]["value"]))
     pooling = f"temporal pooling {list(spec.pool_sizes)}" if spec.kind == "tsp_video" else "no temporal pooling"
     print(f"{args.preset}: {processor.num_video_frames} frames, {pooling}, {per_frame} tokens per (pooled) frame; "
           "held-out direction accuracy of a linear probe (chance 0.25)")

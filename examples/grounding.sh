@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Referring-expression grounding from RefCOCO-style records: make a small data set (images + {"image", "sentences"
 # / "expression", "bbox" [x, y, w, h] in pixels}), fine-tune, evaluate (Acc@0.5, mean IoU), then ask for a box.
-# Answers are "[x1, y1, x2, y2]", fractions of the original image (nvila_ft/data/boxes.py).
+# Answers are "[x1, y1, x2, y2]", fractions of the original image (nvila_ft/domains/grounding/boxes.py).
 #
 # CPU, about 7 minutes: the pretrained tiny NVILA (the default model). Its LLM never had to write a digit in
 # pretraining and gives digits almost no probability; LoRA on its layers does not lift that (the loss stays near

@@ -1,4 +1,4 @@
-"""Write a small robot-episodes dataset in nvila-ft's native layout (nvila_ft/data/episodes.py): pick-up episodes
+"""Write a small robot-episodes dataset in nvila-ft's native layout (nvila_ft/domains/robotics/episodes.py): pick-up episodes
 of a gripper and a block, one mp4 (or frame folder) per episode, with per-step sub-goals and actions.
 
     python examples/make_robot_episodes.py DIR [--train 300] [--val 60] [--media mp4|frames]
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nvila_ft.data.builtin import make_robot_episodes_dataset
+from nvila_ft.domains.robotics.generators import make_robot_episodes_dataset
 
 
 def main() -> None:

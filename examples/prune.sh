@@ -23,7 +23,7 @@ else  # a small LLaVA JSON dataset: built-in synthetic scans, split into train.j
     python - "$run/data" "${RECORDS:-800}" <<'EOF'
 import json, random, sys
 from pathlib import Path
-from nvila_ft.data.builtin import make_scan_dataset
+from nvila_ft.domains.medical.generator import make_scan_dataset
 count = int(sys.argv[2])
 entries = json.loads(make_scan_dataset(Path(sys.argv[1]), count, seed=1234).read_text())
 random.Random(0).shuffle(entries)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nvila_ft.data.records import Record
-from nvila_ft.training.baselines import baseline_predictions, baseline_scores, scores_by_question_type
+from nvila_ft.domains.baselines import baseline_predictions, baseline_scores, scores_by_question_type
 from tests.tolerances import METRIC  # float64 metrics: 64 roundings of values <= 1
 
 

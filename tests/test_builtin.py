@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nvila_ft.data.builtin import (
-    ANSWERS,
-    COLORS,
-    QUESTIONS,
-    make_scenes_dataset,
-    make_robot_video_dataset,
-    make_scan_dataset,
-    make_shapes_dataset,
-)
+from nvila_ft.domains.general.generators import ANSWERS, QUESTIONS, make_scenes_dataset, make_shapes_dataset
+from nvila_ft.domains.medical.generator import make_scan_dataset
+from nvila_ft.domains.robotics.generators import make_robot_video_dataset
+from nvila_ft.domains.synthetic import COLORS
 from nvila_ft.data.conversation import llava_to_messages
 from nvila_ft.data.media import load_video
 
@@ -146,7 +141,7 @@ def test_manifest_reuse_and_regeneration(tmp_path, monkeypatch):
         raise AssertionError("regenerated a complete dataset")
 
     with monkeypatch.context() as patch:
-        patch.setattr("nvila_ft.data.builtin._save_png", no_drawing)
+        patch.setattr("nvila_ft.domains.general.generators.save_png", no_drawing)
         assert make_shapes_dataset(out, 12, seed=1) == path
 
     # Different parameters, or an incomplete dataset (a missing image), are regenerated.

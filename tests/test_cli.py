@@ -273,7 +273,7 @@ def test_user_config_directory_on_the_search_path(tmp_path, cache):
     tasks = tmp_path / "mine" / "task"
     tasks.mkdir(parents=True)
     (tasks / "tiny_shapes.yaml").write_text(
-        "_target_: nvila_ft.data.task.Task\nname: my_shapes\ntrain:\n  _target_: nvila_ft.data.builtin.BuiltinData\n"
+        "_target_: nvila_ft.domains.task.Task\nname: my_shapes\ntrain:\n  _target_: nvila_ft.domains.builtin.BuiltinData\n"
         "  dataset: shapes\n  num_records: 20\nval_fraction: 0.2\nmetrics: [accuracy]\n"
     )
     shown = run_cli(["finetune", "--cfg", "job", f"hydra.searchpath=[file://{tmp_path / 'mine'}]", "task=tiny_shapes"], tmp_path, cache)
@@ -420,7 +420,7 @@ def test_a_run_made_with_user_folders_needs_only_its_directory(tmp_path, cache):
     (mine / "task").mkdir(parents=True)
     (mine / "adapters").mkdir()
     (mine / "task" / "my_shapes.yaml").write_text(
-        "_target_: nvila_ft.data.task.Task\nname: my_shapes\ntrain:\n  _target_: nvila_ft.data.builtin.BuiltinData\n"
+        "_target_: nvila_ft.domains.task.Task\nname: my_shapes\ntrain:\n  _target_: nvila_ft.domains.builtin.BuiltinData\n"
         "  dataset: shapes\n  num_records: 24\nval_fraction: 0.25\nmetrics: [accuracy]\n"
     )
     (mine / "adapters" / "my_policy.yaml").write_text(

@@ -39,9 +39,9 @@ def test_right_values_pass_and_ints_are_numbers():
 
 def test_nested_targets_and_policies_are_checked():
     task = OmegaConf.create({
-        "_target_": "nvila_ft.data.task.Task", "name": "t", "val_fraction": 0.1,
-        "train": {"_target_": "nvila_ft.data.sources.Mixture", "sources": [
-            {"_target_": "nvila_ft.data.sources.LlavaJson", "path": "???"}]},
+        "_target_": "nvila_ft.domains.task.Task", "name": "t", "val_fraction": 0.1,
+        "train": {"_target_": "nvila_ft.data.mixture.Mixture", "sources": [
+            {"_target_": "nvila_ft.data.llava.LlavaJson", "path": "???"}]},
     })
     with pytest.raises(ConfigError, match=r"^task\.train\.sources\[0\]\.path is required"):
         check_node(task, "task")

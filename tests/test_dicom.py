@@ -270,8 +270,9 @@ def test_the_multi_frame_rule_is_the_same_in_every_source(tmp_path, tiny_process
     with a note under image_frame=middle, refused under image_frame=refuse, in all three alike."""
     import json
 
-    from nvila_ft.data.medical import MedicalVQA
-    from nvila_ft.data.sources import LlavaJson, TableSource
+    from nvila_ft.domains.medical.sources import MedicalVQA
+    from nvila_ft.data.llava import LlavaJson
+    from nvila_ft.data.tables import TableSource
     from nvila_ft.data.validation import validate_source
 
     (tmp_path / "imgs").mkdir()

@@ -110,8 +110,8 @@ def assert_same_adapters(run: Path, reference: Path, atol: float, folder: str = 
 
 def held_out(cache: Path) -> set[str]:
     """The origins of the validation records COMMON's task holds out (demo_scan's 40 records, 20%, seed 0)."""
-    from nvila_ft.data.builtin import BuiltinData
-    from nvila_ft.data.task import Task
+    from nvila_ft.domains.builtin import BuiltinData
+    from nvila_ft.domains.task import Task
 
     task = Task(name="demo_scan", train=BuiltinData("scan", 40, cache_dir=str(cache / "builtin")), val_fraction=0.2)
     validation = {record.origin for record in task.load(0).validation}

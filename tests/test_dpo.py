@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nvila_ft.adapters import AdapterPolicy, apply_policy
-from nvila_ft.data.builtin import make_preference_dataset
-from nvila_ft.data.preferences import REJECTED, PreferenceJson, rejected_messages
-from nvila_ft.data.sources import DataError
+from nvila_ft.domains.preference.generator import make_preference_dataset
+from nvila_ft.domains.preference.sources import REJECTED, PreferenceJson, rejected_messages
+from nvila_ft.data.kit import DataError
 from nvila_ft.data.validation import validate_records
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.tokenizer import IGNORE_INDEX
@@ -111,7 +111,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from nvila_ft.data.builtin import BuiltinData
+    from nvila_ft.domains.builtin import BuiltinData
 
     return BuiltinData("preference", 8, seed=1, cache_dir=str(tmp_path_factory.mktemp("data"))).records()
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from nvila_ft.data.medical import MedicalVQA
-from nvila_ft.data.sources import DataError
-from nvila_ft.data.task import Task
+from nvila_ft.domains.medical.sources import MedicalVQA
+from nvila_ft.data.kit import DataError
+from nvila_ft.domains.task import Task
 
 
 def _image(path):

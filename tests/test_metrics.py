@@ -6,18 +6,10 @@ import math
 
 import pytest
 
-from nvila_ft.metrics import (
-    METRICS,
-    accuracy,
-    bleu,
-    choice_correct,
-    closed_answer_correct,
-    compute_metrics,
-    exact_match,
-    normalize_answer,
-    rouge_l,
-    token_f1,
-)
+from nvila_ft.domains.medical.answers import choice_correct
+from nvila_ft.domains.registry import METRICS
+from nvila_ft.domains.scoring import compute_metrics
+from nvila_ft.metrics import accuracy, bleu, closed_answer_correct, exact_match, normalize_answer, rouge_l, token_f1
 
 from tests.tolerances import METRIC  # float64 metrics within 64 roundings
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from nvila_ft.data.records import Record
-from nvila_ft.data.sources import LlavaJson, Mixture, TableSource
+from nvila_ft.data.llava import LlavaJson
+from nvila_ft.data.mixture import Mixture
+from nvila_ft.data.tables import TableSource
 from nvila_ft.data.subset import origin_parts, write_subset
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.pruning import PruneRule, RecordScore, TokenLoss, answer_losses, record_source, record_sources
@@ -22,7 +24,7 @@ from tests.tolerances import TINY_FORWARD, cross_entropy, reordered, scale_of
 # ----------------------------------------------------------------------------------------------- scores
 def test_answer_losses_match_a_plain_loop(tmp_path):
     """Batched (padded) scores equal one forward per record with log-softmax taken by hand at each label position."""
-    from nvila_ft.data.builtin import make_shapes_dataset
+    from nvila_ft.domains.general.generators import make_shapes_dataset
     from nvila_ft.data.processor import NVILAProcessor
     from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
     from nvila_ft.model.presets import save_preset_checkpoint
@@ -225,7 +227,7 @@ def test_subset_of_a_mixture_writes_one_file_per_input(tmp_path):
 def test_subset_of_a_parquet_dataset(tmp_path):
     import datasets
 
-    from nvila_ft.data.sources import HFDataset
+    from nvila_ft.data.hf_dataset import HFDataset
 
     datasets.Dataset.from_dict({"question": [f"q{i}" for i in range(4)], "answer": [f"a{i}" for i in range(4)]}).to_parquet(
         str(tmp_path / "qa.parquet"))
@@ -239,7 +241,7 @@ def test_subset_of_a_parquet_dataset(tmp_path):
 def test_subset_of_a_saved_dataset_dict(tmp_path):
     import datasets
 
-    from nvila_ft.data.sources import HFDataset
+    from nvila_ft.data.hf_dataset import HFDataset
 
     rows = {"question": [f"q{i}" for i in range(5)], "answer": [f"a{i}" for i in range(5)]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvila_ft.data.medical import MedicalVQA
-from nvila_ft.data.sources import HFDataset
+from nvila_ft.domains.medical.sources import MedicalVQA
+from nvila_ft.data.hf_dataset import HFDataset
 from nvila_ft.data.validation import validate_source
 
 pytest.importorskip("datasets")
@@ -137,7 +137,7 @@ def test_validate_data_on_a_broken_parquet_ends_in_its_report_not_a_traceback(tm
 
 
 def test_a_table_row_without_its_image_is_a_bad_record_when_images_are_required(tmp_path, tiny_processor):
-    from nvila_ft.data.sources import TableSource
+    from nvila_ft.data.tables import TableSource
 
     image_folder(tmp_path)
     (tmp_path / "table.csv").write_text("image,question,answer\ngood.jpg,What?,x\n,What?,y\nerror_page.jpg,What?,z\n")

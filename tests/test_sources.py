@@ -18,7 +18,10 @@ from PIL import Image
 
 from nvila_ft.data.media import load_image, write_video
 from nvila_ft.data.records import Record
-from nvila_ft.data.sources import DataError, HFDataset, LlavaJson, TableSource, describe, split_records
+from nvila_ft.data.hf_dataset import HFDataset
+from nvila_ft.data.kit import DataError, describe, split_records
+from nvila_ft.data.llava import LlavaJson
+from nvila_ft.data.tables import TableSource
 
 
 def user(*parts):
@@ -135,7 +138,7 @@ def test_question_type_field_reaches_the_record(tmp_path):
 
 
 def test_mixture_reads_its_sources_in_order(tmp_path):
-    from nvila_ft.data.sources import Mixture
+    from nvila_ft.data.mixture import Mixture
 
     first = write_json(tmp_path / "a.json", LLAVA[:2])
     second = write_jsonl(tmp_path / "b.jsonl", [LLAVA[2], "{broken"])
@@ -427,7 +430,7 @@ def test_split_records_sizes_and_determinism():
 
 def test_split_records_ignores_python_hash_seed():
     code = (
-        "from nvila_ft.data.records import Record; from nvila_ft.data.sources import split_records;"
+        "from nvila_ft.data.records import Record; from nvila_ft.data.kit import split_records;"
         "rs=[Record(messages=[], origin=f'f[{i}]') for i in range(50)];"
         "print([r.origin for r in split_records(rs, 0.1, seed=1)[1]])"
     )
@@ -445,8 +448,8 @@ def test_describe(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- tasks
 def test_task_validation_is_one_override_for_every_source_type(tmp_path, media_dir):
-    from nvila_ft.data.builtin import BuiltinData
-    from nvila_ft.data.task import Task
+    from nvila_ft.domains.builtin import BuiltinData
+    from nvila_ft.domains.task import Task
 
     write_json(media_dir / "train.json", LLAVA)
     (media_dir / "val").mkdir()

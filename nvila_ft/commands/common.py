@@ -18,6 +18,7 @@ from nvila_ft.adapters.artifacts import POLICY_FILE, load_adapters
 from nvila_ft.adapters.frozen_storage import FrozenStorage, store_frozen_weights
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import TaskDataCheck
+from nvila_ft.legacy_targets import current_targets
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.source import ModelSource
 from nvila_ft.training.config import ConfigError, Precision
@@ -31,7 +32,7 @@ def build(cfg: DictConfig, where: str) -> Any:
     """Instantiate the config node `cfg.<where>` (`_target_` + arguments); None or an empty node
     (`adapters=none`) is None. Values are checked against the built object's annotations first, and a
     constructor's own ValueError/TypeError becomes a ConfigError naming the node."""
-    node = cfg.get(where)
+    node = current_targets(cfg.get(where))  # a run made by an earlier version may name moved classes
     if node is None or len(node) == 0:
         return None
     from hydra.errors import InstantiationException

@@ -27,7 +27,7 @@ from nvila_ft.commands.common import (
     run_config,
     seed_everything,
 )
-from nvila_ft.data.preferences import REJECTED
+from nvila_ft.domains.preference.sources import REJECTED
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
 from nvila_ft.metrics import format_scores

@@ -19,7 +19,7 @@ from nvila_ft.commands.common import (
 )
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
-from nvila_ft.training.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
+from nvila_ft.domains.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl

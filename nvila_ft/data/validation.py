@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from nvila_ft.data.conversation import ConversationError
 from nvila_ft.data.records import Record
 
 KINDS = (
@@ -111,8 +112,6 @@ def classify(error: BaseException) -> str:
     means a malformed conversation, then the messages are matched against what media.py/processor.py say;
     anything else (including a bug) is "other".
     """
-    from nvila_ft.data.conversation import ConversationError
-
     chain = _chain(error)
     for err in chain:
         kind = getattr(err, "kind", None)
@@ -185,7 +184,7 @@ def validate_records(
                 messages, with_labels=True, truncate=False, sample_id=record.name, media_root=record.media_root
             )
         except Exception as err:  # noqa: BLE001 - every failure is reported against its record, none stops the run
-            bad.append(BadRecord(record.origin, _reason(err, record), classify(err)))
+            bad.append(BadRecord(record.origin, failure_reason(err, record), classify(err)))
             continue
         good.append(record)
         lengths.append(sample.length)
@@ -227,7 +226,7 @@ def _origin_key(origin: str) -> tuple[str, int, str]:
     return (match.group(1), int(match.group(2)), "") if match else (origin, -1, origin)
 
 
-def _reason(err: BaseException, record: Record) -> str:
+def failure_reason(err: BaseException, record: Record) -> str:
     """The exception's message without the record name the processor prefixes (the origin says it)."""
     message = str(err)
     for prefix in (f"{record.name}: ", f"{record.name}, "):

@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.metrics import compute_metrics
+from nvila_ft.domains.scoring import compute_metrics, metric_context
 from nvila_ft.model.losses import summed_cross_entropy
-from nvila_ft.training.baselines import metric_context
 
 
 def record_losses(

@@ -28,7 +28,7 @@ from trl import DPOTrainer
 
 from nvila_ft.adapters.apply import base_module, get_component
 from nvila_ft.adapters.policy import AdapterPolicy
-from nvila_ft.data.preferences import REJECTED, rejected_messages
+from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
@@ -93,7 +93,7 @@ class PreferenceCollator:
 def check_rejected(records: list[Record], processor: NVILAProcessor) -> tuple[list[Record], list[Any]]:
     """Records whose rejected conversation also goes through the processor (the chosen one is checked with the
     task's data); the others as BadRecords naming the field."""
-    from nvila_ft.data.validation import BadRecord, _reason, classify
+    from nvila_ft.data.validation import BadRecord, classify, failure_reason
 
     good, bad = [], []
     for record in records:
@@ -101,7 +101,7 @@ def check_rejected(records: list[Record], processor: NVILAProcessor) -> tuple[li
             processor.process(rejected_messages(record), with_labels=True, truncate=False,
                               sample_id=record.name, media_root=record.media_root)
         except Exception as err:  # noqa: BLE001 - reported against the record, as data validation does
-            bad.append(BadRecord(record.origin, f"field 'rejected': {_reason(err, record)}", classify(err)))
+            bad.append(BadRecord(record.origin, f"field 'rejected': {failure_reason(err, record)}", classify(err)))
             continue
         good.append(record)
     return good, bad

@@ -1,6 +1,6 @@
 """Referring-expression grounding data: an expression about an image -> the box of what it refers to.
 
-Answers are boxes in the one format of `nvila_ft.data.boxes` ("[x1, y1, x2, y2]", fractions of the image).
+Answers are boxes in the one format of `nvila_ft.domains.grounding.boxes` ("[x1, y1, x2, y2]", fractions of the image).
 `GroundingData` reads, by `layout`:
 
 - "refcoco": RefCOCO-style JSON (a list) or JSON Lines, one object per record:
@@ -13,7 +13,7 @@ Answers are boxes in the one format of `nvila_ft.data.boxes` ("[x1, y1, x2, y2]"
   record. The question is `question_template` with the expression filled in (NVILA's RefCOCO question).
 - "llava": LLaVA/NVILA JSON whose last answer is a box in the documented format; the record is kept as written.
 
-With `path: null` the built-in synthetic set (`nvila_ft.data.builtin.make_grounding_dataset`, options in
+With `path: null` the built-in synthetic set (`nvila_ft.domains.grounding.generator.make_grounding_dataset`, options in
 `synthetic`) is read through the "llava" layout. A record with a bad box (outside the image, zero area, not four
 numbers), a missing expression or an unreadable image is reported with the file, the record's 0-based index
 and the field, like every other source (`on_error`: "collect" keeps the good records).
@@ -24,21 +24,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nvila_ft.data.boxes import GROUNDING_PROMPT, PIXEL_FORMATS, BoxError, box_from_pixels, format_box, parse_box
+from nvila_ft.data.kit import (
+    RecordProblem,
+    SubsetFile,
+    WrittenSubset,
+    check_on_error,
+    describe_value,
+    json_file_records,
+    optional_id,
+    question_answer,
+    report,
+    resolve_media_root,
+)
+from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.media import MediaError, image_size
 from nvila_ft.data.records import Record
-from nvila_ft.data.sources import (
-    json_file_records,
-    LlavaJson,
-    _absolute_root,
-    _check_on_error,
-    _describe_value,
-    _question_answer,
-    _record_id,
-    _RecordProblem,
-    _report,
-)
+from nvila_ft.data.subset import cannot_write, file_of, write_entries
 from nvila_ft.data.validation import BadRecord
+from nvila_ft.domains.grounding.boxes import GROUNDING_PROMPT, PIXEL_FORMATS, BoxError, box_from_pixels, format_box, parse_box
+from nvila_ft.domains.grounding.generator import make_grounding_dataset
+from nvila_ft.domains.synthetic import builtin_folder
 
 LAYOUTS = ("refcoco", "llava")
 QUESTION_TYPE = "ground"  # as the built-in set's, so per-type scores and the question-prior baseline group them
@@ -67,20 +72,33 @@ class GroundingData:
         self.path = None if path is None else str(path)
         self.layout, self.bbox_format, self.media_root = layout, bbox_format, media_root
         self.question_template, self.synthetic, self.limit = question_template, dict(synthetic or {}), limit
-        self.on_error = _check_on_error(on_error)
+        self.on_error = check_on_error(on_error)
         self.errors: list[BadRecord] = []  # malformed records of the last records() call (on_error="collect")
 
     def records(self) -> list[Record]:
         self.errors = []
         if self.path is None:
-            from nvila_ft.data.builtin import BuiltinData
-
-            options = dict(self.synthetic)
-            counts = {key: options.pop(key) for key in ("num_records", "seed", "cache_dir") if key in options}
-            return self._llava_records(str(BuiltinData("grounding", **counts, options=options).path()))
+            return self._llava_records(str(self.synthetic_file()))
         if self.layout == "llava":
             return self._llava_records(self.path)
         return self._refcoco_records()
+
+    def synthetic_file(self) -> Path:
+        """The built-in set (`synthetic`: num_records, seed, cache_dir and the generator's options), generated on
+        first use into the cache folder BuiltinData("grounding", ...) uses."""
+        options = dict(self.synthetic)
+        num_records, seed, cache_dir = options.pop("num_records", 1000), options.pop("seed", 0), options.pop("cache_dir", None)
+        return make_grounding_dataset(builtin_folder("grounding", num_records, seed, options, cache_dir), num_records,
+                                      seed=seed, **options)
+
+    # -- subsets
+    def subset_files(self) -> list[SubsetFile]:
+        if self.path is None:
+            raise cannot_write(self)
+        return file_of(self, self.path, self.media_root)
+
+    def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
+        return write_entries(file, indices, out)
 
     # -- LLaVA JSON with box answers
     def _llava_records(self, path: str) -> list[Record]:
@@ -93,46 +111,46 @@ class GroundingData:
                 out.append(Record(record.messages, record.origin, record.id, record.media_root,
                                   {**record.meta, "question_type": record.meta.get("question_type", QUESTION_TYPE)}))
             else:
-                _report(self, record.origin, _RecordProblem(f"field 'conversations' (the last gpt value): not a box: {problem}"))
+                report(self, record.origin, RecordProblem(f"field 'conversations' (the last gpt value): not a box: {problem}"))
         self.errors = list(source.errors) + self.errors
         return out
 
     # -- RefCOCO-style records
     def _refcoco_records(self) -> list[Record]:
-        root = _absolute_root(self.media_root, Path(self.path).parent)
+        root = resolve_media_root(self.media_root, Path(self.path).parent)
         return json_file_records(self, Path(self.path), self.path, lambda entry, origin, index: self._refcoco_record(entry, origin, index, root))
 
     def _refcoco_record(self, entry: Any, origin: str, index: int, root: str) -> list[Record]:
         if not isinstance(entry, dict):
-            raise _RecordProblem(f"expected an object with 'image', 'expression' or 'sentences', and 'bbox'; got {_describe_value(entry)}")
+            raise RecordProblem(f"expected an object with 'image', 'expression' or 'sentences', and 'bbox'; got {describe_value(entry)}")
         image = entry.get("image")
         if not isinstance(image, str) or not image.strip():
-            raise _RecordProblem(f"field 'image': expected an image path, got {_describe_value(image)}")
+            raise RecordProblem(f"field 'image': expected an image path, got {describe_value(image)}")
         expressions = _expressions(entry)
         if "bbox" not in entry:
-            raise _RecordProblem("field 'bbox': missing (the box in pixels, [x, y, w, h] or [x1, y1, x2, y2] by bbox_format)")
+            raise RecordProblem("field 'bbox': missing (the box in pixels, [x, y, w, h] or [x1, y1, x2, y2] by bbox_format)")
         try:
             width, height = image_size(image, root)
         except MediaError as e:
-            raise _RecordProblem(f"field 'image': {e}", kind=e.kind) from e
+            raise RecordProblem(f"field 'image': {e}", kind=e.kind) from e
         for field, actual in (("width", width), ("height", height)):
             stated = entry.get(field)
             if stated is not None and stated != actual:
-                raise _RecordProblem(f"field {field!r}: {stated!r}, but the image is {width}x{height} (boxes are in the image's pixels)")
+                raise RecordProblem(f"field {field!r}: {stated!r}, but the image is {width}x{height} (boxes are in the image's pixels)")
         try:
             box = box_from_pixels(entry["bbox"], width, height, self.bbox_format)
         except BoxError as e:
-            raise _RecordProblem(f"field 'bbox': {e}") from e
+            raise RecordProblem(f"field 'bbox': {e}") from e
         answer = format_box(box)
         problem = _unwritable(parse_box(answer).box)
         if problem:
-            raise _RecordProblem(f"field 'bbox': {problem}")
-        base_id = _record_id(entry.get("id", entry.get("ref_id")))
+            raise RecordProblem(f"field 'bbox': {problem}")
+        base_id = optional_id(entry.get("id", entry.get("ref_id")))
         records = []
         for k, expression in enumerate(expressions):
             record_id = base_id if len(expressions) == 1 else f"{base_id if base_id is not None else index}#{k}"
             question = self.question_template.replace("{expression}", expression)
-            records.append(Record(_question_answer([image], [], question, answer), origin, record_id, root,
+            records.append(Record(question_answer([image], [], question, answer), origin, record_id, root,
                                   {"question_type": QUESTION_TYPE, "image_size": [width, height]}))
         return records
 
@@ -142,20 +160,20 @@ def _expressions(entry: dict[str, Any]) -> list[str]:
     if "expression" in entry:
         value = entry["expression"]
         if not isinstance(value, str) or not value.strip():
-            raise _RecordProblem(f"field 'expression': expected a non-empty string, got {_describe_value(value)}")
+            raise RecordProblem(f"field 'expression': expected a non-empty string, got {describe_value(value)}")
         return [value.strip()]
     value = entry.get("sentences")
     if value is None:
-        raise _RecordProblem("has neither 'expression' nor 'sentences' (the referring expression)")
+        raise RecordProblem("has neither 'expression' nor 'sentences' (the referring expression)")
     items = value if isinstance(value, list) else [value]
     out = []
     for k, item in enumerate(items):
         text = item.get("sent", item.get("raw")) if isinstance(item, dict) else item
         if not isinstance(text, str) or not text.strip():
-            raise _RecordProblem(f"field 'sentences[{k}]': expected a string or {{'sent': ...}}, got {_describe_value(item)}")
+            raise RecordProblem(f"field 'sentences[{k}]': expected a string or {{'sent': ...}}, got {describe_value(item)}")
         out.append(text.strip())
     if not out:
-        raise _RecordProblem("field 'sentences': empty list")
+        raise RecordProblem("field 'sentences': empty list")
     return out
 
 

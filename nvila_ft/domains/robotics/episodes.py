@@ -20,35 +20,39 @@ it in time as its config says. The prompt is the instruction, the answer the ste
 
 - `subgoal`: the step's "subgoal" text;
 - `action_text`: the step's "action_text", else its "action" when that is a string;
-- `action_tokens`: the step's "action" dict discretised by `action_fields` (`nvila_ft.data.actions`), e.g.
+- `action_tokens`: the step's "action" dict discretised by `action_fields` (`nvila_ft.domains.robotics.actions`), e.g.
   "x=+1 y=0 grip=open"; the action metrics (`action_exact_match`, ...) parse the model's answer back.
 
 A malformed episode or step raises DataError naming the file, the episode index, the step and the field, or with
 `on_error="collect"` lands in `errors` and the rest is kept. `limit` counts episodes. With `path=None` the
-built-in synthetic episodes (`nvila_ft.data.builtin.make_robot_episodes_dataset`, options in `builtin`) are
+built-in synthetic episodes (`nvila_ft.domains.robotics.generators.make_robot_episodes_dataset`, options in `builtin`) are
 generated into the cache and read like user data.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nvila_ft.data.actions import ActionFormat
+from nvila_ft.data.kit import (
+    RecordProblem,
+    SubsetFile,
+    WrittenSubset,
+    check_on_error,
+    describe_value,
+    json_file_records,
+    optional_id,
+    report,
+    resolve_media_root,
+)
 from nvila_ft.data.media import VideoClip
 from nvila_ft.data.records import Record
-from nvila_ft.data.sources import (
-    json_file_records,
-    _absolute_root,
-    _check_on_error,
-    _describe_value,
-    _RecordProblem,
-    _record_id,
-    _report,
-)
+from nvila_ft.data.subset import cannot_write
 from nvila_ft.data.validation import BadRecord
+from nvila_ft.domains.robotics.actions import ActionFormat
+from nvila_ft.domains.robotics.generators import make_robot_episodes_dataset
+from nvila_ft.domains.synthetic import cache_folder, options_name
 
 TARGETS = ("subgoal", "action_text", "action_tokens")
 INSTRUCTION_FIELDS = ("instruction", "language_instruction", "task")
@@ -88,7 +92,7 @@ class RobotEpisodes:
         self.context_frames, self.frame_stride, self.limit = context_frames, frame_stride, limit
         self.action_fields = action_fields
         self.format = ActionFormat(action_fields) if action_fields else None
-        self.on_error = _check_on_error(on_error)
+        self.on_error = check_on_error(on_error)
         self.builtin, self.cache_dir = dict(builtin or {}), cache_dir
         self.errors: list[BadRecord] = []
 
@@ -96,19 +100,22 @@ class RobotEpisodes:
         """The episodes file: `path`, or the built-in episodes (generated on first use)."""
         if self.path is not None:
             return Path(self.path)
-        from nvila_ft.data.builtin import default_cache_dir, make_robot_episodes_dataset
-
         options = dict(self.builtin)
-        name = "robot_episodes-" + re.sub(r"[^A-Za-z0-9=.,-]+", "_", "-".join(f"{k}={v}" for k, v in sorted(options.items())))
-        root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
-        return make_robot_episodes_dataset(root / name, **options)
+        return make_robot_episodes_dataset(cache_folder("robot_episodes-" + options_name(options), self.cache_dir), **options)
 
     def records(self) -> list[Record]:
         self.errors = []
         file = self.file()
         name = str(self.path) if self.path is not None else str(file)
-        root = _absolute_root(self.media_root, file.parent)
+        root = resolve_media_root(self.media_root, file.parent)
         return json_file_records(self, file, name, lambda entry, origin, index: self._step_records(entry, origin, index, root))
+
+    def subset_files(self) -> list[SubsetFile]:
+        """None: a subset of per-step records is not a subset of the episodes file."""
+        raise cannot_write(self)
+
+    def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
+        raise cannot_write(self)
 
     def _step_records(self, entry: Any, origin: str, index: int, root: str) -> list[Record]:
         """One record per usable step of an episode; a bad step is reported and skipped, a bad episode raises."""
@@ -118,8 +125,8 @@ class RobotEpisodes:
             where = f"{origin}.steps[{step_index}]"
             try:
                 frame, answer = _frame(step), self._target(step)
-            except _RecordProblem as problem:
-                _report(self, where, problem)
+            except RecordProblem as problem:
+                report(self, where, problem)
                 continue
             clip = VideoClip(video, window(frame, self.context_frames, self.frame_stride))
             messages = [
@@ -141,44 +148,44 @@ class RobotEpisodes:
                 return _text(step["action_text"], "action_text")
             if isinstance(action, str):
                 return _text(action, "action")
-            raise _RecordProblem("field 'action_text': missing (target action_text takes it, or a string 'action')",
+            raise RecordProblem("field 'action_text': missing (target action_text takes it, or a string 'action')",
                                  kind="no_answer")
         if not isinstance(action, Mapping):
-            raise _RecordProblem(f"field 'action': expected a dict of {list(self.format.fields)}, got "
-                                 f"{_describe_value(action)}", kind="no_answer" if action is None else "structure")
+            raise RecordProblem(f"field 'action': expected a dict of {list(self.format.fields)}, got "
+                                 f"{describe_value(action)}", kind="no_answer" if action is None else "structure")
         try:
             return self.format.format(action)
         except ValueError as err:
-            raise _RecordProblem(f"field 'action': {err}") from err
+            raise RecordProblem(f"field 'action': {err}") from err
 
 
 def _episode(entry: Any) -> tuple[str | None, str, str, list[Any]]:
     if not isinstance(entry, dict):
-        raise _RecordProblem(f"expected a dict (an episode), got {type(entry).__name__}")
+        raise RecordProblem(f"expected a dict (an episode), got {type(entry).__name__}")
     video = entry.get("video")
     if not isinstance(video, str) or not video.strip():
-        raise _RecordProblem(f"field 'video': expected the path of a video file or frame folder, got {_describe_value(video)}")
+        raise RecordProblem(f"field 'video': expected the path of a video file or frame folder, got {describe_value(video)}")
     key = next((k for k in INSTRUCTION_FIELDS if k in entry), "instruction")
     instruction = _text(entry.get(key), key)
     steps = entry.get("steps")
     if not isinstance(steps, list) or not steps:
-        raise _RecordProblem(f"field 'steps': expected a non-empty list of steps, got {_describe_value(steps)}")
-    return _record_id(entry.get("episode_id")), video, instruction, steps
+        raise RecordProblem(f"field 'steps': expected a non-empty list of steps, got {describe_value(steps)}")
+    return optional_id(entry.get("episode_id")), video, instruction, steps
 
 
 def _frame(step: Any) -> int:
     if not isinstance(step, dict):
-        raise _RecordProblem(f"expected a dict (a step), got {type(step).__name__}")
+        raise RecordProblem(f"expected a dict (a step), got {type(step).__name__}")
     key = next((k for k in FRAME_FIELDS if k in step), "frame")
     value = step.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _RecordProblem(f"field {key!r}: expected a frame index (a whole number >= 0), got {_describe_value(value)}")
+        raise RecordProblem(f"field {key!r}: expected a frame index (a whole number >= 0), got {describe_value(value)}")
     return value
 
 
 def _text(value: Any, field: str) -> str:
     if value is None:
-        raise _RecordProblem(f"field {field!r}: missing", kind="no_answer" if field != "instruction" else "structure")
+        raise RecordProblem(f"field {field!r}: missing", kind="no_answer" if field != "instruction" else "structure")
     if not isinstance(value, str) or not value.strip():
-        raise _RecordProblem(f"field {field!r}: expected non-empty text, got {_describe_value(value)}")
+        raise RecordProblem(f"field {field!r}: expected non-empty text, got {describe_value(value)}")
     return value.strip()

@@ -24,15 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nvila_ft.data.kit import RecordProblem, describe_value, json_file_records, resolve_media_root
+from nvila_ft.data.llava import LlavaJson, llava_record
 from nvila_ft.data.records import Record
-from nvila_ft.data.sources import (
-    LlavaJson,
-    json_file_records,
-    _RecordProblem,
-    _absolute_root,
-    _describe_value,
-    _llava_record,
-)
 
 REJECTED = "rejected"  # the Record.meta key of the rejected reply
 
@@ -42,21 +36,21 @@ class PreferenceJson(LlavaJson):
 
     def records(self) -> list[Record]:
         self.errors = []
-        root = _absolute_root(self.media_root, Path(self.path).parent)
+        root = resolve_media_root(self.media_root, Path(self.path).parent)
         return json_file_records(self, Path(self.path), self.path, lambda entry, origin, _: preference_record(entry, origin, root))
 
 
 def preference_record(entry: Any, origin: str, media_root: str) -> Record:
     """One preference entry (either layout) -> a Record ending with the chosen reply, the rejected one in meta."""
     if not isinstance(entry, dict):
-        raise _RecordProblem(f"expected a dict (a preference record), got {type(entry).__name__}")
+        raise RecordProblem(f"expected a dict (a preference record), got {type(entry).__name__}")
     chosen, rejected = _reply(entry, "chosen"), _reply(entry, "rejected")
     if chosen == rejected:
-        raise _RecordProblem(f"field 'rejected': the same reply as 'chosen' ({chosen[:60]!r}); nothing to prefer")
+        raise RecordProblem(f"field 'rejected': the same reply as 'chosen' ({chosen[:60]!r}); nothing to prefer")
     conversations = _prompt_turns(entry)
     llava = {k: v for k, v in entry.items() if k not in ("prompt", "chosen", "rejected")}
     llava["conversations"] = conversations + [{"from": "gpt", "value": chosen}]
-    record = _llava_record(llava, origin, media_root)
+    record = llava_record(llava, origin, media_root)
     record.meta[REJECTED] = rejected
     return record
 
@@ -68,21 +62,21 @@ def rejected_messages(record: Record) -> list[dict[str, Any]]:
 
 def _reply(entry: dict[str, Any], field: str) -> str:
     if field not in entry:
-        raise _RecordProblem(f"field {field!r}: missing (a preference record needs 'chosen' and 'rejected')", kind="no_answer")
+        raise RecordProblem(f"field {field!r}: missing (a preference record needs 'chosen' and 'rejected')", kind="no_answer")
     value = entry[field]
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
         value = value[0].get("content")
     if not isinstance(value, str):
-        raise _RecordProblem(f"field {field!r}: expected a string (the reply), got {_describe_value(value)}")
+        raise RecordProblem(f"field {field!r}: expected a string (the reply), got {describe_value(value)}")
     if not value.strip():
-        raise _RecordProblem(f"field {field!r}: empty reply", kind="no_answer")
+        raise RecordProblem(f"field {field!r}: empty reply", kind="no_answer")
     return value.strip()
 
 
 def _prompt_turns(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """The LLaVA turns the replies answer: `conversations`, or `prompt` (a string or chat messages)."""
     if "conversations" in entry and "prompt" in entry:
-        raise _RecordProblem("fields 'conversations' and 'prompt': give one of them, not both")
+        raise RecordProblem("fields 'conversations' and 'prompt': give one of them, not both")
     if "conversations" in entry:
         turns = entry["conversations"]
         field = "conversations"
@@ -90,25 +84,25 @@ def _prompt_turns(entry: dict[str, Any]) -> list[dict[str, Any]]:
         turns = _prompt_as_turns(entry["prompt"])
         field = "prompt"
     else:
-        raise _RecordProblem("field 'conversations' (or 'prompt'): missing; the record has no question")
+        raise RecordProblem("field 'conversations' (or 'prompt'): missing; the record has no question")
     if not isinstance(turns, list) or not turns:
-        raise _RecordProblem(f"field {field!r}: expected a non-empty list of turns, got {_describe_value(turns)}")
+        raise RecordProblem(f"field {field!r}: expected a non-empty list of turns, got {describe_value(turns)}")
     last = turns[-1]
     if not isinstance(last, dict) or last.get("from") not in ("human", "user"):
-        raise _RecordProblem(f"field {field!r}: must end with a human turn (the replies go in 'chosen' and 'rejected')")
+        raise RecordProblem(f"field {field!r}: must end with a human turn (the replies go in 'chosen' and 'rejected')")
     return turns
 
 
 def _prompt_as_turns(prompt: Any) -> Any:
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise _RecordProblem("field 'prompt': empty")
+            raise RecordProblem("field 'prompt': empty")
         return [{"from": "human", "value": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         turns = []
         for index, message in enumerate(prompt):
             if not isinstance(message.get("content"), str):
-                raise _RecordProblem(f"field 'prompt[{index}].content': expected a string")
+                raise RecordProblem(f"field 'prompt[{index}].content': expected a string")
             turns.append({"from": message["role"], "value": message["content"]})
         return turns
     return prompt  # reported by the caller as not a list of turns

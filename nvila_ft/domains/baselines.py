@@ -4,7 +4,8 @@
 - question prior: every validation question gets the most common training answer among training records of
   the same question type (the record's `question_type` when the data has one, else the same question text),
   falling back to the majority answer for a question never seen in training;
-- mean box (grounding data, when every training answer is a box): every question gets the mean training box.
+- each domain's own (`BASELINES` of `nvila_ft.domains.registry`), where it applies: e.g. the grounding pack's mean
+  box (when every training answer is a box): every question gets the mean training box.
 
 A fine-tuned model that scores no better than the question prior has learnt the answer distribution, not
 the task. Answers are compared after `normalize_answer`, so "Yes" and "yes." count as one answer.
@@ -17,9 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from nvila_ft.data.records import Record
-from nvila_ft.metrics import compute_metrics, normalize_answer
-
-BASELINES = ("majority_answer", "question_prior")
+from nvila_ft.domains.registry import BASELINES as DOMAIN_BASELINES
+from nvila_ft.domains.scoring import compute_metrics, metric_context
+from nvila_ft.metrics import normalize_answer
 
 
 def _question_key(record: Record) -> str:
@@ -49,25 +50,11 @@ def baseline_predictions(train: Sequence[Record], validation: Sequence[Record]) 
         "majority_answer": [majority] * len(validation),
         "question_prior": [prior.get(_question_key(r), majority) for r in validation],
     }
-    mean = mean_box(answers)
-    if mean is not None:
-        baselines["mean_box"] = [mean] * len(validation)
+    for name, baseline in DOMAIN_BASELINES.items():
+        answer = baseline(answers)
+        if answer is not None:
+            baselines[name] = [answer] * len(validation)
     return baselines
-
-
-def mean_box(answers: Sequence[str]) -> str | None:
-    """The coordinate-wise mean of box answers, written as a box; None unless every answer is a box."""
-    from nvila_ft.data.boxes import format_box, parse_box
-
-    boxes = [parse_box(a).box for a in answers]
-    if not boxes or any(b is None for b in boxes):
-        return None
-    return format_box(tuple(sum(b[i] for b in boxes) / len(boxes) for i in range(4)))
-
-
-def metric_context(records: Sequence[Record]) -> dict[str, list[Any]]:
-    """What metrics may use beyond predictions and references: each record's question type and options."""
-    return {"question_types": [r.question_type for r in records], "choices": [r.meta.get("choices") for r in records]}
 
 
 def baseline_scores(train: Sequence[Record], validation: Sequence[Record], metrics: Sequence[str]) -> dict[str, dict[str, float]]:

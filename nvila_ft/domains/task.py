@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nvila_ft.data.kit import split_records
+from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.records import Record
-from nvila_ft.data.sources import split_records
-from nvila_ft.metrics import METRICS
+from nvila_ft.domains.registry import METRICS
 
 
 @dataclass
@@ -101,8 +102,6 @@ def validation_source(spec: Any, train: Any) -> Any | None:
         if spec.get("media_root") is not None:
             raise ValueError("task.validation: set task.validation.path (the validation file) as well")
         return None
-    from nvila_ft.data.sources import LlavaJson
-
     like_train = "path" in inspect.signature(type(train)).parameters
     cls = type(train) if like_train else LlavaJson
     parameters = set(inspect.signature(cls).parameters)

@@ -1,7 +1,7 @@
 """Medical VQA datasets in their own published layouts: VQA-RAD, SLAKE, PathVQA and PMC-VQA.
 
 Each record gets `meta["question_type"]` = its answer type ("closed", "open" or "choice"), which the medical
-metrics (`closed_accuracy`, `open_recall`, ... in nvila_ft/metrics.py) split their scores by, plus the
+metrics (`closed_accuracy`, `open_recall`, ... in nvila_ft/domains/medical/metrics.py) split their scores by, plus the
 dataset's own descriptors (organ, modality, location, ...) and its question id as the record id.
 
 Layouts (field names as the releases spell them):
@@ -33,7 +33,6 @@ Malformed records are reported like the other sources' (file, 0-based index, fie
 
 from __future__ import annotations
 
-import csv
 import glob
 import math
 import re
@@ -41,23 +40,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nvila_ft.data.records import Record
-from nvila_ft.data.sources import (
+from nvila_ft.data.hf_dataset import HFDataset, MissingImageColumn
+from nvila_ft.data.kit import (
     PICKLE_SUFFIXES,
     DataError,
-    HFDataset,
-    MissingImageColumn,
-    _absolute_root,
-    _check_on_error,
-    _describe_value,
-    _json_entries,
-    _question_answer,
-    _read_text,
-    _RecordProblem,
-    _report,
+    RecordProblem,
+    SubsetFile,
+    WrittenSubset,
+    check_on_error,
+    describe_value,
+    json_entries,
+    question_answer,
+    report,
+    resolve_media_root,
+    table_delimiter,
+    table_rows,
 )
+from nvila_ft.data.records import Record
+from nvila_ft.data.subset import write_entries
 from nvila_ft.data.validation import BadRecord
-from nvila_ft.metrics import answer_type, normalize_answer
+from nvila_ft.domains.medical.answers import answer_type
+from nvila_ft.metrics import normalize_answer
 
 LAYOUTS = ("vqa_rad", "slake", "pathvqa", "pmc_vqa")
 # Where each layout keeps its images, relative to its annotation file (used when that folder exists).
@@ -93,7 +96,7 @@ class MedicalVQA:
             raise DataError(f"{path}: split= is VQA-RAD's official split; {layout} ships one file per split")
         self.path, self.layout, self.media_root = str(path), layout, media_root
         self.language, self.split, self.limit = language, split, limit
-        self.on_error = _check_on_error(on_error)
+        self.on_error = check_on_error(on_error)
         self.errors: list[BadRecord] = []  # malformed records of the last records() call (on_error="collect")
 
     def records(self) -> list[Record]:
@@ -119,8 +122,8 @@ class MedicalVQA:
             origin = f"{self.path}[{index}]"
             try:
                 record = self._record(entry, origin, root)
-            except _RecordProblem as problem:
-                _report(self, origin, problem)
+            except RecordProblem as problem:
+                report(self, origin, problem)
                 continue
             if record is not None:
                 out.append(record)
@@ -148,10 +151,21 @@ class MedicalVQA:
         """The folder the annotation file's image paths are relative to (absolute)."""
         return self._root(Path(self.path))
 
+    def subset_files(self) -> list[SubsetFile]:
+        """The annotation file; for a Hugging Face copy, the files of its HFDataset (its records are that one's rows)."""
+        if self.reads_hugging_face():
+            return self.hugging_face_source().subset_files()
+        return [SubsetFile(self.path, self.media_folder(), Path(self.path).name, self)]
+
+    def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
+        """The kept entries of the annotation file as the release writes them (PMC-VQA: rows of its table)."""
+        delimiter = table_delimiter(Path(file.prefix)) if self.layout == "pmc_vqa" else None
+        return write_entries(file, indices, out, delimiter)
+
     def _root(self, file: Path) -> str:
         folder = IMAGE_FOLDERS.get(self.layout)
         default = file.parent / folder if folder and (file.parent / folder).is_dir() else file.parent
-        return _absolute_root(self.media_root, default)
+        return resolve_media_root(self.media_root, default)
 
     def _entries(self, file: Path) -> Iterator[tuple[int, Any]]:
         if self.layout == "pmc_vqa":
@@ -160,17 +174,11 @@ class MedicalVQA:
             return self._csv_rows(file)
         if file.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
             raise DataError(f"{self.path}: a {self.layout} file is JSON or JSON Lines (or parquet/arrow), not {file.suffix or 'extensionless'}")
-        return _json_entries(file, self.path)
+        return json_entries(file, self.path)
 
     def _csv_rows(self, file: Path) -> Iterator[tuple[int, Any]]:
-        text = _read_text(file)
-        delimiter = "\t" if file.suffix.lower() in (".tsv", ".tab") else ","
-        reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
-        try:
-            rows = list(reader)
-        except csv.Error as e:
-            raise DataError(f"{self.path}: cannot read as a table (line {reader.line_num}: {e})") from e
-        columns = [c.strip() for c in reader.fieldnames or []]
+        header, rows = table_rows(file, self.path, table_delimiter(file))
+        columns = [c.strip() for c in header or []]
         required = ["Figure_path", "Question", "Answer_label"] + [f"Choice {letter}" for letter in PMC_VQA_LETTERS]
         missing = [c for c in required if c not in columns]
         if missing:
@@ -201,17 +209,17 @@ class MedicalVQA:
 
     # -- one record
     def _record(self, entry: Any, origin: str, root: str) -> Record | None:
-        if isinstance(entry, _RecordProblem):
+        if isinstance(entry, RecordProblem):
             raise entry
         if not isinstance(entry, dict):
-            raise _RecordProblem(f"expected a dict (a {self.layout} record), got {_describe_value(entry)}")
+            raise RecordProblem(f"expected a dict (a {self.layout} record), got {describe_value(entry)}")
         if self.layout == "pmc_vqa":
             return self._pmc_vqa(entry, origin, root)
         if self.layout == "vqa_rad" and "image_name" in entry:
             return self._vqa_rad(entry, origin, root)
         if self.layout == "slake":
             return self._slake(entry, origin, root)
-        return self._image_question_answer(entry, origin, root)
+        return self._imagequestion_answer(entry, origin, root)
 
     def _vqa_rad(self, entry: dict[str, Any], origin: str, root: str) -> Record | None:
         phrase = _optional_text(entry, "phrase_type")
@@ -232,7 +240,7 @@ class MedicalVQA:
                 "base_type": _optional_text(entry, "base_type"), "image_id": _optional_text(entry, "img_id")}
         return self._build(entry, origin, root, "img_name", kind, meta, "qid")
 
-    def _image_question_answer(self, entry: dict[str, Any], origin: str, root: str) -> Record:
+    def _imagequestion_answer(self, entry: dict[str, Any], origin: str, root: str) -> Record:
         """The Hugging Face JSON(L) layout: {image, question, answer[, id|qid]}; yes/no answers are closed."""
         kind = _yes_no_type(_text(entry, "answer", kind="no_answer"))
         return self._build(entry, origin, root, "image", kind, {}, "qid" if "qid" in entry else "id")
@@ -250,7 +258,7 @@ class MedicalVQA:
             videos.append(_image_value(entry, "video"))
         kind = kind or answer_type(None, answer)
         meta = {"question_type": kind, "dataset": self.layout} | {k: v for k, v in meta.items() if v is not None}
-        return Record(_question_answer(images, videos, question, answer), origin, _optional_text(entry, id_field), root, meta)
+        return Record(question_answer(images, videos, question, answer), origin, _optional_text(entry, id_field), root, meta)
 
     def _pmc_vqa(self, row: dict[str, Any], origin: str, root: str) -> Record:
         question = _text(row, "Question")
@@ -263,12 +271,12 @@ class MedicalVQA:
                 options[letter] = value[prefix.end():].strip() if prefix and prefix.group(1).upper() == letter else value
         label = _text(row, "Answer_label", kind="no_answer").upper()
         if label not in options:
-            raise _RecordProblem(f"field 'Answer_label': {label!r} is not one of the options {sorted(options)}")
+            raise RecordProblem(f"field 'Answer_label': {label!r} is not one of the options {sorted(options)}")
         prompt = "\n".join([question] + [f"{letter}. {text}" for letter, text in options.items()])
         meta = {"question_type": "choice", "dataset": "pmc_vqa", "choices": options,
                 "answer_text": _optional_text(row, "Answer") or options[label]}
         record_id = _optional_text(row, "index") or _optional_text(row, "qid")
-        return Record(_question_answer([figure], [], prompt, label), origin, record_id, root, meta)
+        return Record(question_answer([figure], [], prompt, label), origin, record_id, root, meta)
 
 
 def _yes_no_type(answer: str) -> str:
@@ -281,7 +289,7 @@ def _answer_type(entry: dict[str, Any]) -> str:
     value = entry.get("answer_type")
     kind = str(value).strip().upper() if isinstance(value, str) else None
     if kind not in ("CLOSED", "OPEN"):
-        raise _RecordProblem(f"field 'answer_type': expected CLOSED or OPEN, got {_describe_value(value)}")
+        raise RecordProblem(f"field 'answer_type': expected CLOSED or OPEN, got {describe_value(value)}")
     return kind.lower()
 
 
@@ -290,13 +298,13 @@ def _text(entry: dict[str, Any], field: str, kind: str = "structure") -> str:
     value = entry.get(field)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         if value is None or value == "":
-            raise _RecordProblem(f"field {field!r}: missing or empty", kind=kind)
-        raise _RecordProblem(f"field {field!r}: expected text, got {_describe_value(value)}")
+            raise RecordProblem(f"field {field!r}: missing or empty", kind=kind)
+        raise RecordProblem(f"field {field!r}: expected text, got {describe_value(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise _RecordProblem(f"field {field!r}: expected text, got {value!r} (an empty spreadsheet cell?)", kind=kind)
+        raise RecordProblem(f"field {field!r}: expected text, got {value!r} (an empty spreadsheet cell?)", kind=kind)
     text = str(value).strip()
     if not text:
-        raise _RecordProblem(f"field {field!r}: missing or empty", kind=kind)
+        raise RecordProblem(f"field {field!r}: missing or empty", kind=kind)
     return text
 
 
@@ -313,6 +321,6 @@ def _image_value(entry: dict[str, Any], field: str) -> Any:
     if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
         return value["path"]
     if value is None or value == "":
-        raise _RecordProblem(f"field {field!r}: missing or empty (the media file)")
-    raise _RecordProblem(f"field {field!r}: expected a file path, got {_describe_value(value)}")
+        raise RecordProblem(f"field {field!r}: missing or empty (the media file)")
+    raise RecordProblem(f"field {field!r}: expected a file path, got {describe_value(value)}")
 
