@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -115,9 +116,10 @@ def config_dir() -> Path:
     return Path(str(files("nvila_ft.hydra_conf")))
 
 
-# Groups nvila-ft registers itself: (package of the files, their suffix, group, whether each option sits on the
-# defaults of the dataclass its `_target_` builds). tasks/ and adapters/ are named apart from their groups; the model
-# options are `.yml` so that Hydra, which reads `conf/` (and so `conf/model/*.yaml`) itself, leaves them to this.
+# Groups nvila-ft registers itself: (package of the option files, their suffix, group, whether each option sits on
+# the defaults of the dataclass its `_target_` builds). tasks/ and adapters/ are folders named apart from their
+# groups; the model options are `.yml` because Hydra reads `conf/` itself, and would take `conf/model/*.yaml` as
+# they are (without ModelSource's defaults) in place of the registered ones.
 CONFIG_GROUPS = (
     ("nvila_ft.hydra_conf.tasks", ".yaml", "task", False),
     ("nvila_ft.hydra_conf.adapters", ".yaml", "adapters", True),
@@ -135,7 +137,8 @@ def register_config_groups() -> None:
         for file in sorted(files(package).iterdir(), key=lambda f: f.name):
             if file.name.endswith(suffix):
                 node = OmegaConf.create(file.read_text())
-                store.store(group=group, name=file.name[: -len(suffix)], node=with_target_defaults(node) if with_defaults else node)
+                node = with_target_defaults(node) if with_defaults else node
+                store.store(group=group, name=file.name[: -len(suffix)], node=node)
 
 
 def with_target_defaults(node: Any) -> Any:
@@ -143,8 +146,6 @@ def with_target_defaults(node: Any) -> Any:
     differs, `model.max_tiles=4` or `adapters.llm.target_modules=[...]` needs no `+` and shows in `--cfg job`, and a
     misspelt key is still Hydra's "not in struct" error. A value the file leaves required (`???`) stays required.
     A node without a dataclass target (`adapters=none`) is returned as it is."""
-    import dataclasses
-
     from hydra.utils import get_object
     from omegaconf import OmegaConf
 
