@@ -238,7 +238,7 @@ def test_bitsandbytes_adamw_steps_with_the_component_groups(tiny_checkpoints, tm
 # ---------------------------------------------------------------------------------------------- weights in memory
 @pytest.mark.parametrize("trainable_float32", [True, False])
 def test_frozen_weights_stay_in_the_compute_dtype(tiny_checkpoints, tmp_path, trainable_float32):
-    from nvila_ft.commands.common import load_model
+    from nvila_ft.recipes.loading import load_model
     from nvila_ft.model.source import ModelSource
 
     precision = Precision(weights="bfloat16", autocast="bf16", trainable_float32=trainable_float32)
