@@ -6,7 +6,7 @@ metrics and runs the loop; nvila-ft supplies what TRL cannot build for a custom 
 - `PreferenceModel`: NVILA as the causal LM TRL drives. TRL's fused LM head calls `base_model(**inputs)` for
   the last hidden states (media spliced into Qwen2's input, decoder run) and projects the reply positions
   through `get_output_embeddings()`; every other attribute is the NVILA model's, so nvila-ft's trainer finds its
-  adapter policy, components and checkpoints as in finetune.
+  components as in finetune, and transformers' Trainer its quantization and placement.
 - `ReferenceModel`: the reference policy without a second copy of the weights: the same model with every PEFT
   adapter disabled and the few other trained tensors (LayerNorms, a fully trained projector) replaced by copies
   of their values before training. Fully trained vision towers or LLMs would need a copy of that component;
@@ -180,7 +180,9 @@ class PreferenceModel(nn.Module):
         except AttributeError:
             if name in ("backbone", "_modules", "_parameters", "_buffers"):
                 raise
-            return getattr(self.backbone.model, name)  # adapter_policy, llm, vision_tower, name_or_path, ...
+            # llm, vision_tower, mm_projector, name_or_path (optimizer groups, adapter checkpoints); hf_quantizer,
+            # is_quantized, hf_device_map, main_input_name, accepts_loss_kwargs, ... (transformers' Trainer)
+            return getattr(self.backbone.model, name)
 
     def forward(self, **inputs: Any) -> Any:
         return self.nvila(**inputs)
