@@ -7,6 +7,7 @@ through `self.rank_zero`."""
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class RunConfig:
     eval: EvalOptions
 
 
-class Recipe:
+class Recipe(ABC):
     """setup -> train -> save. `name`: the command, in messages; `method`: what the adapters' metadata, the summary
     and the plot title record beside the task (None: plain fine-tuning)."""
 
@@ -84,9 +85,9 @@ class Recipe:
     def check(self) -> None:
         """The recipe's own checks of the config objects, after those of every run (`check_run`)."""
 
+    @abstractmethod
     def training_data(self, data: TaskData, processor: NVILAProcessor) -> tuple[list[Record], list[Record]]:
         """The training and validation records the recipe uses, checked (the data report is written here)."""
-        raise NotImplementedError
 
     def argument_overrides(self) -> dict[str, Any]:
         """Arguments of `TrainerConfig.training_arguments` of the recipe's own (its arguments class, ...)."""
@@ -99,8 +100,9 @@ class Recipe:
         """Whether the model projects only the supervised positions through lm_head (trainer.selective_loss)."""
         return self.config.trainer.selective_loss
 
+    @abstractmethod
     def build_trainer(self) -> Any:
-        raise NotImplementedError
+        """The recipe's trainer of `self.model` (a transformers Trainer) on the training records."""
 
     def evaluated(self, stage: str, result: Evaluation) -> None:
         """After the evaluation at `stage` is recorded."""
