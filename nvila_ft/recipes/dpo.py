@@ -53,7 +53,7 @@ class DPO(Recipe):
     def build_trainer(self) -> preference.NVILADPOTrainer:
         """TRL's loss against the reference: this model with its adapters disabled."""
         return preference.build_dpo_trainer(self.model, self.policy, self.args, self.train_records, self.validation_records,
-                                 self.processor, offload_activations=self.config.trainer.offload_activations)
+                                            self.processor, offload_activations=self.config.trainer.offload_activations)
 
     def train(self) -> Any:
         result = super().train()
