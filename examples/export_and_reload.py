@@ -23,7 +23,7 @@ def main(run: Path) -> None:
     adapters = run / "final"
     policy, meta = read_policy(adapters)
     base = meta["base_checkpoint"]  # the checkpoint the adapters were trained on (a run's base/ for presets)
-    model = load_adapters(load_for_policy(base, policy, device="cpu"), adapters)
+    model = load_adapters(load_for_policy(base, policy, device="cpu"), adapters).model
     processor = NVILAProcessor.from_pretrained(base)
 
     image = Image.new("RGB", (64, 64), "white")

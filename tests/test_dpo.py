@@ -130,7 +130,7 @@ def make_trainer(checkpoint, records, tmp_path, loss_type="sigmoid", beta=0.1, l
                      per_device_train_batch_size=4, lr_scheduler_type="constant", use_cpu=True, report_to="none", bf16=False,
                      activation_checkpointing=False, max_length=None, remove_unused_columns=False, save_strategy="no",
                      logging_steps=1, disable_tqdm=True, seed=0)
-    return build_dpo_trainer(model, args, records, [], NVILAProcessor.from_pretrained(checkpoint))
+    return build_dpo_trainer(model, policy, args, records, [], NVILAProcessor.from_pretrained(checkpoint))
 
 
 def reply_logps(model, batch) -> torch.Tensor:

@@ -54,7 +54,7 @@ def eval_loss(model, processor, samples, batch_size: int, tmp_path) -> float:
     args = config.training_arguments(tmp_path / str(batch_size), Precision(), 0, has_eval=True)
     # trained on packed rows: evaluation batches are padded all the same
     packing = Collator(processor, max_tokens=max(s.length for s in samples) * 2)
-    trainer = build_trainer(model, args, samples, samples, packing, eval_collator=Collator(processor))
+    trainer = build_trainer(model, None, args, samples, samples, packing, eval_collator=Collator(processor))  # evaluates only: no policy
     return trainer.evaluate()["eval_loss"]
 
 

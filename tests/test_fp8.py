@@ -60,8 +60,12 @@ def grad_tolerance(recipe: str) -> float:
     return (product_rms(E4M3, E4M3) ** 2 + product_rms(grad_output_dtype(recipe), E4M3) ** 2) ** 0.5  # 0.096 / 0.072
 
 
+def tiny_policy(method: str) -> AdapterPolicy:
+    return AdapterPolicy(llm={"method": method, "dropout": 0.0}, mm_projector={"method": "full"})
+
+
 def tiny(checkpoint, method: str, dtype=torch.bfloat16):
-    policy = AdapterPolicy(llm={"method": method, "dropout": 0.0}, mm_projector={"method": "full"})
+    policy = tiny_policy(method)
     model = apply_policy(load_for_policy(checkpoint, policy, dtype=dtype, device="cpu"), policy)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -200,7 +204,7 @@ def test_adapters_and_merged_export_are_laid_out_as_a_bf16_run(tiny_checkpoints,
         if precision == "fp8":
             convert_llm_to_float8(model, "tensorwise")
             step(model, batch)
-        save_adapters(model, tmp_path / precision / "adapters")
+        save_adapters(model, tiny_policy(method), tmp_path / precision / "adapters")
         report = export_merged(model, tmp_path / precision / "merged", batch)
         assert report.max_abs_diff <= report.tolerance
         assert not has_float8_compute(model)  # the merged model multiplies in its own dtype

@@ -27,7 +27,8 @@ from nvila_ft.adapters.frozen_storage import (
 from nvila_ft.adapters.merge import merge_adapters
 from nvila_ft.adapters.optim import parameter_groups
 from nvila_ft.adapters.policy import COMPONENTS, ComponentPolicy
-from nvila_ft.commands.common import check_run, frozen_storage as run_storage, load_model
+from nvila_ft.recipes.loading import load_model
+from nvila_ft.training.run_checks import check_run, frozen_storage as run_storage
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.checkpoint import iter_safetensors, read_config
 from nvila_ft.model.source import ModelSource
@@ -192,7 +193,7 @@ def test_every_lever_keeps_trainable_names_and_exports_what_a_run_without_them_e
     batch = batch_of(stored)
     stored(**batch).loss.backward()
     optimizer.step()
-    save_adapters(stored, tmp_path / "adapters")
+    save_adapters(stored, POLICY, tmp_path / "adapters")
     merged = merge_adapters(stored).state_dict()
     fresh = NVILA_from(checkpoint)
     load_adapters(fresh, tmp_path / "adapters")

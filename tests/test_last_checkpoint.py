@@ -4,7 +4,7 @@ gets wrong), complete ones only. Resume (finetune, dpo) and the commands that re
 
 from __future__ import annotations
 
-from nvila_ft.commands.common import checkpoint_to_resume, trained_adapters
+from nvila_ft.recipes.runs import checkpoint_to_resume, trained_adapters
 from nvila_ft.training.trainer import ADAPTERS_DIR, COMPLETE_MARKER, complete_checkpoints
 
 

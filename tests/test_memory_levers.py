@@ -213,7 +213,7 @@ def test_bitsandbytes_adamw_steps_with_the_component_groups(tiny_checkpoints, tm
 
     model = apply_policy(NVILAForConditionalGeneration.from_pretrained(tiny_checkpoints["nvila-8b-tiny"]), POLICY).train()
     config = TrainerConfig(optim=optim, learning_rate=1e-2, weight_decay=0.1)
-    trainer = NVILATrainer(model=model, args=config.training_arguments(tmp_path, Precision(), 0, has_eval=False))
+    trainer = NVILATrainer(model=model, policy=POLICY, args=config.training_arguments(tmp_path, Precision(), 0, has_eval=False))
     optimizer = trainer.create_optimizer()
     assert isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit) and optimizer.args.optim_bits == (32 if "32bit" in optim else 8)
     expected = parameter_groups(model, POLICY, 1e-2, 0.1)
@@ -238,7 +238,7 @@ def test_bitsandbytes_adamw_steps_with_the_component_groups(tiny_checkpoints, tm
 # ---------------------------------------------------------------------------------------------- weights in memory
 @pytest.mark.parametrize("trainable_float32", [True, False])
 def test_frozen_weights_stay_in_the_compute_dtype(tiny_checkpoints, tmp_path, trainable_float32):
-    from nvila_ft.commands.common import load_model
+    from nvila_ft.recipes.loading import load_model
     from nvila_ft.model.source import ModelSource
 
     precision = Precision(weights="bfloat16", autocast="bf16", trainable_float32=trainable_float32)
@@ -303,7 +303,7 @@ def _train_two_steps(source, tmp_path, **levers):
     if config.checkpointed_components():
         model.activation_checkpointing_enable(components=config.checkpointed_components())
     trainer = NVILATrainer(
-        model=model, args=config.training_arguments(tmp_path, Precision(), 0, has_eval=False),
+        model=model, policy=POLICY, args=config.training_arguments(tmp_path, Precision(), 0, has_eval=False),
         train_dataset=[processor.process(c) for c in conversations() * 2], data_collator=Collator(processor),
         offload_activations=levers.get("offload_activations", False),
     )

@@ -255,7 +255,7 @@ def test_accepted_knobs_reach_the_exported_config(tmp_path):
     served model sees them too."""
     from nvila_ft.adapters import AdapterPolicy
     from nvila_ft.adapters.merge import export_merged
-    from nvila_ft.commands.common import load_model
+    from nvila_ft.recipes.loading import load_model
     from nvila_ft.model.source import ModelSource
     from nvila_ft.training.config import Precision
 

@@ -76,7 +76,8 @@ def test_the_suggested_changes_are_a_run_that_finetune_accepts_and_that_fits(rel
     from hydra import compose, initialize_config_dir
 
     from nvila_ft.cli import config_dir, register_config_groups
-    from nvila_ft.commands.common import build, check_run
+    from nvila_ft.commands.common import build
+    from nvila_ft.training.run_checks import check_run
 
     register_config_groups()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
@@ -130,7 +131,7 @@ def test_remeasured_processor_follows_a_changed_configuration():
 
 
 def test_packed_rows_add_up_what_each_packed_row_holds():
-    from nvila_ft.commands.plan import packed_rows
+    from nvila_ft.training.planning import packed_rows
     from nvila_ft.training.planner import SampleDemand
 
     samples = [SampleDemand(6, 1, 2), SampleDemand(4, 0, 3), SampleDemand(5, 2, 1)]
@@ -143,7 +144,7 @@ def test_verdict_and_changes_at_the_budget_boundary():
     combination that fits, each of which saves memory alone."""
     import torch
 
-    from nvila_ft.commands.plan import fitting_changes, one_line
+    from nvila_ft.training.planning import fitting_changes, one_line
     from nvila_ft.training import planner
     from nvila_ft.training.planner import Line, Plan, RunShape, SampleDemand
 

@@ -250,7 +250,6 @@ def apply_policy(model: Any, policy: AdapterPolicy) -> Any:
     model.requires_grad_(False)
     for name, component in policy.items():
         _apply_component(model, name, component)
-    model.adapter_policy = policy
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise PolicyError("the adapter policy left no trainable parameter")
@@ -270,9 +269,9 @@ class ComponentReport:
         return self.trainable / self.total if self.total else 0.0
 
 
-def trainable_report(model: Any) -> list[ComponentReport]:
-    """Trainable and total parameters per component (4-bit weights counted unpacked)."""
-    policy = getattr(model, "adapter_policy", None)
+def trainable_report(model: Any, policy: AdapterPolicy | None = None) -> list[ComponentReport]:
+    """Trainable and total parameters per component (4-bit weights counted unpacked); each component's method is
+    the policy's (`-` without one)."""
     rows = []
     for name in ("vision_tower", "mm_projector", "llm"):
         params = list(get_component(model, name).parameters())

@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,18 +54,16 @@ def trained_state(model: Any, name: str, state_dict: dict[str, torch.Tensor] | N
 
 def save_adapters(
     model: Any,
+    policy: AdapterPolicy,
     path: str | os.PathLike,
     overwrite: bool = False,
     extra: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the adapter artifacts of `model` (which went through `apply_policy`) atomically.
+    """Write the adapter artifacts of `model` (which went through `apply_policy` with `policy`) atomically.
 
     state_dict: the model's full state dict, when the parameters themselves are sharded (ZeRO-3).
     """
-    policy: AdapterPolicy = getattr(model, "adapter_policy", None)
-    if policy is None:
-        raise PolicyError("the model has no adapter policy applied; nothing to save")
     contents = {}
     with atomic_directory(path, overwrite=overwrite) as staging:
         for name, component in policy.items():
@@ -104,7 +102,14 @@ def read_policy(path: str | os.PathLike) -> tuple[AdapterPolicy, dict[str, Any]]
     return AdapterPolicy.from_dict(meta["policy"]), meta
 
 
-def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = False) -> Any:
+class AdaptedModel(NamedTuple):
+    """A model with saved adapters applied, and the policy they were trained with."""
+
+    model: Any
+    policy: AdapterPolicy
+
+
+def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = False) -> AdaptedModel:
     """Apply saved adapters to a freshly loaded base model (quantized bases via `load_for_policy`)."""
     from peft import PeftConfig, PeftModel
 
@@ -129,8 +134,7 @@ def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = Fals
             set_component(model, name, adapted.train(model.training))
         elif component.trains:
             _copy_trained_weights(module, name, path / name / TRAINED_WEIGHTS, is_trainable)
-    model.adapter_policy = policy
-    return model
+    return AdaptedModel(model, policy)
 
 
 def _copy_trained_weights(module: Any, name: str, file: Path, trainable: bool) -> None:
@@ -148,13 +152,13 @@ def _copy_trained_weights(module: Any, name: str, file: Path, trainable: bool) -
         params[key].requires_grad_(trainable)
 
 
-def restore_adapter_weights(model: Any, path: str | os.PathLike) -> Any:
-    """Load saved adapter values into a model that already carries the same policy (resume, best checkpoint)."""
+def restore_adapter_weights(model: Any, policy: AdapterPolicy, path: str | os.PathLike) -> Any:
+    """Load saved adapter values into a model that already went through `apply_policy` with the same policy
+    (resume, best checkpoint)."""
     from peft import set_peft_model_state_dict
 
     path = Path(path)
     saved, _ = read_policy(path)
-    policy: AdapterPolicy = model.adapter_policy
     for name, component in policy.items():
         if getattr(saved, name).method != component.method:
             raise PolicyError(f"{path}: {name} was saved with method {getattr(saved, name).method}, the model uses {component.method}")

@@ -198,8 +198,6 @@ def merge_adapters(model: Any, qlora_merge: str = "dequantized") -> Any:
             module = rewrap(model, name, sixteen_bit_base(model, name, qlora_merge, model.dtype))
         set_component(model, name, module.merge_and_unload())
     model.requires_grad_(False)
-    if getattr(model, "adapter_policy", None) is not None:
-        model.merged_from_policy, model.adapter_policy = model.adapter_policy, None
     return model
 
 

@@ -7,18 +7,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from nvila_ft.atomic import atomic_write_json
-from nvila_ft.commands.common import (
-    BASE_DIR,
-    build,
-    load_model,
-    log,
-    report_data_check,
-    run_config,
-    seed_everything,
-    trained_adapters,
-)
+from nvila_ft.commands.common import build, log, run_config
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
+from nvila_ft.recipes.loading import load_model
+from nvila_ft.recipes.rank_zero import RankZero
+from nvila_ft.recipes.runs import BASE_DIR, seed_everything, trained_adapters
 from nvila_ft.domains.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
@@ -49,7 +43,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     if data_options.validate:
         processor = NVILAProcessor.from_pretrained(source.checkpoint(base_dir / BASE_DIR), **data_options.processor_options())
         check = check_task_data(data, processor, progress=True, splits=("validation",))
-        report_data_check(check, out_dir / "data_report.txt", data_options.on_bad_record)
+        RankZero(out_dir).data_check(check, data_options.on_bad_record)
         records = check.validation.good
         if not records and check.validation.total:
             raise ConfigError(f"nothing to evaluate: {check.validation.why_empty('validation')}")

@@ -11,7 +11,9 @@ from omegaconf import DictConfig
 
 from nvila_ft.adapters.merge import export_merged
 from nvila_ft.atomic import atomic_directory
-from nvila_ft.commands.common import build, load_model, log, run_config, trained_adapters
+from nvila_ft.commands.common import build, log, run_config
+from nvila_ft.recipes.loading import load_model
+from nvila_ft.recipes.runs import trained_adapters
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 

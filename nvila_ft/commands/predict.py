@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from nvila_ft.commands.common import build, load_model, log, run_config, seed_everything, trained_adapters
+from nvila_ft.commands.common import build, log, run_config
+from nvila_ft.recipes.loading import load_model
+from nvila_ft.recipes.runs import seed_everything, trained_adapters
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import write_jsonl

@@ -19,9 +19,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from nvila_ft.atomic import atomic_write_bytes, atomic_write_json
-from nvila_ft.commands.common import build, load_model, log, seed_everything, trained_adapters
+from nvila_ft.commands.common import build, log
 from nvila_ft.data.subset import WrittenSubset, check_subset_source, write_subset
 from nvila_ft.model.source import ModelSource
+from nvila_ft.recipes.loading import load_model
+from nvila_ft.recipes.runs import seed_everything, trained_adapters
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import write_jsonl

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nvila_ft.commands.common import BASE_DIR, build, log
+from nvila_ft.commands.common import build, log
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
+from nvila_ft.recipes.runs import BASE_DIR
 from nvila_ft.training.cpu_threads import set_cpu_threads
 
 

@@ -6,7 +6,7 @@ metrics and runs the loop; nvila-ft supplies what TRL cannot build for a custom 
 - `PreferenceModel`: NVILA as the causal LM TRL drives. TRL's fused LM head calls `base_model(**inputs)` for
   the last hidden states (media spliced into Qwen2's input, decoder run) and projects the reply positions
   through `get_output_embeddings()`; every other attribute is the NVILA model's, so nvila-ft's trainer finds its
-  adapter policy, components and checkpoints as in finetune.
+  components as in finetune, and transformers' Trainer its quantization and placement.
 - `ReferenceModel`: the reference policy without a second copy of the weights: the same model with every PEFT
   adapter disabled and the few other trained tensors (LayerNorms, a fully trained projector) replaced by copies
   of their values before training. Fully trained vision towers or LLMs would need a copy of that component;
@@ -32,11 +32,14 @@ from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
-from nvila_ft.training.config import ConfigError
-from nvila_ft.training.trainer import NVILATrainer
+from nvila_ft.data.validation import TaskDataCheck
+from nvila_ft.training.config import ConfigError, DataOptions, Precision
+from nvila_ft.training.trainer import NaNGuard, NVILATrainer, ProgressWithThroughput
 
 # Components whose full training would make the reference keep a copy of the whole component.
 LARGE_COMPONENTS = ("vision_tower", "llm")
+# the reward metrics TRL logs, reported at the start and the end of training
+REWARD_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 
 
 # ------------------------------------------------------------------ data
@@ -107,6 +110,25 @@ def check_rejected(records: list[Record], processor: NVILAProcessor) -> tuple[li
     return good, bad
 
 
+def require_pairs(records: list[Record]) -> None:
+    """Every record is a preference pair (it has a rejected reply)."""
+    not_pairs = [r.origin for r in records if REJECTED not in r.meta]
+    if not_pairs:
+        raise ConfigError(f"dpo needs preference records (chosen and rejected replies); {not_pairs[0]} has no rejected "
+                          "reply. Use a preference task: task=preference task.train.path=<file>, or task=demo_preference")
+
+
+def check_rejected_replies(check: TaskDataCheck, processor: NVILAProcessor) -> tuple[list[Record], list[Record]]:
+    """The training and validation records that passed `check` (their chosen conversation) whose rejected
+    conversation also goes through the processor; the others are added to `check` as bad records."""
+    train, bad_train = check_rejected(check.train.good, processor)
+    validation, bad_validation = check_rejected(check.validation.good, processor)
+    check.bad += bad_train + bad_validation
+    check.train.bad += bad_train
+    check.validation.bad += bad_validation
+    return train, validation
+
+
 # ------------------------------------------------------------------ the models TRL sees
 class NVILABackbone(nn.Module):
     """NVILA up to the LLM's last hidden states: media features spliced into the token embeddings, then Qwen2's
@@ -158,7 +180,9 @@ class PreferenceModel(nn.Module):
         except AttributeError:
             if name in ("backbone", "_modules", "_parameters", "_buffers"):
                 raise
-            return getattr(self.backbone.model, name)  # adapter_policy, llm, vision_tower, name_or_path, ...
+            # llm, vision_tower, mm_projector, name_or_path (optimizer groups, adapter checkpoints); hf_quantizer,
+            # is_quantized, hf_device_map, main_input_name, accepts_loss_kwargs, ... (transformers' Trainer)
+            return getattr(self.backbone.model, name)
 
     def forward(self, **inputs: Any) -> Any:
         return self.nvila(**inputs)
@@ -197,29 +221,44 @@ def check_reference_policy(policy: AdapterPolicy) -> None:
             )
 
 
-def initial_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def check_preference_run(policy: AdapterPolicy, precision: Precision, deepspeed: Any, data: DataOptions) -> None:
+    """What preference tuning accepts beyond every run's checks: a reference without a second copy of a component
+    (`check_reference_policy`), one process without DeepSpeed, no FP8 compute, each pair's two replies batched
+    together."""
+    check_reference_policy(policy)
+    if deepspeed.enabled:
+        raise ConfigError("dpo runs in one process without DeepSpeed; use deepspeed=none (and a quantized base, "
+                          "adapters=ln_vit_qlora_llm, for less memory)")
+    if precision.fp8:
+        raise ConfigError("dpo: precision.fp8 is for finetune; use precision=bf16")
+    if data.packing or data.group_by_length:
+        raise ConfigError("dpo batches each pair's two replies together; set data.packing=false and data.group_by_length=false")
+
+
+def initial_tensors(model: nn.Module, adapters: AdapterPolicy) -> dict[str, torch.Tensor]:
     """Copies of an NVILA model's trainable tensors outside PEFT adapters (LayerNorm weights, a fully trained
     projector), by parameter name: the reference's values of what training changes outside the adapters."""
-    policy: AdapterPolicy = model.adapter_policy
-    check_reference_policy(policy)
+    check_reference_policy(adapters)
     ids = {
         id(p)
-        for name, component in policy.items() if component.trains and not component.uses_lora
+        for name, component in adapters.items() if component.trains and not component.uses_lora
         for p in get_component(model, name).parameters() if p.requires_grad
     }
     return {name: p.detach().clone() for name, p in model.named_parameters() if id(p) in ids}
 
 
 class ReferenceModel(nn.Module):
-    """The reference policy: `policy` with its PEFT adapters disabled and `initial` values (by the NVILA model's
-    parameter names) in place of its other trained tensors; no second copy of any weight. It holds no parameter
-    of its own and the policy is not a submodule, so neither the optimizer nor accelerate sees a weight twice."""
+    """The reference policy: `policy` with the PEFT adapters of its adapter policy (`adapters`) disabled and
+    `initial` values (by the NVILA model's parameter names) in place of its other trained tensors; no second copy
+    of any weight. It holds no parameter of its own and the policy is not a submodule, so neither the optimizer nor
+    accelerate sees a weight twice."""
 
-    def __init__(self, policy: PreferenceModel, initial: dict[str, torch.Tensor]) -> None:
+    def __init__(self, policy: PreferenceModel, initial: dict[str, torch.Tensor], adapters: AdapterPolicy) -> None:
         super().__init__()
         object.__setattr__(self, "_policy", policy)
         self.config = policy.config
         self.initial = initial
+        self.adapters = adapters
 
     def forward(self, **inputs: Any) -> Any:
         with self.adapters_disabled():
@@ -239,7 +278,7 @@ class ReferenceModel(nn.Module):
     def adapters_disabled(self):
         policy = self._policy
         with contextlib.ExitStack() as stack:
-            for name, component in policy.adapter_policy.items():
+            for name, component in self.adapters.items():
                 if component.uses_lora:
                     stack.enter_context(get_component(policy.nvila, name).disable_adapter())
             yield
@@ -258,22 +297,22 @@ class NVILADPOTrainer(NVILATrainer, DPOTrainer):
 
 
 def build_dpo_trainer(
-    model: nn.Module, args: Any, train_records: list[Record], eval_records: list[Record], processor: NVILAProcessor,
-    offload_activations: bool = False,
+    model: nn.Module, adapters: AdapterPolicy, args: Any, train_records: list[Record], eval_records: list[Record],
+    processor: NVILAProcessor, offload_activations: bool = False,
 ) -> NVILADPOTrainer:
-    """The DPO trainer of an NVILA model that went through `apply_policy` (reference: adapters disabled)."""
+    """The DPO trainer of an NVILA model that went through `apply_policy` with `adapters` (reference: those
+    adapters disabled)."""
     from transformers.trainer_callback import ProgressCallback
 
-    from nvila_ft.training.trainer import NaNGuard, ProgressWithThroughput
-
-    policy = PreferenceModel(model)
-    head = policy.get_output_embeddings()
+    policy_model = PreferenceModel(model)
+    head = policy_model.get_output_embeddings()
     if any(p.requires_grad for p in head.parameters()) or hasattr(head, "base_layer"):
         raise ConfigError("dpo: lm_head is trained by the policy; TRL's log-probabilities use its base weight, leave it out of adapters.llm.target_modules")
-    reference = ReferenceModel(policy, initial_tensors(model))
+    reference = ReferenceModel(policy_model, initial_tensors(model, adapters), adapters)
     reference_list: list[NVILADPOTrainer] = []
     trainer = NVILADPOTrainer(
-        model=policy,
+        model=policy_model,
+        policy=adapters,
         ref_model=reference,
         args=args,
         data_collator=PreferenceCollator(processor),
@@ -287,3 +326,13 @@ def build_dpo_trainer(
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressWithThroughput(reference_list))
     return trainer
+
+
+def reward_trend(history: list[dict]) -> dict[str, dict[str, float]]:
+    """The TRL reward metrics of the first and the last training log ({"first": {...}, "last": {...}, "steps"})."""
+    logs = [entry for entry in history if "rewards/margins" in entry]
+    if not logs:
+        return {}
+    pick = lambda entry: {k: float(entry[k]) for k in REWARD_METRICS if k in entry}  # noqa: E731
+    return {"first": pick(logs[0]), "last": pick(logs[-1]),
+            "steps": {"first": int(logs[0].get("step", 0) or 0), "last": int(logs[-1].get("step", 0) or 0)}}

@@ -8,6 +8,7 @@ without it (a run killed while saving) is never resumed from.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
 import time
@@ -21,10 +22,16 @@ from transformers.trainer_callback import ProgressCallback
 
 from nvila_ft.adapters.artifacts import restore_adapter_weights, save_adapters
 from nvila_ft.adapters.optim import parameter_groups
-from nvila_ft.data.packing import PackedBatchSampler
+from nvila_ft.adapters.policy import AdapterPolicy
+from nvila_ft.data.packing import LengthGroupedSampler, PackedBatchSampler, PackingError
+from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
+from nvila_ft.training.config import ConfigError, DataOptions
+from nvila_ft.training.deepspeed import gathered_parameters, master_trainable_state, set_master_weight
 from nvila_ft.training.evaluation import record_losses, token_mean_loss
 from nvila_ft.training.offload import offloaded_activations
+
+log = logging.getLogger("nvila_ft")
 
 COMPLETE_MARKER = "COMPLETE"
 ADAPTERS_DIR = "adapters"
@@ -49,9 +56,11 @@ class NVILATrainer(Trainer):
     """Trainer whose optimizer follows the adapter policy and whose checkpoints are adapter artifacts."""
 
     def __init__(
-        self, *args: Any, train_sampler: Any = None, offload_activations: bool = False, eval_collator: Any = None, **kwargs: Any
+        self, *args: Any, policy: AdapterPolicy, train_sampler: Any = None, offload_activations: bool = False,
+        eval_collator: Any = None, **kwargs: Any,
     ) -> None:
-        """train_sampler: a `PackedBatchSampler` (one packed row per micro-batch) or a per-sample sampler such as
+        """policy: the adapter policy the model went through (its optimizer groups, its adapter checkpoints).
+        train_sampler: a `PackedBatchSampler` (one packed row per micro-batch) or a per-sample sampler such as
         `LengthGroupedSampler`; None is the Trainer's shuffled order. offload_activations: training forwards keep
         what they save for backward in CPU memory (`offloaded_activations`). eval_collator: padded batches, one
         record a row; given, eval_loss is the validation set's token-weighted loss, each record counted once whatever
@@ -59,6 +68,7 @@ class NVILATrainer(Trainer):
         if eval_collator is not None:
             kwargs.setdefault("compute_metrics", token_mean_loss)
         super().__init__(*args, **kwargs)
+        self.policy = policy
         self.positions_seen = 0
         self.train_sampler = train_sampler
         self.offload_activations = offload_activations
@@ -103,7 +113,7 @@ class NVILATrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
-            groups = parameter_groups(model, model.adapter_policy, self.args.learning_rate, self.args.weight_decay)
+            groups = parameter_groups(model, self.policy, self.args.learning_rate, self.args.weight_decay)
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
             optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
             if self._offloads_optimizer():
@@ -177,8 +187,6 @@ class NVILATrainer(Trainer):
         model: trainable tensors are float32 as in one process."""
         if not self.is_deepspeed_enabled:
             return super().save_model(output_dir, _internal_call)
-        from nvila_ft.training.deepspeed import master_trainable_state
-
         self._save(output_dir, state_dict=master_trainable_state(self.model, keep=self.args.should_save))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -187,7 +195,7 @@ class NVILATrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         trained = state_dict if self.is_deepspeed_enabled else None  # DeepSpeed's float32 masters (`save_model`)
-        save_adapters(self.model, output_dir / ADAPTERS_DIR, overwrite=True, state_dict=trained)
+        save_adapters(self.model, self.policy, output_dir / ADAPTERS_DIR, overwrite=True, state_dict=trained)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -197,19 +205,17 @@ class NVILATrainer(Trainer):
             (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        restore_adapter_weights(model or self.model, Path(resume_from_checkpoint) / ADAPTERS_DIR)
+        restore_adapter_weights(model or self.model, self.policy, Path(resume_from_checkpoint) / ADAPTERS_DIR)
 
     def _load_best_model(self) -> None:
         """The best checkpoint's adapters into the model and, under DeepSpeed, into its float32 master copies (what
         `final/` is saved from): the parameters take the saved float32 values first, then their own dtype."""
-        from nvila_ft.training.deepspeed import gathered_parameters, set_master_weight
-
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         with gathered_parameters(self.model, modifier_rank=0):
             own = [p.data for p in trainable]
             for p in trainable:
                 p.data = p.data.float()  # no copy when already float32
-            restore_adapter_weights(self.model, Path(self.state.best_model_checkpoint) / ADAPTERS_DIR)
+            restore_adapter_weights(self.model, self.policy, Path(self.state.best_model_checkpoint) / ADAPTERS_DIR)
             for p, data in zip(trainable, own):
                 if self.is_deepspeed_enabled:
                     set_master_weight(p, p.data)
@@ -257,13 +263,15 @@ class NaNGuard(TrainerCallback):
 
 
 def build_trainer(
-    model: Any, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any, callbacks: list | None = None,
-    train_sampler: Any = None, offload_activations: bool = False, eval_collator: Any = None,
+    model: Any, policy: AdapterPolicy, args: Any, train_dataset: Any, eval_dataset: Any, collator: Any,
+    callbacks: list | None = None, train_sampler: Any = None, offload_activations: bool = False, eval_collator: Any = None,
 ) -> NVILATrainer:
-    """eval_collator: padded batches for eval_loss (see `NVILATrainer`); None: `collator`, which must then pad."""
+    """The trainer of `model`, which went through `apply_policy` with `policy`. eval_collator: padded batches for
+    eval_loss (see `NVILATrainer`); None: `collator`, which must then pad."""
     reference: list[NVILATrainer] = []
     trainer = NVILATrainer(
         model=model,
+        policy=policy,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -277,3 +285,19 @@ def build_trainer(
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressWithThroughput(reference))
     return trainer
+
+
+def train_sampler(options: DataOptions, records: list[Record], lengths: list[int], batch_size: int, seed: int) -> Any:
+    """Micro-batches of `batch_size` packed rows of up to `data.max_tokens` positions (data.packing), batches of one
+    modality and similar length (data.group_by_length), or None (the Trainer's shuffled order)."""
+    if options.packing:
+        try:
+            sampler = PackedBatchSampler(lengths, options.max_tokens, batch_size, seed, [r.name for r in records])
+        except PackingError as err:
+            raise ConfigError(str(err)) from err
+        log.info("packing: %d samples into %d rows of up to %d positions (%.0f%% left empty), %d rows per micro-batch",
+                 len(records), len(sampler.packs), options.max_tokens, 100 * sampler.empty_share, batch_size)
+        return sampler
+    if options.group_by_length:
+        return LengthGroupedSampler(lengths, [r.modality for r in records], batch_size, seed)
+    return None
