@@ -54,10 +54,10 @@ def build(cfg: DictConfig, where: str) -> Any:
 
 def check_run(policy: AdapterPolicy, precision: Precision, trainer: Any, deepspeed: Any) -> None:
     """The checks a training run passes before anything loads (finetune; plan, for its run and its suggestions)."""
-    policy.check()
-    precision.check(policy)
+    precision.check()
     trainer.check()
-    deepspeed.check(policy, precision)
+    deepspeed.check(precision)
+    policy.check(precision=precision, deepspeed=deepspeed)
     storage = frozen_storage(precision, trainer)
     problems = storage.problems(policy)
     if problems:

@@ -1,0 +1,61 @@
+"""The method registry (`nvila_ft.adapters.methods`): methods declare their own options, old policy files still
+load, and each method added beside the originals (rsLoRA, PiSSA, LoRA+) does what its paper and PEFT say.
+
+The presets of the added methods also go through every per-preset test of tests/test_adapters.py (trainable names,
+optimizer steps, adapter-only round trip, merged export in the official layout) and tests/test_planner.py (planned
+bytes exact).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from nvila_ft.adapters import AdapterPolicy, PolicyError
+from nvila_ft.adapters.methods import REGISTRY
+from nvila_ft.adapters.policy import METHODS
+
+
+def test_every_method_is_one_registry_line():
+    assert METHODS == tuple(REGISTRY)
+    assert all(method.name == name for name, method in REGISTRY.items())
+
+
+def test_a_method_option_is_given_beside_the_common_fields_and_saved_with_its_default():
+    policy = AdapterPolicy(llm={"method": "qlora", "dora": True})
+    assert policy.llm.options == {"rslora": False, "dora": True}
+    saved = policy.to_dict()["llm"]
+    assert saved["dora"] is True and saved["rslora"] is False and "options" not in saved
+    assert AdapterPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+
+
+@pytest.mark.parametrize(
+    "llm, message",
+    [
+        ({"method": "lora", "rank": 8}, "adapters.llm: unknown keys ['rank']"),
+        ({"method": "frozen", "rslora": True}, "adapters.llm.rslora is an option of method lora / dora / "),
+        ({"method": "frozen", "rslora": True}, ", not frozen; set adapters.llm.method to lora or leave rslora out"),
+        ({"method": "lora", "dora": True}, "adapters.llm.dora applies to qlora/fp8_lora; for a 16-bit base use method: dora"),
+        ({"method": "qlora", "dora": "yes"}, "adapters.llm.dora = 'yes': expected a bool"),
+    ],
+)
+def test_an_option_the_method_does_not_have_is_a_one_line_error_naming_the_fix(llm, message):
+    with pytest.raises(PolicyError, match=re.escape(message)) as err:
+        AdapterPolicy(llm=llm).check()
+    assert "\n" not in str(err.value)
+
+
+def test_policy_files_written_before_methods_declared_options_still_load():
+    """Every component of an old adapter_policy.json holds `rslora` and `dora` (false unless set)."""
+    common = {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": None, "exclude_modules": None, "lr": None,
+              "lr_ratio": None, "weight_decay": None,
+              "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "storage_dtype": "uint8"}}
+    old = {"vision_tower": {"method": "layernorm", **common, "rslora": False, "dora": False},
+           "mm_projector": {"method": "full", **common, "rslora": False, "dora": False},
+           "llm": {"method": "qlora", **common, "rslora": True, "dora": True}, "name": "old"}
+    policy = AdapterPolicy.from_dict(old)
+    policy.check()
+    assert policy.vision_tower.options == policy.mm_projector.options == {}
+    assert policy.llm.options == {"rslora": True, "dora": True}
