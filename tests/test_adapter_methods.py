@@ -9,13 +9,16 @@ bytes exact).
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 
 from nvila_ft.adapters import AdapterPolicy, PolicyError
 from nvila_ft.adapters.methods import REGISTRY
+from nvila_ft.adapters.artifacts import save_adapters
 from nvila_ft.adapters.policy import METHODS
+from tests.test_adapters import actual_trainable, loaded
 
 
 def test_every_method_is_one_registry_line():
@@ -59,3 +62,15 @@ def test_policy_files_written_before_methods_declared_options_still_load():
     policy.check()
     assert policy.vision_tower.options == policy.mm_projector.options == {}
     assert policy.llm.options == {"rslora": True, "dora": True}
+
+
+# ------------------------------------------------------------------ rsLoRA
+def test_rslora_scales_the_update_by_alpha_over_sqrt_r(tiny_checkpoints, tmp_path):
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    model = loaded(checkpoint, AdapterPolicy(llm={"method": "rslora", "r": 4, "alpha": 8}))
+    scalings = {layer.scaling["default"] for layer in model.llm.modules() if isinstance(getattr(layer, "scaling", None), dict)}
+    assert scalings == {8 / math.sqrt(4)}  # LoRA's would be 8 / 4
+    lora = loaded(checkpoint, AdapterPolicy(llm={"method": "lora", "r": 4, "alpha": 8}))
+    assert actual_trainable(model) == actual_trainable(lora)
+    save_adapters(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "llm" / "adapter_config.json").read_text())["use_rslora"] is True

@@ -61,6 +61,7 @@ def expected_trainable(policy: AdapterPolicy, model) -> dict[str, set[str]]:
     out["llm"] = {
         "frozen": set(),
         "lora": lora,
+        "rslora": lora,
         "qlora": lora,
         "fp8_lora": lora,
         "dora": lora | {f"model.layers.{i}.{m}.lora_magnitude_vector.weight" for i in range(2) for m in LLM_LINEARS},

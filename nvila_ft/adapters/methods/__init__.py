@@ -15,6 +15,7 @@ from nvila_ft.adapters.methods.full import Full
 from nvila_ft.adapters.methods.layernorm import LayerNorm
 from nvila_ft.adapters.methods.lora import Lora
 from nvila_ft.adapters.methods.qlora import QLora
+from nvila_ft.adapters.methods.rslora import RsLora
 
 REGISTRY: dict[str, Method] = {
     "frozen": Frozen(),
@@ -24,6 +25,7 @@ REGISTRY: dict[str, Method] = {
     "qlora": QLora(),
     "fp8_lora": Fp8Lora(),
     "full": Full(),
+    "rslora": RsLora(),
 }
 
 
