@@ -13,12 +13,15 @@ import math
 import re
 
 import pytest
+import torch
 
 from nvila_ft.adapters import AdapterPolicy, PolicyError
 from nvila_ft.adapters.methods import REGISTRY
 from nvila_ft.adapters.artifacts import save_adapters
+from nvila_ft.adapters.optim import parameter_groups
 from nvila_ft.adapters.policy import METHODS
-from tests.test_adapters import actual_trainable, loaded
+from tests.test_adapters import BASE_LR, actual_trainable, loaded
+from tests.tolerances import worst
 
 
 def test_every_method_is_one_registry_line():
@@ -74,3 +77,29 @@ def test_rslora_scales_the_update_by_alpha_over_sqrt_r(tiny_checkpoints, tmp_pat
     assert actual_trainable(model) == actual_trainable(lora)
     save_adapters(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "llm" / "adapter_config.json").read_text())["use_rslora"] is True
+
+
+# ------------------------------------------------------------------ LoRA+
+def test_loraplus_gives_the_b_matrices_of_its_component_ratio_times_its_learning_rate(tiny_checkpoints):
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(vision_tower={"method": "lora", "lr_ratio": 0.1},
+                           llm={"method": "loraplus", "lr_ratio": 0.5, "loraplus_lr_ratio": 8})
+    model = loaded(checkpoint, policy)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = parameter_groups(model, policy, BASE_LR, weight_decay=0.01)
+    rates = {names[id(p)]: group["lr"] for group in groups for p in group["params"]}
+    assert rates.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, rate in rates.items():
+        component = name.split(".")[0]
+        expected = {"vision_tower": 0.1, "mm_projector": 1.0, "llm": 0.5}[component] * BASE_LR
+        if component == "llm" and "lora_B" in name:
+            expected *= 8  # the LLM's B matrices only: the vision tower's LoRA is plain LoRA
+        assert rate == pytest.approx(expected, rel=worst(2, torch.float64)), name
+    assert {g["name"] for g in groups} >= {"llm/decay", "llm/decay@lr_x8", "vision_tower/decay"}
+    default = AdapterPolicy(llm={"method": "loraplus"})
+    assert default.llm.options["loraplus_lr_ratio"] == 16.0  # the paper's and PEFT's
+
+
+def test_loraplus_ratio_must_be_positive():
+    with pytest.raises(PolicyError, match=re.escape("adapters.llm.loraplus_lr_ratio = 0: must be > 0")):
+        AdapterPolicy(llm={"method": "loraplus", "loraplus_lr_ratio": 0}).check()

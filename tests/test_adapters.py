@@ -62,6 +62,7 @@ def expected_trainable(policy: AdapterPolicy, model) -> dict[str, set[str]]:
         "frozen": set(),
         "lora": lora,
         "rslora": lora,
+        "loraplus": lora,
         "qlora": lora,
         "fp8_lora": lora,
         "dora": lora | {f"model.layers.{i}.{m}.lora_magnitude_vector.weight" for i in range(2) for m in LLM_LINEARS},
@@ -126,8 +127,9 @@ def test_preset_end_to_end(preset_file, tiny_checkpoints, tmp_path):
     groups = parameter_groups(model, policy, BASE_LR, weight_decay=0.01)
     for group in groups:
         component, kind = group["name"].split("/")
+        kind, _, times = kind.partition("@lr_x")  # LoRA+: its B matrices at a multiple of the component's rate
         component_policy = getattr(policy, component)
-        assert group["lr"] == pytest.approx(component_policy.learning_rate(BASE_LR), rel=worst(2, torch.float64))
+        assert group["lr"] == pytest.approx(component_policy.learning_rate(BASE_LR) * float(times or 1), rel=worst(2, torch.float64))
         assert group["weight_decay"] == (0.0 if kind == "no_decay" else 0.01)
         if component == "vision_tower" and component_policy.trains:
             assert group["lr"] == pytest.approx(BASE_LR * 0.1, rel=worst(2, torch.float64))  # one float64 product

@@ -14,6 +14,7 @@ from nvila_ft.adapters.methods.frozen import Frozen
 from nvila_ft.adapters.methods.full import Full
 from nvila_ft.adapters.methods.layernorm import LayerNorm
 from nvila_ft.adapters.methods.lora import Lora
+from nvila_ft.adapters.methods.loraplus import LoraPlus
 from nvila_ft.adapters.methods.qlora import QLora
 from nvila_ft.adapters.methods.rslora import RsLora
 
@@ -26,6 +27,7 @@ REGISTRY: dict[str, Method] = {
     "fp8_lora": Fp8Lora(),
     "full": Full(),
     "rslora": RsLora(),
+    "loraplus": LoraPlus(),
 }
 
 
