@@ -17,11 +17,17 @@ import torch
 
 from nvila_ft.adapters import AdapterPolicy, PolicyError
 from nvila_ft.adapters.methods import REGISTRY
-from nvila_ft.adapters.artifacts import save_adapters
+from safetensors.torch import load_file
+
+from nvila_ft.adapters import load_for_policy
+from nvila_ft.adapters.artifacts import load_adapters, restore_adapter_weights, save_adapters
+from nvila_ft.adapters.merge import export_merged
 from nvila_ft.adapters.optim import parameter_groups
 from nvila_ft.adapters.policy import METHODS
-from tests.test_adapters import BASE_LR, actual_trainable, loaded
-from tests.tolerances import worst
+from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
+from tests.test_adapters import BASE_LR, actual_trainable, loaded, probe_batch
+from tests.tolerances import TINY_FORWARD, reordered, scale_of, worst
 
 
 def test_every_method_is_one_registry_line():
@@ -103,3 +109,78 @@ def test_loraplus_gives_the_b_matrices_of_its_component_ratio_times_its_learning
 def test_loraplus_ratio_must_be_positive():
     with pytest.raises(PolicyError, match=re.escape("adapters.llm.loraplus_lr_ratio = 0: must be > 0")):
         AdapterPolicy(llm={"method": "loraplus", "loraplus_lr_ratio": 0}).check()
+
+
+# ------------------------------------------------------------------ PiSSA
+def trained_pissa(checkpoint, policy: AdapterPolicy, batch: dict, steps: int = 3):
+    model = loaded(checkpoint, policy)
+    optimizer = torch.optim.AdamW(parameter_groups(model, policy, 1e-2))
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_pissa_starts_as_the_base_model_and_saves_a_lora_of_the_original_base(tiny_checkpoints, tmp_path):
+    """W = W_res + s B0 A0: the adapted model at init is the base model (the residual's and the principal part's few
+    roundings a weight are inside the forward's bound); after training, the saved adapter is a plain LoRA of the
+    original checkpoint (rank 2r) that gives the trained model, and a resumed run (its own SVD) restored from it too."""
+    from peft import PeftModel
+    from transformers import Qwen2ForCausalLM
+
+    checkpoint = tiny_checkpoints["nvila-8b-tiny"]
+    policy = AdapterPolicy(vision_tower={"method": "layernorm"}, llm={"method": "pissa", "r": 4, "alpha": 8, "dropout": 0.0})
+    batch = probe_batch(NVILAProcessor.from_pretrained(checkpoint))
+    with torch.no_grad():
+        base = NVILAForConditionalGeneration.from_pretrained(checkpoint).eval()(**batch).logits
+        start = loaded(checkpoint, policy).eval()
+        torch.testing.assert_close(start(**batch).logits, base, **reordered(TINY_FORWARD, scale_of(base)))
+    assert not torch.equal(start.llm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight,
+                           Qwen2ForCausalLM.from_pretrained(checkpoint / "llm").model.layers[0].self_attn.q_proj.weight)  # residual
+
+    model = trained_pissa(checkpoint, policy, batch)
+    with torch.no_grad():
+        trained = model(**batch).logits
+    assert float((trained - base).abs().max()) > 100 * reordered(TINY_FORWARD, scale_of(base))["atol"]  # it learned
+    bound = reordered(TINY_FORWARD, scale_of(trained))
+    save_adapters(model, tmp_path / "adapters")
+    config = json.loads((tmp_path / "adapters" / "llm" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["init_lora_weights"] is True
+
+    # the adapter-only export on the ORIGINAL base: plain PEFT on plain Qwen2, and nvila-ft's loader
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        plain_llm = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(checkpoint / "llm"), tmp_path / "adapters" / "llm").eval()
+        reference = model.llm(input_ids=ids).logits
+        torch.testing.assert_close(plain_llm(input_ids=ids).logits, reference, **reordered(TINY_FORWARD, scale_of(reference)))
+        fresh = load_adapters(load_for_policy(checkpoint, policy, device="cpu"), tmp_path / "adapters").eval()
+        torch.testing.assert_close(fresh(**batch).logits, trained, **bound)
+
+        # resuming: a new process applies the policy (another SVD: randomized here) and restores the checkpoint
+        resumed = loaded(checkpoint, AdapterPolicy(vision_tower={"method": "layernorm"},
+                                                   llm={"method": "pissa", "r": 4, "alpha": 8, "dropout": 0.0, "pissa_niter": 1}))
+        restore_adapter_weights(resumed, tmp_path / "adapters")
+        torch.testing.assert_close(resumed.eval()(**batch).logits, trained, **bound)
+    save_adapters(resumed, tmp_path / "again")  # and it saves the same adapter again
+    first, again = (load_file(str(tmp_path / d / "llm" / "adapter_model.safetensors")) for d in ("adapters", "again"))
+    assert first.keys() == again.keys()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+
+    # the merged export (official layout) is the trained model
+    export_merged(model, tmp_path / "merged", batch)
+    with torch.no_grad():
+        merged = NVILAForConditionalGeneration.from_pretrained(tmp_path / "merged")(**batch).logits
+    torch.testing.assert_close(merged, trained, **bound)
+
+
+def test_pissa_refuses_deepspeed_and_a_negative_svd_iteration_count():
+    from nvila_ft.training.config import Precision
+    from nvila_ft.training.deepspeed import DeepSpeedConfig
+
+    with pytest.raises(PolicyError, match=re.escape("adapters.llm.method = pissa converts its adapter")):
+        AdapterPolicy(llm={"method": "pissa"}).check(precision=Precision(), deepspeed=DeepSpeedConfig(stage=2))
+    with pytest.raises(PolicyError, match=re.escape("adapters.llm.pissa_niter = -1: must be >= 0")):
+        AdapterPolicy(llm={"method": "pissa", "pissa_niter": -1}).check()

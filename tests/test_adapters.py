@@ -63,6 +63,7 @@ def expected_trainable(policy: AdapterPolicy, model) -> dict[str, set[str]]:
         "lora": lora,
         "rslora": lora,
         "loraplus": lora,
+        "pissa": lora,
         "qlora": lora,
         "fp8_lora": lora,
         "dora": lora | {f"model.layers.{i}.{m}.lora_magnitude_vector.weight" for i in range(2) for m in LLM_LINEARS},
@@ -148,14 +149,17 @@ def test_preset_end_to_end(preset_file, tiny_checkpoints, tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], plain(p))}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
 
-    # 4. adapter artifacts reload onto the base checkpoint and give the same logits (fp32: exactly)
+    # 4. adapter artifacts reload onto the base checkpoint and give the same logits (fp32: exactly); PiSSA's is a LoRA
+    # of the original base (W x + s [B, -B0] [A; A0] x against the trained W_res x + s B A x): the forward's bound
     with torch.no_grad():
         adapted = model(**batch).logits
     save_adapters(model, tmp_path / "adapters")
     fresh = load_for_policy(checkpoint, policy, device="cpu")
     load_adapters(fresh, tmp_path / "adapters")
+    exact = policy.llm.method != "pissa"
     with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch).logits, adapted, rtol=0, atol=0)
+        torch.testing.assert_close(fresh(**batch).logits, adapted,
+                                   **(dict(rtol=0, atol=0) if exact else reordered(TINY_FORWARD, scale_of(adapted))))
 
     # 5. merged export in the official layout reproduces the adapted model
     report = export_merged(model, tmp_path / "merged", batch)

@@ -15,6 +15,7 @@ from nvila_ft.adapters.methods.full import Full
 from nvila_ft.adapters.methods.layernorm import LayerNorm
 from nvila_ft.adapters.methods.lora import Lora
 from nvila_ft.adapters.methods.loraplus import LoraPlus
+from nvila_ft.adapters.methods.pissa import Pissa
 from nvila_ft.adapters.methods.qlora import QLora
 from nvila_ft.adapters.methods.rslora import RsLora
 
@@ -28,6 +29,7 @@ REGISTRY: dict[str, Method] = {
     "full": Full(),
     "rslora": RsLora(),
     "loraplus": LoraPlus(),
+    "pissa": Pissa(),
 }
 
 
