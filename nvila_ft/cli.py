@@ -121,7 +121,7 @@ def register_config_groups() -> None:
 
     # every policy field is present (with its default), so `adapters.llm.target_modules=[...]` needs no `+`
     # and a misspelt key is still Hydra's "not in struct" error
-    policy_defaults = OmegaConf.to_container(OmegaConf.structured(AdapterPolicy))
+    policy_defaults = AdapterPolicy.defaults()
     store = ConfigStore.instance()
     for package, group in (("nvila_ft.hydra_conf.tasks", "task"), ("nvila_ft.hydra_conf.adapters", "adapters")):
         for file in sorted(files(package).iterdir(), key=lambda f: f.name):

@@ -184,3 +184,17 @@ def test_pissa_refuses_deepspeed_and_a_negative_svd_iteration_count():
         AdapterPolicy(llm={"method": "pissa"}).check(precision=Precision(), deepspeed=DeepSpeedConfig(stage=2))
     with pytest.raises(PolicyError, match=re.escape("adapters.llm.pissa_niter = -1: must be >= 0")):
         AdapterPolicy(llm={"method": "pissa", "pissa_niter": -1}).check()
+
+
+def test_the_policy_node_lists_every_option_so_overrides_need_no_plus(tmp_path):
+    """`adapters.llm.dora=true` (a field before methods declared options) and every added method's option work as
+    overrides of any preset; the options a component's method does not have, at their defaults, say nothing."""
+    from omegaconf import OmegaConf
+
+    defaults = AdapterPolicy.defaults()
+    for key in ("rslora", "dora", "loraplus_lr_ratio", "pissa_niter"):
+        assert all(key in defaults[name] for name in ("vision_tower", "mm_projector", "llm"))
+    node = OmegaConf.merge(defaults, {"llm": {"method": "qlora"}}, OmegaConf.from_dotlist(["llm.dora=true"]))
+    policy = AdapterPolicy.from_dict(OmegaConf.to_container(node))
+    policy.check()
+    assert policy.llm.options == {"rslora": False, "dora": True} and policy.vision_tower.options == {}

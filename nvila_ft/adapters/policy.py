@@ -16,9 +16,13 @@ from nvila_ft.adapters.methods import REGISTRY, Method, PolicyError, method_of
 
 COMPONENTS = ("vision_tower", "mm_projector", "llm")
 METHODS = tuple(REGISTRY)
-# Fields of every component in policy files written before methods declared their own options; at these values
-# (their defaults) they say nothing and are dropped, whatever the method
-LEGACY_DEFAULTS = {"rslora": False, "dora": False}
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every method's options with their defaults. A component that gives another method's option at its default
+    says nothing by it: policy files written before methods declared their options hold `rslora` and `dora` on
+    every component, and the Hydra node of a policy lists every option (`AdapterPolicy.defaults`)."""
+    return {key: option.default for method in REGISTRY.values() for key, option in method.options.items()}
 
 
 def from_mapping(cls: type, value: Mapping, where: str) -> Any:
@@ -39,7 +43,8 @@ def component_from_mapping(value: Mapping, where: str) -> "ComponentPolicy":
     declared = REGISTRY.get(name, Method()).options
     known = {f.name for f in fields(ComponentPolicy)} - {"options"}
     extra = {k: data.pop(k) for k in list(data) if k not in known}
-    extra = {k: v for k, v in extra.items() if k in declared or LEGACY_DEFAULTS.get(k, ...) is not v}
+    unset = option_defaults()
+    extra = {k: v for k, v in extra.items() if k in declared or k not in unset or unset[k] != v}
     for key in extra:
         option_error(where, name, key, known | set(declared))
     return ComponentPolicy(**data, options={**options, **extra})
@@ -173,6 +178,15 @@ class AdapterPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {**{name: component.to_dict() for name, component in self.items()}, "name": self.name}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting a policy file can give, with its default: each component's fields and every method's
+        options (the command line's `adapters.<component>.<key>=...` then needs no `+`)."""
+        data = cls().to_dict()
+        others = option_defaults()
+        return {**{name: data[name] | {k: v for k, v in others.items() if k not in data[name]} for name in COMPONENTS},
+                "name": data["name"]}
 
     @classmethod
     def from_yaml(cls, path: str) -> "AdapterPolicy":

@@ -35,7 +35,8 @@ class Option:
 
 
 class Method:
-    """The defaults are those of a method that trains nothing (`frozen`)."""
+    """One adaptation method (one instance in the registry). The defaults: the method trains tensors of the
+    component itself (no PEFT adapter) and keeps its weights as loaded; subclasses change what differs."""
 
     name = ""
     trains = True
