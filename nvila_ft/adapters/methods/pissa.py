@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ class Pissa(Lora):
             start = Path(scratch) / INITIAL
             start.mkdir()
             save_file({k: v.contiguous() for k, v in initial.items()}, str(start / ADAPTER_WEIGHTS))
-            module.save_pretrained(str(folder), state_dict=state_dict, path_initial_model_for_weight_conversion=str(start))
+            with warnings.catch_warnings():  # PEFT advises the conversion to LoRA that this is, while it loads the start
+                warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+                module.save_pretrained(str(folder), state_dict=state_dict, path_initial_model_for_weight_conversion=str(start))
 
     def restore_adapter(self, module: nn.Module, folder: Path) -> None:
         """From the converted adapter [A; A0], [B, -B0]: the residual base becomes W - scaling * B0 A0 of the saved run
