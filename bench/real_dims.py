@@ -151,7 +151,7 @@ def baseline_model(checkpoint: Path, policy, dtype: torch.dtype, device: str):
             patterns.append(prefix + r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|out_proj|fc1|fc2)")
     rank = max((getattr(policy, n).r for n in ("llm", "vision_tower") if getattr(policy, n).method not in ("frozen", "layernorm", "full")), default=16)
     if patterns:
-        dora = any(getattr(policy, n).method == "dora" or getattr(policy, n).dora for n in ("llm", "vision_tower"))
+        dora = any(getattr(policy, n).method == "dora" or getattr(policy, n).options.get("dora", False) for n in ("llm", "vision_tower"))
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.05, use_dora=dora,
                             target_modules="|".join(f"({p})" for p in patterns))
         model = get_peft_model(model, config)

@@ -152,7 +152,9 @@ def with_target_defaults(node: Any) -> Any:
     target = node.get("_target_") if len(node) else None
     if target is None or not dataclasses.is_dataclass(built := get_object(target)):
         return node
-    merged = OmegaConf.merge({"_target_": target, **OmegaConf.to_container(OmegaConf.structured(built))}, node)
+    # a policy also lists every method's options (AdapterPolicy.defaults); other targets, their dataclass fields
+    defaults = built.defaults() if hasattr(built, "defaults") else OmegaConf.to_container(OmegaConf.structured(built))
+    merged = OmegaConf.merge({"_target_": target, **defaults}, node)
     for key in node:
         if OmegaConf.is_missing(node, key):
             merged[key] = "???"  # a merge keeps the default under a missing value

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nvila_ft.adapters import AdapterPolicy
+from nvila_ft.adapters import AdapterPolicy, PolicyError
 from nvila_ft.training.config import ConfigError, Precision
 from nvila_ft.training.deepspeed import DeepSpeedConfig
 from tests.test_cli import run_cli
@@ -59,14 +59,14 @@ def test_finetune_with_zero(option, tmp_path, cache):
 def test_zero3_checks_fail_at_start():
     bf16 = Precision(weights="bfloat16", autocast="bf16")
     policy = AdapterPolicy(llm={"method": "qlora"})
-    with pytest.raises(ConfigError, match=r"storage_dtype=bfloat16"):
-        DeepSpeedConfig(stage=3).check(policy, bf16)
+    with pytest.raises(PolicyError, match=r"storage_dtype=bfloat16"):
+        policy.check(precision=bf16, deepspeed=DeepSpeedConfig(stage=3))
     AdapterPolicy(llm={"method": "qlora", "quantization": {"storage_dtype": "bfloat16"}})
-    DeepSpeedConfig(stage=3).check(AdapterPolicy(llm={"method": "qlora", "quantization": {"storage_dtype": "bfloat16"}}), bf16)
-    with pytest.raises(ConfigError, match="fp8_lora"):
-        DeepSpeedConfig(stage=3).check(AdapterPolicy(llm={"method": "fp8_lora"}), bf16)
+    AdapterPolicy(llm={"method": "qlora", "quantization": {"storage_dtype": "bfloat16"}}).check(precision=bf16, deepspeed=DeepSpeedConfig(stage=3))
+    with pytest.raises(PolicyError, match="fp8_lora"):
+        AdapterPolicy(llm={"method": "fp8_lora"}).check(precision=bf16, deepspeed=DeepSpeedConfig(stage=3))
     with pytest.raises(ConfigError, match="offload_params needs stage 3"):
-        DeepSpeedConfig(stage=2, offload_params=True).check(AdapterPolicy(), bf16)
+        DeepSpeedConfig(stage=2, offload_params=True).check(bf16)
     config = DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True).to_dict()
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"

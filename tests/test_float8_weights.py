@@ -63,7 +63,8 @@ def test_default_targets_are_stored_in_float8_as_they_load_and_equal_conversion_
     from dataclasses import replace
 
     from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
-    from nvila_ft.adapters.apply import float8_on_load, is_quantized
+    from nvila_ft.adapters.apply import is_quantized
+    from nvila_ft.adapters.methods.fp8_lora import float8_on_load
     from tests.test_planner import ROOT
 
     checkpoint = tiny_checkpoints["nvila-8b-tiny"]

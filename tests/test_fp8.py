@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
+from nvila_ft.adapters import AdapterPolicy, PolicyError, apply_policy, load_for_policy
 from nvila_ft.adapters.artifacts import save_adapters
 from nvila_ft.adapters.merge import export_merged
 from nvila_ft.data.processor import NVILAProcessor
@@ -245,7 +245,9 @@ def test_gpus_without_fp8_are_refused_naming_the_fix(monkeypatch, capability, na
 def test_fp8_gpus_pass(monkeypatch, capability):
     fake_gpu(monkeypatch, capability, "an FP8 GPU")
     for recipe in ("tensorwise", "rowwise"):
-        Precision(weights="bfloat16", autocast="bf16", fp8=recipe).check(AdapterPolicy())
+        precision = Precision(weights="bfloat16", autocast="bf16", fp8=recipe)
+        precision.check()
+        AdapterPolicy().check(precision=precision)
 
 
 @pytest.mark.parametrize(
@@ -260,13 +262,17 @@ def test_fp8_gpus_pass(monkeypatch, capability):
 )
 def test_combinations_that_cannot_work_are_one_line_errors(precision, policy, message, monkeypatch):
     fake_gpu(monkeypatch, (9, 0), "NVIDIA H100")  # fp16 autocast on the CPU has an error of its own
-    with pytest.raises(ConfigError, match=re.escape(message)) as err:
-        Precision(**{"weights": "bfloat16", "autocast": "bf16", **precision}).check(policy)
+    with pytest.raises(PolicyError if policy is not None else ConfigError, match=re.escape(message)) as err:
+        settings = Precision(**{"weights": "bfloat16", "autocast": "bf16", **precision})
+        settings.check()
+        policy.check(precision=settings)
     assert "\n" not in str(err.value)
 
 
 def test_cpu_runs_the_same_numerics():
-    Precision(weights="bfloat16", autocast="bf16", fp8="rowwise").check(AdapterPolicy(llm={"method": "full"}))
+    precision = Precision(weights="bfloat16", autocast="bf16", fp8="rowwise")
+    precision.check()
+    AdapterPolicy(llm={"method": "full"}).check(precision=precision)
 
 
 # ------------------------------------------------------------------ the command line

@@ -125,7 +125,7 @@ def test_zero3_shards_the_weights_and_offload_moves_them(setup):
     config, policy, _ = setup
     model = planner.meta_model(config, policy, torch.bfloat16, lora_float32=False)
     total = 2 * sum(p.numel() for p in model.parameters())
-    layer = max(sum(p.numel() for p in layer.parameters()) for layer in planner._layers(model, "llm"))
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in planner.component_layers(model, "llm"))
 
     def weights(**shape) -> dict[str, int]:
         lines = planner.weight_lines(model, policy, RunShape(trainable_float32=False, **shape))

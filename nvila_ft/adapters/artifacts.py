@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from nvila_ft.adapters.apply import base_module, get_component, is_quantized, quantize_float8, set_component
+from nvila_ft.adapters.apply import base_module, get_component, set_component
+from nvila_ft.adapters.methods import method_of
 from nvila_ft.adapters.policy import AdapterPolicy, PolicyError
 from nvila_ft.atomic import atomic_directory, write_json
 from nvila_ft.model.checkpoint import module_keys, official_keys
@@ -67,14 +67,15 @@ def save_adapters(
     contents = {}
     with atomic_directory(path, overwrite=overwrite) as staging:
         for name, component in policy.items():
-            if component.uses_lora:
+            method = method_of(component)
+            if method.trains_lora:
                 sub_state = None
                 if state_dict is not None:
                     prefix = STATE_PREFIX[name]
                     sub_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-                get_component(model, name).save_pretrained(str(staging / name), state_dict=sub_state)
+                method.save_adapter(get_component(model, name), staging / name, sub_state)
                 contents[name] = "peft_adapter"
-            elif component.trains:
+            elif method.trains:
                 (staging / name).mkdir()
                 tensors = trained_state(model, name, state_dict)
                 save_file(tensors, str(staging / name / TRAINED_WEIGHTS), metadata={"format": "pt"})
@@ -111,8 +112,6 @@ class AdaptedModel(NamedTuple):
 
 def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = False) -> AdaptedModel:
     """Apply saved adapters to a freshly loaded base model (quantized bases via `load_for_policy`)."""
-    from peft import PeftConfig, PeftModel
-
     path = Path(path)
     policy, meta = read_policy(path)
     policy.check(model.config)
@@ -120,19 +119,14 @@ def load_adapters(model: Any, path: str | os.PathLike, is_trainable: bool = Fals
     for name, component in policy.items():
         module = get_component(model, name)
         kind = meta["contents"].get(name)
-        if component.uses_lora:
+        method = method_of(component)
+        if method.trains_lora:
             if kind != "peft_adapter":
                 raise PolicyError(f"{path}: the policy adapts {name} with {component.method} but no adapter was saved")
-            if component.method == "qlora" and not is_quantized(module):
-                raise PolicyError(f"{path}: {name} was trained with a quantized base; load the base with load_for_policy")
-            if component.method == "fp8_lora":
-                config = PeftConfig.from_pretrained(str(path / name))
-                quantize_float8(module, {"target_modules": config.target_modules})
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
-                adapted = PeftModel.from_pretrained(module, str(path / name), is_trainable=is_trainable)
+            method.prepare_load(module, name, path)
+            adapted = method.load_adapter(module, path / name, is_trainable)
             set_component(model, name, adapted.train(model.training))
-        elif component.trains:
+        elif method.trains:
             _copy_trained_weights(module, name, path / name / TRAINED_WEIGHTS, is_trainable)
     return AdaptedModel(model, policy)
 
@@ -155,19 +149,15 @@ def _copy_trained_weights(module: Any, name: str, file: Path, trainable: bool) -
 def restore_adapter_weights(model: Any, policy: AdapterPolicy, path: str | os.PathLike) -> Any:
     """Load saved adapter values into a model that already went through `apply_policy` with the same policy
     (resume, best checkpoint)."""
-    from peft import set_peft_model_state_dict
-
     path = Path(path)
     saved, _ = read_policy(path)
     for name, component in policy.items():
-        if getattr(saved, name).method != component.method:
+        adapter = method_of(component)
+        if method_of(getattr(saved, name)) is not adapter:
             raise PolicyError(f"{path}: {name} was saved with method {getattr(saved, name).method}, the model uses {component.method}")
         module = get_component(model, name)
-        if component.uses_lora:
-            weights = load_file(str(path / name / "adapter_model.safetensors"))
-            result = set_peft_model_state_dict(module, weights)
-            if getattr(result, "unexpected_keys", None):
-                raise PolicyError(f"{path / name}: adapter tensors not in the model: {result.unexpected_keys[:5]}")
-        elif component.trains:
+        if adapter.trains_lora:
+            adapter.restore_adapter(module, path / name)
+        elif adapter.trains:
             _copy_trained_weights(module, name, path / name / TRAINED_WEIGHTS, trainable=True)
     return model

@@ -1,4 +1,5 @@
-"""Linears whose frozen weight is stored in float8 (`fp8_lora`) without a 16-bit copy kept for backward.
+"""Linears whose frozen weight is stored in float8 (`fp8_lora`) without a 16-bit copy kept for backward, and
+plain linears back where FP8 compute (`precision.fp8`, torchao `Float8Linear`) swapped them (before a merge).
 
 torchao's float8 weight-only tensors dequantize above autograd, so a plain `F.linear` saves the dequantized 16-bit
 weight for the input gradient: every float8 layer holds a 16-bit copy of itself until backward, and the run uses
@@ -42,3 +43,19 @@ def keep_float8_for_backward(linear: nn.Linear) -> None:
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("float8 weight storage is for frozen linears")
     linear.__class__ = Float8StorageLinear
+
+
+def restore_linears(model: nn.Module) -> int:
+    """Swap every `Float8Linear` back for a plain `nn.Linear` holding the same parameters; returns how many."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Float8Linear":
+            continue
+        with torch.device("meta"):
+            plain = nn.Linear(module.in_features, module.out_features, bias=False)
+        plain.weight, plain.bias = module.weight, module.bias
+        plain.train(module.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+        swapped += 1
+    return swapped

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvila_ft.adapters.apply import base_module
+from nvila_ft.adapters.components import base_module
+from nvila_ft.adapters.methods import method_of
 
 # A weight is turned into the compute dtype at most this many values at a time (4 Mi values: 8 MiB in bf16).
 INT8_SLICE_VALUES = 1 << 22
@@ -282,7 +283,7 @@ class FrozenStorage:
         if self.vision_tower_bits not in (16, 8):
             out.append(f"precision.vision_tower_bits = {self.vision_tower_bits!r}; use 16 or 8")
         llm = policy.llm
-        trains_llm_weights = llm.method == "full"
+        trains_llm_weights = method_of(llm).trains_base_weights
         if self.offload_embeddings:
             if trains_llm_weights or _targets(llm, "embed_tokens"):
                 out.append(f"trainer.offload_embeddings keeps the frozen input embedding table in host memory, but "
@@ -297,7 +298,7 @@ class FrozenStorage:
             if tied_embeddings:
                 out.append(f"precision.lm_head_bits={self.lm_head_bits}: this model ties lm_head to the input embeddings "
                            "(NVILA-Lite-2B); a quantized copy would add memory, not save it; use precision.lm_head_bits=16")
-        if self.vision_tower_bits == 8 and policy.vision_tower.method not in ("frozen", "layernorm"):
+        if self.vision_tower_bits == 8 and not method_of(policy.vision_tower).plain_linears:
             out.append(f"precision.vision_tower_bits=8 stores a frozen or LayerNorm-tuned vision tower, but "
                        f"adapters.vision_tower.method = {policy.vision_tower.method}; use precision.vision_tower_bits=16")
         return out
@@ -305,7 +306,7 @@ class FrozenStorage:
 
 def _targets(component: Any, module_name: str) -> bool:
     """Whether a LoRA component names the module among its targets (or its modules to save)."""
-    if not component.uses_lora:
+    if not method_of(component).trains_lora:
         return False
     named = component.target_modules if isinstance(component.target_modules, (list, tuple)) else []
     pattern = component.target_modules if isinstance(component.target_modules, str) else ""

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from nvila_ft.adapters.apply import base_module, get_component, is_quantized, set_component
+from nvila_ft.adapters.float8_weights import restore_linears
 from nvila_ft.adapters.frozen_storage import restore_frozen_storage
 from nvila_ft.errors import UserError
 from nvila_ft.model.checkpoint import load_llm, load_vision_tower, resolve_checkpoint
 from nvila_ft.model.vision_tower import drop_unused
-from nvila_ft.training.fp8 import restore_linears
 
 MERGE_MODES = ("dequantized", "original")
 
@@ -215,6 +215,34 @@ class ExportReport:
 DEFAULT_RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
+def quantized_components(model: Any) -> list[str]:
+    """The components whose adapter sits on a quantized base."""
+    return [name for name in ("vision_tower", "mm_projector", "llm")
+            if hasattr(get_component(model, name), "merge_and_unload") and is_quantized(get_component(model, name))]
+
+
+def sixteen_bit_gap(model: Any, probe: dict[str, torch.Tensor], reference: torch.Tensor, quantized: list[str], mode: str) -> float | None:
+    """How far the trained adapters on the 16-bit bases of the `quantized` components are from the model as trained
+    (`reference` logits), then those components re-wrapped on their 16-bit bases, ready to merge; None when none.
+
+    The bound for a quantized base. T: the reference logits (the model as trained); D: the same adapter modules, not
+    a copy, with each quantized layer swapped for the 16-bit layer the merge goes into; M: the merged model.
+    |M - T| <= |M - D| + |D - T|. |M - D| is the merge's own rounding in the export dtype (`tolerance`). |D - T| is
+    measured here: exactly what dequantizing the base changes on this probe (the quantized kernels' compute
+    rounding: activations to bfloat16 or int8 rows, weights to the compute dtype; with qlora_merge="original" also
+    the weights' quantization error). D holds nothing that re-wrapping rebuilt, so an adapter tensor lost or
+    altered on the way to M (a DoRA magnitude, a scaling) moves M alone and shows in full.
+    """
+    if not quantized:
+        return None
+    bases = {name: sixteen_bit_base(model, name, mode, model.dtype) for name in quantized}
+    with sixteen_bit_layers(model, bases):
+        gap = float((model(**probe).logits.float() - reference).abs().max())
+    for name, base in bases.items():
+        set_component(model, name, rewrap(model, name, base))
+    return gap
+
+
 @torch.no_grad()
 def export_merged(
     model: Any,
@@ -245,30 +273,15 @@ def export_merged(
     restore_frozen_storage(model)
     trained = model(**probe).logits.float()  # before anything is rebuilt, re-wrapped or merged
     float8 = restore_linears(model) > 0  # FP8 compute (precision.fp8): same weights, 16-bit matmuls from here on
-    quantized = [
-        name for name in ("vision_tower", "mm_projector", "llm")
-        if hasattr(get_component(model, name), "merge_and_unload") and is_quantized(get_component(model, name))
-    ]
+    quantized = quantized_components(model)
     upcast = not quantized and torch.finfo(dtype).eps < torch.finfo(model.dtype).eps
     if upcast:  # e.g. bf16 training, float32 export: merge in float32 (the upcast is exact), so the check measures the merge
         model.to(dtype)
     reference = model(**probe).logits.float() if upcast or float8 else trained
     label = "adapted model" + (" without float8 compute" if float8 else "")
     label += f" (cast to {str(dtype).removeprefix('torch.')})" if upcast else ""
-    # The bound for a quantized base. T: the reference logits (the model as trained); D: the same adapter modules, not
-    # a copy, with each quantized layer swapped for the 16-bit layer the merge goes into; M: the merged model.
-    # |M - T| <= |M - D| + |D - T|. |M - D| is the merge's own rounding in the export dtype (`tolerance`). |D - T| is
-    # measured here: exactly what dequantizing the base changes on this probe (the quantized kernels' compute
-    # rounding: activations to bfloat16 or int8 rows, weights to the compute dtype; with qlora_merge="original" also
-    # the weights' quantization error). D holds nothing that re-wrapping rebuilt, so an adapter tensor lost or
-    # altered on the way to M (a DoRA magnitude, a scaling) moves M alone and shows in full.
-    bases = {name: sixteen_bit_base(model, name, qlora_merge, model.dtype) for name in quantized}
-    gap = None
-    if bases:
-        with sixteen_bit_layers(model, bases):
-            gap = float((model(**probe).logits.float() - reference).abs().max())
-        for name, base in bases.items():
-            set_component(model, name, rewrap(model, name, base))
+    gap = sixteen_bit_gap(model, probe, reference, quantized, qlora_merge)
+    if gap is not None:
         label += f" on the quantized {', '.join(quantized)} base, as trained (merged into the {qlora_merge} 16-bit base)"
     merge_adapters(model)
     model.to(dtype)

@@ -6,23 +6,23 @@ impossible combinations fail before anything heavy happens, with the fix named.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
-from nvila_ft.errors import UserError
+from nvila_ft.adapters.methods import REGISTRY, Method, PolicyError, method_of
 
 COMPONENTS = ("vision_tower", "mm_projector", "llm")
-METHODS = ("frozen", "layernorm", "lora", "dora", "qlora", "fp8_lora", "full")
-LORA_METHODS = ("lora", "dora", "qlora", "fp8_lora")
-QUANTIZED_METHODS = ("qlora", "fp8_lora")
+METHODS = tuple(REGISTRY)
 
 
-class PolicyError(UserError, ValueError):
-    """A policy that cannot work; the message names the component, the field and the fix."""
+def option_defaults() -> dict[str, Any]:
+    """Every method's options with their defaults. A component that gives another method's option at its default
+    says nothing by it: policy files written before methods declared their options hold `rslora` and `dora` on
+    every component, and the Hydra node of a policy lists every option (`AdapterPolicy.defaults`)."""
+    return {key: option.default for method in REGISTRY.values() for key, option in method.options.items()}
 
 
 def from_mapping(cls: type, value: Mapping, where: str) -> Any:
@@ -33,6 +33,34 @@ def from_mapping(cls: type, value: Mapping, where: str) -> Any:
     if unknown:
         raise PolicyError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
     return cls(**data)
+
+
+def component_from_mapping(value: Mapping, where: str) -> "ComponentPolicy":
+    """A ComponentPolicy from a mapping whose keys are its fields and its method's own options."""
+    data = {str(k): v for k, v in value.items() if k != "_target_"}
+    options = dict(data.pop("options", None) or {})
+    name = data.get("method", ComponentPolicy.method)
+    declared = REGISTRY.get(name, Method()).options
+    known = {f.name for f in fields(ComponentPolicy)} - {"options"}
+    extra = {k: data.pop(k) for k in list(data) if k not in known}
+    unset = option_defaults()
+    extra = {k: v for k, v in extra.items() if k in declared or k not in unset or unset[k] != v}
+    for key in extra:
+        option_error(where, name, key, known | set(declared))
+    return ComponentPolicy(**data, options={**options, **extra})
+
+
+def option_error(where: str, method_name: str, key: str, known: set[str]) -> None:
+    """Raise PolicyError for a key that is neither a field nor an option of the component's method."""
+    declared = REGISTRY.get(method_name, Method())
+    if key in declared.options:
+        return
+    message = declared.unknown_option(where, key)
+    owners = [name for name, other in REGISTRY.items() if key in other.options]
+    if message is None and owners:
+        message = (f"{where}.{key} is an option of method {' / '.join(owners)}, not {method_name}; set {where}.method "
+                   f"to {owners[0]} or leave {key} out")
+    raise PolicyError(message or f"{where}: unknown keys {[key]} (known: {sorted(known)})")
 
 
 @dataclass
@@ -59,12 +87,14 @@ class QuantizationPolicy:
 class ComponentPolicy:
     """How one component is adapted.
 
-    method: frozen | layernorm (norm weights only) | lora | dora | qlora (LoRA on a bitsandbytes 4/8-bit base)
-            | fp8_lora (LoRA on float8-stored base weights) | full.
+    method: one of METHODS (`nvila_ft.adapters.methods`): frozen | layernorm (norm weights only) | lora | dora
+            | qlora (LoRA on a bitsandbytes 4/8-bit base) | fp8_lora (LoRA on float8-stored base weights) | full ...
     target_modules: LoRA targets (PEFT suffix names); None = every linear layer of the component that can affect
             the output, as the official code targets them (never lm_head, embeddings or the patch embedding).
     lr / lr_ratio: this component's learning rate, absolute or as a multiple of the base learning rate.
     weight_decay: None = the trainer's weight decay.
+    options: the method's own settings (`Method.options`, e.g. `rslora`, `dora` on a quantized base), given in a
+            policy file beside the fields above; those not given hold the method's defaults.
     """
 
     method: str = "frozen"
@@ -73,12 +103,11 @@ class ComponentPolicy:
     dropout: float = 0.05
     target_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
-    rslora: bool = False
-    dora: bool = False  # DoRA on a quantized base (qlora / fp8_lora); method "dora" is the 16-bit case
     lr: float | None = None
     lr_ratio: float | None = None
     weight_decay: float | None = None
     quantization: QuantizationPolicy = field(default_factory=QuantizationPolicy)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.quantization, Mapping):
@@ -87,48 +116,43 @@ class ComponentPolicy:
             self.target_modules = [str(t) for t in self.target_modules]
         if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
             self.exclude_modules = [str(t) for t in self.exclude_modules]
-
-    @property
-    def uses_lora(self) -> bool:
-        return self.method in LORA_METHODS
-
-    @property
-    def use_dora(self) -> bool:
-        return self.method == "dora" or (self.method in QUANTIZED_METHODS and self.dora)
+        declared = REGISTRY.get(self.method, Method()).options
+        self.options = {**{k: o.default for k, o in declared.items()}, **{str(k): v for k, v in (self.options or {}).items()}}
 
     @property
     def trains(self) -> bool:
-        return self.method != "frozen"
+        return method_of(self).trains
 
     def learning_rate(self, base_lr: float) -> float:
         if self.lr is not None:
             return float(self.lr)
         return base_lr * (self.lr_ratio if self.lr_ratio is not None else 1.0)
 
-    def check(self, name: str) -> None:
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the method's options side by side, as a policy file gives them."""
+        data = asdict(self)
+        options = data.pop("options")
+        return {**data, **options}
+
+    def check(self, name: str, model_config: Any = None, precision: Any = None, deepspeed: Any = None) -> None:
+        """Raise PolicyError for settings that cannot work: the common ones here, the method's own by the method,
+        with the model (`model_config`) and a training run's `precision` / `deepspeed` settings when given."""
         where = f"adapters.{name}"
-        if self.method not in METHODS:
+        adapter = REGISTRY.get(self.method)
+        if adapter is None:
             raise PolicyError(f"{where}.method = {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.uses_lora:
-            if self.r < 1:
-                raise PolicyError(f"{where}.r = {self.r}: the LoRA rank must be >= 1")
-            if self.alpha <= 0:
-                raise PolicyError(f"{where}.alpha = {self.alpha}: must be > 0")
-            if not 0 <= self.dropout < 1:
-                raise PolicyError(f"{where}.dropout = {self.dropout}: must be in [0, 1)")
-        if self.dora and self.method not in QUANTIZED_METHODS:
-            raise PolicyError(f"{where}.dora applies to qlora/fp8_lora; for a 16-bit base use method: dora")
-        if self.method == "qlora":
-            self.quantization.check(where)
-        if self.method == "fp8_lora" and importlib.util.find_spec("torchao") is None:
-            raise PolicyError(f"{where}.method = fp8_lora stores weights in float8 with torchao: pip install torchao")
+        for key, value in self.options.items():
+            option_error(where, self.method, key, set(adapter.options))
+            if not adapter.options[key].accepts(value):
+                raise PolicyError(f"{where}.{key} = {value!r}: expected a {adapter.options[key].kind.__name__} ({adapter.options[key].help})")
+        adapter.check(name, self, model_config, precision, deepspeed)
         if self.lr is not None and self.lr_ratio is not None:
             raise PolicyError(f"{where}: give lr or lr_ratio, not both")
         for key in ("lr", "lr_ratio", "weight_decay"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise PolicyError(f"{where}.{key} = {value}: must be >= 0")
-        if self.trains and self.learning_rate(1.0) == 0:
+        if adapter.trains and self.learning_rate(1.0) == 0:
             raise PolicyError(f"{where}: method {self.method} with a zero learning rate trains nothing; use method: frozen")
 
 
@@ -145,7 +169,7 @@ class AdapterPolicy:
         for component in COMPONENTS:
             value = getattr(self, component)
             if isinstance(value, Mapping):
-                setattr(self, component, from_mapping(ComponentPolicy, value, f"adapters.{component}"))
+                setattr(self, component, component_from_mapping(value, f"adapters.{component}"))
             elif value is None:
                 setattr(self, component, ComponentPolicy())
 
@@ -153,7 +177,16 @@ class AdapterPolicy:
         return [(c, getattr(self, c)) for c in COMPONENTS]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**{name: component.to_dict() for name, component in self.items()}, "name": self.name}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting a policy file can give, with its default: each component's fields and every method's
+        options (the command line's `adapters.<component>.<key>=...` then needs no `+`)."""
+        data = cls().to_dict()
+        others = option_defaults()
+        return {**{name: data[name] | {k: v for k, v in others.items() if k not in data[name]} for name in COMPONENTS},
+                "name": data["name"]}
 
     @classmethod
     def from_yaml(cls, path: str) -> "AdapterPolicy":
@@ -167,23 +200,11 @@ class AdapterPolicy:
     def from_dict(cls, data: dict[str, Any]) -> "AdapterPolicy":
         return from_mapping(cls, data, "adapters")
 
-    def check(self, model_config: Any = None) -> None:
-        """Raise PolicyError for a policy that cannot run on this model; called before any weight is touched."""
+    def check(self, model_config: Any = None, precision: Any = None, deepspeed: Any = None) -> None:
+        """Raise PolicyError for a policy that cannot run: on this model (`model_config`, when given) and, for a
+        training run, with its `precision` and `deepspeed` settings. The one place a policy is checked: at the
+        start of a run, before any weight is touched, and when it is applied to a model."""
         for name, policy in self.items():
-            policy.check(name)
+            policy.check(name, model_config, precision, deepspeed)
         if not any(policy.trains for _, policy in self.items()):
             raise PolicyError("the adapter policy trains nothing: every component is frozen")
-        projector = self.mm_projector
-        if projector.method in QUANTIZED_METHODS:
-            raise PolicyError(
-                f"adapters.mm_projector.method = {projector.method}: the projector is small and trained in full in every "
-                "official recipe; quantizing it saves nothing. Use method: full (or lora)"
-            )
-        if model_config is not None:
-            if projector.method == "layernorm" and model_config.stc_factor == 1:
-                raise PolicyError(
-                    f"adapters.mm_projector.method = layernorm, but the {model_config.projector_type!r} projector has no "
-                    "LayerNorm; use full or frozen"
-                )
-            if projector.uses_lora and model_config.projector_type == "identity":
-                raise PolicyError("adapters.mm_projector uses LoRA but the identity projector has no linear layer")

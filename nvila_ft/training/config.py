@@ -48,9 +48,10 @@ class Precision:
             raise ConfigError(f"precision.weights = {self.weights!r} is not a torch dtype")
         return dtype
 
-    def check(self, policy: Any = None, training: bool = True) -> None:
-        """policy: the run's AdapterPolicy, for the combinations with FP8 compute that cannot work. training=False:
-        a command that only runs a trained model (evaluate, predict), which multiplies in `weights`, never in fp8."""
+    def check(self, training: bool = True) -> None:
+        """training=False: a command that only runs a trained model (evaluate, predict), which multiplies in
+        `weights`, never in fp8. What an adapter policy cannot do with these settings its methods check
+        (`AdapterPolicy.check(precision=...)`)."""
         self.dtype  # noqa: B018 - validates the name
         if self.autocast not in (None, "bf16", "fp16"):
             raise ConfigError(f"precision.autocast = {self.autocast!r}; use bf16, fp16 or null")
@@ -60,7 +61,7 @@ class Precision:
         elif self.autocast == "fp16":
             raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
         if self.fp8 is not None and training:
-            self.check_fp8(policy)
+            self.check_fp8()
 
     def check_device(self) -> None:
         """What only the machine that trains can say (finetune; `plan` plans for a GPU from any machine)."""
@@ -71,8 +72,8 @@ class Precision:
                 "(for tests; slower than bf16)"
             )
 
-    def check_fp8(self, policy: Any = None) -> None:
-        """FP8 compute: a known recipe, 16-bit-or-wider weights, an sm_89+ GPU (or none: CPU), a 16-bit LLM base."""
+    def check_fp8(self) -> None:
+        """FP8 compute: a known recipe, 16-bit-or-wider weights, an sm_89+ GPU (or none: CPU)."""
         import importlib.util
 
         if self.fp8 not in FP8_RECIPES:
@@ -88,12 +89,6 @@ class Precision:
                     f"precision.fp8 needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100, H200); "
                     f"{torch.cuda.get_device_name()} is sm_{major}{minor}: use precision=bf16, or an sm_89+ GPU"
                 )
-        llm = getattr(policy, "llm", None)
-        if llm is not None and llm.method in ("qlora", "fp8_lora"):
-            raise ConfigError(
-                f"precision.fp8 computes from the LLM's 16-bit weights, but adapters.llm.method = {llm.method} stores "
-                "them quantized; use adapters.llm.method=lora (float8 compute of the frozen 16-bit base) or precision=bf16"
-            )
 
 
 @dataclass

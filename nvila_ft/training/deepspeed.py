@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from nvila_ft.adapters.policy import AdapterPolicy
 from nvila_ft.training.config import ConfigError, Precision
 
 
@@ -33,7 +32,9 @@ class DeepSpeedConfig:
     def enabled(self) -> bool:
         return self.stage > 0
 
-    def check(self, policy: AdapterPolicy | None, precision: Precision) -> None:
+    def check(self, precision: Precision) -> None:
+        """This config's own settings; what an adapter policy cannot do under it its methods check
+        (`AdapterPolicy.check(deepspeed=...)`)."""
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.stage = {self.stage}; use 0 (off), 1, 2 or 3")
         if not self.enabled:
@@ -46,17 +47,6 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_params needs stage 3 (ZeRO-3); use deepspeed=zero3_offload")
         if precision.autocast == "fp16" and not _cuda():
             raise ConfigError("DeepSpeed on CPU supports bf16 or fp32, not fp16")
-        for name, component in (policy.items() if policy is not None else []):
-            if self.stage == 3 and component.method == "qlora":
-                storage = component.quantization.storage_dtype
-                if component.quantization.bits != 4 or storage != precision.weights:
-                    raise ConfigError(
-                        f"ZeRO-3 shards a 4-bit base only when the quantized weights are stored in the model dtype: set "
-                        f"adapters.{name}.quantization.storage_dtype={precision.weights} (now {storage}, "
-                        f"{component.quantization.bits}-bit), or use deepspeed=zero2"
-                    )
-            if self.stage == 3 and component.method == "fp8_lora":
-                raise ConfigError(f"adapters.{name}: fp8_lora float8 weight tensors cannot be sharded by ZeRO-3; use deepspeed=zero2")
 
     def to_dict(self) -> dict[str, Any]:
         """The config passed as `TrainingArguments(deepspeed=...)`."""

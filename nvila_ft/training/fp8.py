@@ -110,19 +110,3 @@ def _cpu_autocast_input(module: nn.Module, args: tuple) -> tuple | None:
 
 def has_float8_compute(model: nn.Module) -> bool:
     return any(type(m).__name__ == "Float8Linear" for m in model.modules())
-
-
-def restore_linears(model: nn.Module) -> int:
-    """Swap every `Float8Linear` back for a plain `nn.Linear` holding the same parameters; returns how many."""
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if type(module).__name__ != "Float8Linear":
-            continue
-        with torch.device("meta"):
-            plain = nn.Linear(module.in_features, module.out_features, bias=False)
-        plain.weight, plain.bias = module.weight, module.bias
-        plain.train(module.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
-        swapped += 1
-    return swapped

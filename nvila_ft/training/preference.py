@@ -27,6 +27,7 @@ from torch import nn
 from trl import DPOTrainer
 
 from nvila_ft.adapters.apply import base_module, get_component
+from nvila_ft.adapters.methods import method_of
 from nvila_ft.adapters.policy import AdapterPolicy
 from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
 from nvila_ft.data.processor import NVILAProcessor
@@ -212,13 +213,12 @@ class PreferenceModel(nn.Module):
 
 def check_reference_policy(policy: AdapterPolicy) -> None:
     """The reference is the policy's own weights with adapters off and a copy of the small trained tensors; a
-    fully trained vision tower or LLM would need a second copy of that component."""
+    method for which that is not the reference says why (a fully trained vision tower or LLM would need a second
+    copy of that component)."""
     for name in LARGE_COMPONENTS:
-        if getattr(policy, name).method == "full":
-            raise ConfigError(
-                f"dpo: adapters.{name}.method = full would keep a second copy of the {name} as the reference model; "
-                f"use lora, dora, qlora or layernorm for the {name} (e.g. adapters=ln_vit_lora_llm or lora_vit_lora_llm)"
-            )
+        problem = method_of(getattr(policy, name)).reference_problem(name)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def check_preference_run(policy: AdapterPolicy, precision: Precision, deepspeed: Any, data: DataOptions) -> None:
@@ -241,7 +241,7 @@ def initial_tensors(model: nn.Module, adapters: AdapterPolicy) -> dict[str, torc
     check_reference_policy(adapters)
     ids = {
         id(p)
-        for name, component in adapters.items() if component.trains and not component.uses_lora
+        for name, component in adapters.items() if component.trains and not method_of(component).trains_lora
         for p in get_component(model, name).parameters() if p.requires_grad
     }
     return {name: p.detach().clone() for name, p in model.named_parameters() if id(p) in ids}
@@ -279,7 +279,7 @@ class ReferenceModel(nn.Module):
         policy = self._policy
         with contextlib.ExitStack() as stack:
             for name, component in self.adapters.items():
-                if component.uses_lora:
+                if method_of(component).trains_lora:
                     stack.enter_context(get_component(policy.nvila, name).disable_adapter())
             yield
 

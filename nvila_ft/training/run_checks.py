@@ -11,10 +11,10 @@ from nvila_ft.training.config import ConfigError, Precision
 
 def check_run(policy: AdapterPolicy, precision: Precision, trainer: Any, deepspeed: Any) -> None:
     """The settings of a run, each alone and together; the first problem is a ConfigError (or a PolicyError)."""
-    policy.check()
-    precision.check(policy)
+    precision.check()
     trainer.check()
-    deepspeed.check(policy, precision)
+    deepspeed.check(precision)
+    policy.check(precision=precision, deepspeed=deepspeed)
     storage = frozen_storage(precision, trainer)
     problems = storage.problems(policy)
     if problems:

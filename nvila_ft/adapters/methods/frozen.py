@@ -1,0 +1,11 @@
+"""`frozen`: the component is not trained."""
+
+from __future__ import annotations
+
+from nvila_ft.adapters.methods.base import Method
+
+
+class Frozen(Method):
+    name = "frozen"
+    trains = False
+    plain_linears = True
