@@ -80,11 +80,15 @@ def test_each_pack_folder_is_one_registry_row():
     assert {"shapes", "scan", "robot_video", "grounding", "preference"} <= set(GENERATORS)
 
 
-def test_every_pack_ships_in_the_wheel():
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists its packages (conf/, tasks/ and adapters/ ship under other names): every folder of nvila_ft
+    with an __init__.py, a new domain pack or the method modules among them, must be listed or the wheel lacks it."""
     import tomllib
 
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    assert {f"nvila_ft.domains.{domain.name}" for domain in DOMAINS} | {"nvila_ft.domains"} <= listed
+    folders = {".".join(init.parent.relative_to(PACKAGE.parent).parts) for init in PACKAGE.rglob("__init__.py")}
+    assert {f"nvila_ft.domains.{domain.name}" for domain in DOMAINS} <= folders
+    assert sorted(folders - listed) == []
 
 
 def test_only_the_registry_enumerates_domains():
