@@ -76,12 +76,13 @@ def test_policy_files_written_before_methods_declared_options_still_load():
 # ------------------------------------------------------------------ rsLoRA
 def test_rslora_scales_the_update_by_alpha_over_sqrt_r(tiny_checkpoints, tmp_path):
     checkpoint = tiny_checkpoints["nvila-8b-tiny"]
-    model = loaded(checkpoint, AdapterPolicy(llm={"method": "rslora", "r": 4, "alpha": 8}))
+    rslora = AdapterPolicy(llm={"method": "rslora", "r": 4, "alpha": 8})
+    model = loaded(checkpoint, rslora)
     scalings = {layer.scaling["default"] for layer in model.llm.modules() if isinstance(getattr(layer, "scaling", None), dict)}
     assert scalings == {8 / math.sqrt(4)}  # LoRA's would be 8 / 4
     lora = loaded(checkpoint, AdapterPolicy(llm={"method": "lora", "r": 4, "alpha": 8}))
     assert actual_trainable(model) == actual_trainable(lora)
-    save_adapters(model, tmp_path / "out")
+    save_adapters(model, rslora, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "llm" / "adapter_config.json").read_text())["use_rslora"] is True
 
 
@@ -145,7 +146,7 @@ def test_pissa_starts_as_the_base_model_and_saves_a_lora_of_the_original_base(ti
         trained = model(**batch).logits
     assert float((trained - base).abs().max()) > 100 * reordered(TINY_FORWARD, scale_of(base))["atol"]  # it learned
     bound = reordered(TINY_FORWARD, scale_of(trained))
-    save_adapters(model, tmp_path / "adapters")
+    save_adapters(model, policy, tmp_path / "adapters")
     config = json.loads((tmp_path / "adapters" / "llm" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["init_lora_weights"] is True
 
@@ -155,15 +156,16 @@ def test_pissa_starts_as_the_base_model_and_saves_a_lora_of_the_original_base(ti
         plain_llm = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(checkpoint / "llm"), tmp_path / "adapters" / "llm").eval()
         reference = model.llm(input_ids=ids).logits
         torch.testing.assert_close(plain_llm(input_ids=ids).logits, reference, **reordered(TINY_FORWARD, scale_of(reference)))
-        fresh = load_adapters(load_for_policy(checkpoint, policy, device="cpu"), tmp_path / "adapters").eval()
+        fresh = load_adapters(load_for_policy(checkpoint, policy, device="cpu"), tmp_path / "adapters").model.eval()
         torch.testing.assert_close(fresh(**batch).logits, trained, **bound)
 
         # resuming: a new process applies the policy (another SVD: randomized here) and restores the checkpoint
-        resumed = loaded(checkpoint, AdapterPolicy(vision_tower={"method": "layernorm"},
-                                                   llm={"method": "pissa", "r": 4, "alpha": 8, "dropout": 0.0, "pissa_niter": 1}))
-        restore_adapter_weights(resumed, tmp_path / "adapters")
+        randomized = AdapterPolicy(vision_tower={"method": "layernorm"},
+                                   llm={"method": "pissa", "r": 4, "alpha": 8, "dropout": 0.0, "pissa_niter": 1})
+        resumed = loaded(checkpoint, randomized)
+        restore_adapter_weights(resumed, randomized, tmp_path / "adapters")
         torch.testing.assert_close(resumed.eval()(**batch).logits, trained, **bound)
-    save_adapters(resumed, tmp_path / "again")  # and it saves the same adapter again
+    save_adapters(resumed, randomized, tmp_path / "again")  # and it saves the same adapter again
     first, again = (load_file(str(tmp_path / d / "llm" / "adapter_model.safetensors")) for d in ("adapters", "again"))
     assert first.keys() == again.keys()
     for key in first:
