@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from nvila_ft.domains.robotics.generators import DIRECTIONS, make_robot_video_dataset
 from nvila_ft.data.processor import NVILAProcessor
+from nvila_ft.domains.robotics.generators import DIRECTIONS, make_robot_video_dataset
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.pretrained import pretrained_checkpoint
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nvila_ft.data.conversation import llava_to_messages
+from nvila_ft.data.media import load_video
 from nvila_ft.domains.general.generators import ANSWERS, QUESTIONS, make_scenes_dataset, make_shapes_dataset
 from nvila_ft.domains.medical.generator import make_scan_dataset
 from nvila_ft.domains.robotics.generators import make_robot_video_dataset
 from nvila_ft.domains.synthetic import COLORS
-from nvila_ft.data.conversation import llava_to_messages
-from nvila_ft.data.media import load_video
 
 
 def _records(json_path: Path) -> list[dict]:

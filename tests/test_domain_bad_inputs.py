@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvila_ft.domains.robotics.actions import ActionFormat
-from nvila_ft.domains.robotics.episodes import RobotEpisodes
+from nvila_ft.data.kit import DataError
 from nvila_ft.data.media import MediaError, VideoClip, image_size, load_image, load_video, volume_frames
+from nvila_ft.domains.grounding.referring import GroundingData
 from nvila_ft.domains.medical.sources import MedicalVQA
 from nvila_ft.domains.preference.sources import PreferenceJson
-from nvila_ft.domains.grounding.referring import GroundingData
-from nvila_ft.data.kit import DataError
+from nvila_ft.domains.robotics.actions import ActionFormat
+from nvila_ft.domains.robotics.episodes import RobotEpisodes
 from nvila_ft.training.config import ConfigError
 
 from .test_cli import run_cli

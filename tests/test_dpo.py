@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nvila_ft.adapters import AdapterPolicy, apply_policy
-from nvila_ft.domains.preference.generator import make_preference_dataset
-from nvila_ft.domains.preference.sources import REJECTED, PreferenceJson, rejected_messages
 from nvila_ft.data.kit import DataError
 from nvila_ft.data.validation import validate_records
+from nvila_ft.domains.preference.generator import make_preference_dataset
+from nvila_ft.domains.preference.sources import REJECTED, PreferenceJson, rejected_messages
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
 from nvila_ft.model.tokenizer import IGNORE_INDEX
 from tests.test_cli import run_cli

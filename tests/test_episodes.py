@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nvila_ft.domains.robotics.actions import ActionFormat, parse_action_text
-from nvila_ft.domains.robotics.generators import make_robot_episodes_dataset
-from nvila_ft.domains.robotics.episodes import RobotEpisodes, window
-from nvila_ft.data.media import MediaError, VideoClip, load_video, write_video
 from nvila_ft.data.kit import DataError
-from nvila_ft.domains.task import validation_source
+from nvila_ft.data.media import MediaError, VideoClip, load_video, write_video
+from nvila_ft.domains.robotics.actions import ActionFormat, parse_action_text
+from nvila_ft.domains.robotics.episodes import RobotEpisodes, window
+from nvila_ft.domains.robotics.generators import make_robot_episodes_dataset
 from nvila_ft.domains.scoring import compute_metrics
+from nvila_ft.domains.task import validation_source
 from tests.tolerances import METRIC  # float64 metrics: 64 roundings of values <= 1
 
 FIELDS = {"x": {"low": -1, "high": 1, "bins": 3}, "y": {"low": -1, "high": 1, "bins": 3}, "grip": {"values": ["open", "close"]}}

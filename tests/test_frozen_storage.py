@@ -27,14 +27,14 @@ from nvila_ft.adapters.frozen_storage import (
 from nvila_ft.adapters.merge import merge_adapters
 from nvila_ft.adapters.optim import parameter_groups
 from nvila_ft.adapters.policy import COMPONENTS, ComponentPolicy
-from nvila_ft.recipes.loading import load_model
-from nvila_ft.training.run_checks import check_run, frozen_storage as run_storage
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.checkpoint import iter_safetensors, read_config
 from nvila_ft.model.source import ModelSource
+from nvila_ft.recipes.loading import load_model
 from nvila_ft.training import planner
 from nvila_ft.training.config import ConfigError, Precision, TrainerConfig
 from nvila_ft.training.planner import RunShape
+from nvila_ft.training.run_checks import check_run, frozen_storage as run_storage
 from tests.test_planner import conversation, stored_bytes
 from tests.tolerances import TINY_TRAIN_STEP, reordered, worst
 

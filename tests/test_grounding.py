@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from nvila_ft.domains.grounding.boxes import BoxError, box_from_pixels, check_box, format_box, iou, parse_box
-from nvila_ft.domains.grounding.generator import make_grounding_dataset
-from nvila_ft.domains.synthetic import COLORS
-from nvila_ft.domains.grounding.referring import GroundingData
 from nvila_ft.data.kit import DataError
-from nvila_ft.domains.grounding.metrics import iou_accuracy
-from nvila_ft.domains.scoring import compute_metrics
 from nvila_ft.domains.baselines import baseline_predictions
 from nvila_ft.domains.grounding.baselines import mean_box
+from nvila_ft.domains.grounding.boxes import BoxError, box_from_pixels, check_box, format_box, iou, parse_box
+from nvila_ft.domains.grounding.generator import make_grounding_dataset
+from nvila_ft.domains.grounding.metrics import iou_accuracy
+from nvila_ft.domains.grounding.referring import GroundingData
+from nvila_ft.domains.scoring import compute_metrics
+from nvila_ft.domains.synthetic import COLORS
 from tests.tolerances import METRIC  # float64 metrics: 64 roundings of values <= 1
 
 

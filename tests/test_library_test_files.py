@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.media import load_image, load_video
 from nvila_ft.data.media_base import sample_frame_indices
-from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.validation import validate_source
 from tests.medical_reference import dicom_frames, nifti_slices
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from nvila_ft.domains.baselines import scores_by_question_type
 from nvila_ft.domains.medical.answers import answer_type, choice_correct, medical_closed_correct, medical_words, word_recall, yes_no
 from nvila_ft.domains.scoring import compute_metrics
-from nvila_ft.domains.baselines import scores_by_question_type
 
 from tests.tolerances import METRIC  # float64 metrics within 64 roundings
 

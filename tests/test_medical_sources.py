@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from nvila_ft.domains.medical.sources import MedicalVQA
 from nvila_ft.data.kit import DataError
+from nvila_ft.domains.medical.sources import MedicalVQA
 from nvila_ft.domains.task import Task
 
 

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from nvila_ft.data.records import Record
 from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.mixture import Mixture
-from nvila_ft.data.tables import TableSource
+from nvila_ft.data.records import Record
 from nvila_ft.data.subset import origin_parts, write_subset
+from nvila_ft.data.tables import TableSource
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.pruning import PruneRule, RecordScore, TokenLoss, answer_losses, record_source, record_sources
 from tests.test_cli import run_cli

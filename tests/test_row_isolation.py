@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvila_ft.domains.medical.sources import MedicalVQA
 from nvila_ft.data.hf_dataset import HFDataset
 from nvila_ft.data.validation import validate_source
+from nvila_ft.domains.medical.sources import MedicalVQA
 
 pytest.importorskip("datasets")
 

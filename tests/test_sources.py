@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvila_ft.data.media import load_image, write_video
-from nvila_ft.data.records import Record
 from nvila_ft.data.hf_dataset import HFDataset
 from nvila_ft.data.kit import DataError, describe, split_records
 from nvila_ft.data.llava import LlavaJson
+from nvila_ft.data.media import load_image, write_video
+from nvila_ft.data.records import Record
 from nvila_ft.data.tables import TableSource
 
 

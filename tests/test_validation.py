@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from nvila_ft.data.conversation import ConversationError
+from nvila_ft.data.hf_dataset import HFDataset
+from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.media import MediaError, load_image, load_video, write_video
 from nvila_ft.data.processor import NVILAProcessor, SampleError
 from nvila_ft.data.records import Record
-from nvila_ft.data.hf_dataset import HFDataset
-from nvila_ft.data.llava import LlavaJson
 from nvila_ft.data.validation import (
     KINDS,
     BadRecord,

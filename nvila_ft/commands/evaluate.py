@@ -10,14 +10,14 @@ from nvila_ft.atomic import atomic_write_json
 from nvila_ft.commands.common import build, log, run_config
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.validation import check_task_data
+from nvila_ft.domains.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
+from nvila_ft.metrics import format_scores
 from nvila_ft.recipes.loading import load_model
 from nvila_ft.recipes.rank_zero import RankZero
 from nvila_ft.recipes.runs import BASE_DIR, seed_everything, trained_adapters
-from nvila_ft.domains.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.cpu_threads import set_cpu_threads
 from nvila_ft.training.evaluation import evaluate_records, write_jsonl
-from nvila_ft.metrics import format_scores
 
 
 def evaluate(cfg: DictConfig) -> float | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from nvila_ft.atomic import atomic_directory, atomic_write_bytes
 from nvila_ft.data.conversation import count_media_tags
+from nvila_ft.data.hf_cells import clean_message, image_cell, is_placeholder, prepend_media, video_cell
 from nvila_ft.data.kit import (
     DataError,
     RecordProblem,
@@ -26,7 +27,6 @@ from nvila_ft.data.kit import (
     resolve_media_root,
     with_system_prompt,
 )
-from nvila_ft.data.hf_cells import clean_message, image_cell, is_placeholder, prepend_media, video_cell
 from nvila_ft.data.llava import llava_messages
 from nvila_ft.data.records import Record
 from nvila_ft.data.validation import BadRecord

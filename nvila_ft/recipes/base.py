@@ -15,8 +15,8 @@ from typing import Any
 from nvila_ft.adapters import AdapterPolicy, format_report, trainable_report
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.domains.task import TaskData
 from nvila_ft.data.validation import TaskDataCheck
+from nvila_ft.domains.task import TaskData
 from nvila_ft.model.source import ModelSource
 from nvila_ft.recipes.loading import load_model
 from nvila_ft.recipes.rank_zero import RankZero

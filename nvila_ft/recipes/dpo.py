@@ -10,8 +10,8 @@ from trl import DPOConfig
 
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.domains.task import TaskData
 from nvila_ft.data.validation import check_task_data
+from nvila_ft.domains.task import TaskData
 from nvila_ft.recipes.base import Recipe, RunConfig
 from nvila_ft.training import preference
 from nvila_ft.training.config import ConfigError

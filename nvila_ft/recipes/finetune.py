@@ -8,10 +8,10 @@ import logging
 from nvila_ft.data.dataset import Collator, ConversationDataset
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.domains.task import TaskData
 from nvila_ft.data.validation import check_task_data
-from nvila_ft.recipes.base import Recipe
 from nvila_ft.domains.baselines import baseline_scores, describe_baselines, describe_by_question_type, scores_by_question_type
+from nvila_ft.domains.task import TaskData
+from nvila_ft.recipes.base import Recipe
 from nvila_ft.training.config import ConfigError
 from nvila_ft.training.evaluation import Evaluation
 from nvila_ft.training.trainer import NVILATrainer, build_trainer, train_sampler

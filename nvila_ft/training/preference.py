@@ -29,11 +29,11 @@ from trl import DPOTrainer
 from nvila_ft.adapters.apply import base_module, get_component
 from nvila_ft.adapters.methods import method_of
 from nvila_ft.adapters.policy import AdapterPolicy
-from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.model.tokenizer import IGNORE_INDEX
 from nvila_ft.data.validation import TaskDataCheck
+from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
+from nvila_ft.model.tokenizer import IGNORE_INDEX
 from nvila_ft.training.config import ConfigError, DataOptions, Precision
 from nvila_ft.training.trainer import NaNGuard, NVILATrainer, ProgressWithThroughput
 
