@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from nvila_ft.atomic import atomic_write_bytes
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
 from nvila_ft.domains.scoring import compute_metrics, metric_context
@@ -119,8 +120,6 @@ def evaluate_records(
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    from nvila_ft.atomic import atomic_write_bytes
-
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     atomic_write_bytes(path, text.encode())
     return Path(path)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nvila_ft.atomic import atomic_write_bytes
 from nvila_ft.training.config import FP8_RECIPES
 
 RECIPES = FP8_RECIPES
@@ -44,8 +45,6 @@ class Float8Conversion:
 
     def write(self, run_dir: str | Path) -> Path:
         """`<run_dir>/fp8_layers.txt`: the converted layers, one a line."""
-        from nvila_ft.atomic import atomic_write_bytes
-
         path = Path(run_dir) / FP8_LAYERS_FILE
         atomic_write_bytes(path, "".join(f"{name}\n" for name in self.converted).encode())
         return path

@@ -31,7 +31,7 @@ from nvila_ft.adapters.methods import method_of
 from nvila_ft.adapters.policy import AdapterPolicy
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.data.records import Record
-from nvila_ft.data.validation import TaskDataCheck
+from nvila_ft.data.validation import BadRecord, TaskDataCheck, classify, failure_reason
 from nvila_ft.domains.preference.sources import REJECTED, rejected_messages
 from nvila_ft.model.tokenizer import IGNORE_INDEX
 from nvila_ft.training.config import ConfigError, DataOptions, Precision
@@ -97,8 +97,6 @@ class PreferenceCollator:
 def check_rejected(records: list[Record], processor: NVILAProcessor) -> tuple[list[Record], list[Any]]:
     """Records whose rejected conversation also goes through the processor (the chosen one is checked with the
     task's data); the others as BadRecords naming the field."""
-    from nvila_ft.data.validation import BadRecord, classify, failure_reason
-
     good, bad = [], []
     for record in records:
         try:

@@ -48,6 +48,7 @@ import torch
 from nvila_ft.data.processor import SampleError
 from nvila_ft.data.records import Record
 from nvila_ft.model.tokenizer import IGNORE_INDEX
+from nvila_ft.training.config import ConfigError
 
 SOURCE_KEYS = ("auto", "file_and_type", "file", "question_type", "file_type_answer", "none")
 CLOSED_ANSWERS = 20  # "auto": a stratum with at most this many distinct answers ...
@@ -191,8 +192,6 @@ class PruneRule:
     by: str = "auto"
 
     def __post_init__(self) -> None:
-        from nvila_ft.training.config import ConfigError
-
         if isinstance(self.keep_fraction, bool) or not isinstance(self.keep_fraction, (int, float)) \
                 or not 0 < self.keep_fraction <= 1:
             raise ConfigError(f"prune.keep_fraction = {self.keep_fraction!r}: the share of each source kept, in (0, 1]")
