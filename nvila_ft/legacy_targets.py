@@ -24,6 +24,7 @@ MOVED_TARGETS = {
     "nvila_ft.data.sources.HFDataset": "nvila_ft.data.hf_dataset.HFDataset",
     "nvila_ft.data.sources.TableSource": "nvila_ft.data.tables.TableSource",
     "nvila_ft.data.sources.Mixture": "nvila_ft.data.mixture.Mixture",
+    "nvila_ft.commands.plan.PlanOptions": "nvila_ft.training.planning.PlanOptions",
 }
 
 
