@@ -82,7 +82,7 @@ def measure(model_name: str, preset_file: str, workdir: Path, steps: int, checkp
             torch.cuda.synchronize()
         if step:  # the first step warms up kernels and allocators
             times.append(time.perf_counter() - start)
-    rows = {r.component: r.trainable for r in trainable_report(model)}
+    rows = {r.component: r.trainable for r in trainable_report(model, policy)}
     return {
         "preset": Path(preset_file).stem,
         "trainable": rows,

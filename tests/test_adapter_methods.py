@@ -51,6 +51,7 @@ def test_a_method_option_is_given_beside_the_common_fields_and_saved_with_its_de
         ({"method": "frozen", "rslora": True}, ", not frozen; set adapters.llm.method to lora or leave rslora out"),
         ({"method": "lora", "dora": True}, "adapters.llm.dora applies to qlora/fp8_lora; for a 16-bit base use method: dora"),
         ({"method": "qlora", "dora": "yes"}, "adapters.llm.dora = 'yes': expected a bool"),
+        ({"method": "rslora", "rslora": True}, "adapters.llm.rslora: method rslora always scales by alpha / sqrt(r); leave rslora out"),
     ],
 )
 def test_an_option_the_method_does_not_have_is_a_one_line_error_naming_the_fix(llm, message):

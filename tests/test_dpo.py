@@ -235,6 +235,16 @@ def test_fully_trained_vision_tower_or_llm_is_refused():
     check_reference_policy(AdapterPolicy.from_dict({"vision_tower": {"method": "layernorm"}, "mm_projector": {"method": "full"}}))
 
 
+def test_pissa_on_any_component_is_refused_as_reference():
+    """PiSSA keeps a residual base: with its adapters off a component is not the reference, the projector included."""
+    from nvila_ft.training.config import ConfigError
+    from nvila_ft.training.preference import check_reference_policy
+
+    for name in ("mm_projector", "llm"):
+        with pytest.raises(ConfigError, match=f"adapters.{name}.method = pissa keeps a residual base"):
+            check_reference_policy(AdapterPolicy.from_dict({name: {"method": "pissa"}}))
+
+
 # ------------------------------------------------------------------ the command
 @pytest.mark.slow
 def test_dpo_command_raises_the_margin_and_its_run_exports(tmp_path):

@@ -17,7 +17,7 @@ from nvila_ft.model.config import CheckpointError, NVILAConfig
 from nvila_ft.model.media_layout import temporal_pools
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only: a subclass (ModelSource) keeps its own fields first in its signature
 class ModelSettings:
     """The knobs a run may set, each None by default: the checkpoint's own value."""
 

@@ -37,8 +37,6 @@ from nvila_ft.model.tokenizer import IGNORE_INDEX
 from nvila_ft.training.config import ConfigError, DataOptions, Precision
 from nvila_ft.training.trainer import NaNGuard, NVILATrainer, ProgressWithThroughput
 
-# Components whose full training would make the reference keep a copy of the whole component.
-LARGE_COMPONENTS = ("vision_tower", "llm")
 # the reward metrics TRL logs, reported at the start and the end of training
 REWARD_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 
@@ -213,8 +211,8 @@ def check_reference_policy(policy: AdapterPolicy) -> None:
     """The reference is the policy's own weights with adapters off and a copy of the small trained tensors; a
     method for which that is not the reference says why (a fully trained vision tower or LLM would need a second
     copy of that component)."""
-    for name in LARGE_COMPONENTS:
-        problem = method_of(getattr(policy, name)).reference_problem(name)
+    for name, component in policy.items():
+        problem = method_of(component).reference_problem(name)
         if problem is not None:
             raise ConfigError(problem)
 

@@ -8,11 +8,18 @@ from nvila_ft.adapters.components import get_component
 from nvila_ft.adapters.methods.base import Method
 
 
+# Components whose full training would make the DPO reference keep a copy of the whole component (a fully trained
+# projector is small: the reference keeps a copy of its values).
+LARGE_COMPONENTS = ("vision_tower", "llm")
+
+
 class Full(Method):
     name = "full"
     trains_base_weights = True
 
     def reference_problem(self, name: str) -> str | None:
+        if name not in LARGE_COMPONENTS:
+            return None
         return (f"dpo: adapters.{name}.method = full would keep a second copy of the {name} as the reference model; "
                 f"use lora, dora, qlora or layernorm for the {name} (e.g. adapters=ln_vit_lora_llm or lora_vit_lora_llm)")
 

@@ -13,6 +13,11 @@ class RsLora(Lora):
     name = "rslora"
     options = {}  # the scaling is the method
 
+    def unknown_option(self, where: str, key: str) -> str | None:
+        if key == "rslora":
+            return f"{where}.rslora: method rslora always scales by alpha / sqrt(r); leave rslora out"
+        return None
+
     def peft_options(self, component: Any) -> dict[str, Any]:
         return {"use_rslora": True}
 
