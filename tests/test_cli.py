@@ -461,3 +461,59 @@ def test_progress_and_plot_show_the_base_learning_rate(finished_run):
         assert entry["learning_rate"] == pytest.approx(entry["learning_rate/llm"], rel=same)
         assert entry["learning_rate/vision_tower"] == pytest.approx(0.1 * entry["learning_rate"], rel=same)
         assert entry["learning_rate/mm_projector"] == pytest.approx(entry["learning_rate"], rel=same)
+
+
+def as_written_before_the_redesign(run: Path, old: Path) -> None:
+    """A copy of `run` as nvila-ft wrote it before its classes moved (issue 16): the old `_target_` paths in
+    .hydra/config.yaml and, in every adapter_policy.json and the adapters node, each component with the `rslora`
+    and `dora` fields it always held and without the options methods declare now."""
+    from omegaconf import OmegaConf
+
+    from nvila_ft.legacy_targets import MOVED_TARGETS
+
+    shutil.copytree(run, old)
+    earlier = {new: previous for previous, new in MOVED_TARGETS.items()}
+    newer_options = ("loraplus_lr_ratio", "pissa_niter")
+
+    def old_component(component: dict) -> dict:
+        kept = {k: v for k, v in component.items() if k not in newer_options and k != "options"}
+        return {"rslora": False, "dora": False, **kept}
+
+    config_file = old / ".hydra" / "config.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(config_file))
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            return {k: earlier.get(v, v) if k == "_target_" else rewrite(v) for k, v in node.items()}
+        return [rewrite(v) for v in node] if isinstance(node, list) else node
+
+    config = rewrite(config)
+    for name in ("vision_tower", "mm_projector", "llm"):
+        config["adapters"][name] = old_component(config["adapters"][name])
+    assert "nvila_ft.data.task.Task" in str(config) and "nvila_ft.commands.plan.PlanOptions" in str(config)
+    config_file.write_text(OmegaConf.to_yaml(config))
+    for policy_file in old.rglob("adapter_policy.json"):
+        meta = json.loads(policy_file.read_text())
+        meta["policy"] = {k: old_component(v) if isinstance(v, dict) else v for k, v in meta["policy"].items()}
+        policy_file.write_text(json.dumps(meta))
+
+
+def test_a_run_written_before_the_redesign_evaluates_exports_and_resumes(finished_run, cache, tmp_path):
+    from safetensors.torch import load_file
+
+    run, _ = finished_run
+    old = tmp_path / "old_run"
+    as_written_before_the_redesign(run, old)
+    scores = {}
+    for name, directory in (("now", run), ("old", old)):
+        run_cli(["evaluate", f"run={directory}", f"hydra.run.dir={tmp_path / ('eval_' + name)}", "eval.max_records=4"], tmp_path, cache)
+        scores[name] = json.loads((tmp_path / f"eval_{name}" / "metrics.json").read_text())["metrics"]
+        run_cli(["export", f"run={directory}", f"export.output={tmp_path / ('merged_' + name)}",
+                 f"hydra.run.dir={tmp_path / ('ex_' + name)}"], tmp_path, cache)
+    assert scores["old"] == scores["now"]
+    for file in sorted((tmp_path / "merged_now").rglob("*.safetensors")):
+        now, before = load_file(str(file)), load_file(str(tmp_path / "merged_old" / file.relative_to(tmp_path / "merged_now")))
+        assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+
+    run_cli(["finetune", f"run={old}", "trainer.resume=true", "trainer.max_steps=5", f"hydra.run.dir={old}"], tmp_path, cache)
+    assert json.loads((old / "metrics.json").read_text())["steps"] == 5
