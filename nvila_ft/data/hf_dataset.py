@@ -209,7 +209,7 @@ class HFDataset:
         if self.question_column and self.answer_column:
             missing = [c for c in (self.question_column, self.answer_column) if c not in columns]
             if not missing:
-                return self._fromquestion_answer
+                return self._from_question_answer
             raise DataError(f"{self.path}: has no column(s) {missing} (columns: {sorted(columns)})")
         raise DataError(
             f"{self.path}: found none of messages_column={self.messages_column!r}, "
@@ -259,7 +259,7 @@ class HFDataset:
         messages = llava_messages(entry, origin)
         return messages, media_meta(count_media_tags(entry), {"image": len(images), "video": len(videos)})
 
-    def _fromquestion_answer(self, row: dict[str, Any], origin: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _from_question_answer(self, row: dict[str, Any], origin: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         question, answer = row[self.question_column], row[self.answer_column]
         if question is None:
             raise RecordProblem(f"column {self.question_column!r}: empty")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from nvila_ft.data.kit import DataError, SubsetFile, WrittenSubset
+from nvila_ft.data.kit import DataError, SubsetFile
 from nvila_ft.data.records import Record
 from nvila_ft.data.subset import subset_files
 from nvila_ft.data.validation import BadRecord
@@ -47,8 +46,5 @@ class Mixture:
 
     def subset_files(self) -> list[SubsetFile]:
         return [file for source in self.sources for file in subset_files(source)]
-
-    def write_subset(self, file: SubsetFile, indices: set[int], out: Path) -> WrittenSubset:
-        return file.source.write_subset(file, indices, out)
 
 

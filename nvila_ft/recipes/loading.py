@@ -3,7 +3,6 @@ saved adapters, and its processor."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from nvila_ft.adapters import AdapterPolicy, apply_policy, load_for_policy
-from nvila_ft.adapters.artifacts import POLICY_FILE, load_adapters
+from nvila_ft.adapters.artifacts import load_adapters, read_policy
 from nvila_ft.adapters.frozen_storage import FrozenStorage, store_frozen_weights
 from nvila_ft.data.processor import NVILAProcessor
 from nvila_ft.model.modeling_nvila import NVILAForConditionalGeneration
@@ -49,7 +48,7 @@ def load_model(
     where the frozen weights are kept (the run's levers, checked by `check_run`; the tie of lm_head is checked here)."""
     checkpoint = source.checkpoint(run_dir / BASE_DIR)
     if adapters is not None:
-        policy = AdapterPolicy.from_dict(json.loads((adapters / POLICY_FILE).read_text())["policy"])
+        policy, _ = read_policy(adapters)
     if policy is not None:
         model = load_for_policy(checkpoint, policy, precision.dtype, device(), source.attn_implementation)
     else:

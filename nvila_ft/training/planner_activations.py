@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from nvila_ft.adapters.apply import get_component
+from nvila_ft.adapters.components import base_module, get_component
 from nvila_ft.adapters.frozen_storage import dequantized_slice_bytes
 from nvila_ft.adapters.policy import COMPONENTS
 from nvila_ft.model.losses import LOSS_CHUNK_ROWS
@@ -124,8 +124,7 @@ def _with_fused_attention(module: nn.Module) -> None:
 
 def component_layers(model: Any, name: str) -> list[nn.Module]:
     if name == "llm":
-        base = get_component(model, "llm")
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base = base_module(get_component(model, "llm"))
         return list(base.model.layers)
     return model.vision_tower.used_layers()
 
@@ -148,8 +147,7 @@ def _layer_activations(model: Any, name: str, tokens: int, rows: int, autocast: 
     params = list(layer.parameters())
     with torch.enable_grad(), _SavedTensors([hidden, *params]) as saved, _autocast(autocast):
         if name == "llm":
-            base = get_component(model, "llm")
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            base = base_module(get_component(model, "llm"))
             positions = torch.arange(tokens, device="meta")[None].expand(rows, -1)
             embeddings = base.model.rotary_emb(hidden, positions)
             _output = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
@@ -176,8 +174,7 @@ def _logits_bytes(dtype_bytes: int) -> int:
 def _loss_activations(model: Any, positions: int, rows: int, logits_positions: int) -> tuple[int, int]:
     """(saved bytes of the final norm, lm_head and loss; transient bytes of the float32 logits) for the full loss
     over `logits_positions` positions."""
-    base = get_component(model, "llm")
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    base = base_module(get_component(model, "llm"))
     dtype = base.model.norm.weight.dtype  # (lm_head's weight may be int8 rows)
     hidden = torch.empty(rows, positions, model.config.llm_hidden_size, device="meta", dtype=dtype, requires_grad=True)
     with torch.enable_grad(), _SavedTensors([hidden, *base.parameters()]) as saved:

@@ -43,8 +43,12 @@ class Method:
     trains_lora = False  # a PEFT LoRA adapter: saved and loaded as one, disabled for the DPO reference
     quantized_base = False  # the base linears are stored quantized (bitsandbytes / torchao)
     trains_base_weights = False  # whole weight matrices train (a reference model would need a copy)
-    plain_linears = False  # the component's linears stay plain and frozen (they may be stored in int8 rows)
     options: dict[str, Option] = {}
+
+    @property
+    def plain_linears(self) -> bool:
+        """The component's linears stay plain and frozen (they may be stored in int8 rows)."""
+        return not (self.trains_lora or self.trains_base_weights)
 
     def option(self, component: Any, key: str) -> Any:
         return component.options.get(key, self.options[key].default)

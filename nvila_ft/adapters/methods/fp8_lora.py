@@ -4,6 +4,7 @@ the arithmetic stays 16-bit and no dequantized copy of a weight is kept for back
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,16 @@ from nvila_ft.adapters.methods.lora import lora_targets
 from nvila_ft.adapters.methods.quantized import QuantizedLora
 
 
-def float8_on_load(component: Any) -> Any:
+def float8_on_load(component: Any, skip: Sequence[str] = ("lm_head",)) -> Any:
     """transformers' torchao quantization for an fp8_lora component whose LoRA targets are the default ones (every
-    linear of the component but lm_head): each weight is stored in float8 as it loads, so the whole 16-bit base is
+    linear of the component but those in `skip`: the LLM's lm_head, the vision tower's unused head): each weight is stored in float8 as it loads, so the whole 16-bit base is
     never in memory at once. None for other targets (then `quantize_float8` converts them after loading)."""
     if component.target_modules is not None or component.exclude_modules:
         return None
     from torchao.quantization import Float8WeightOnlyConfig
     from transformers import TorchAoConfig
 
-    return TorchAoConfig(Float8WeightOnlyConfig(), modules_to_not_convert=["lm_head"])
+    return TorchAoConfig(Float8WeightOnlyConfig(), modules_to_not_convert=list(skip))
 
 
 def quantize_float8(module: nn.Module, targets: dict[str, Any]) -> None:
@@ -54,7 +55,7 @@ class Fp8Lora(QuantizedLora):
             raise PolicyError(f"adapters.{name}: fp8_lora float8 weight tensors cannot be sharded by ZeRO-3; use deepspeed=zero2")
 
     def load_kwargs(self, component: Any, skip: list[str], device_map: Any) -> dict[str, Any]:
-        config = float8_on_load(component)  # (fp8_lora is refused under ZeRO-3)
+        config = float8_on_load(component, skip)  # (fp8_lora is refused under ZeRO-3)
         return {} if config is None else {"quantization_config": config, "device_map": device_map}
 
     def prepare_base(self, model: Any, name: str, component: Any) -> None:

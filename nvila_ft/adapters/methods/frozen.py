@@ -8,4 +8,3 @@ from nvila_ft.adapters.methods.base import Method
 class Frozen(Method):
     name = "frozen"
     trains = False
-    plain_linears = True

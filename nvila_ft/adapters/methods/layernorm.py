@@ -22,7 +22,6 @@ def norm_parameters(module: nn.Module, within: list[nn.Module] | None = None) ->
 
 class LayerNorm(Method):
     name = "layernorm"
-    plain_linears = True
 
     def check(self, name: str, component: Any, model_config: Any = None, precision: Any = None, deepspeed: Any = None) -> None:
         if name == "mm_projector" and model_config is not None and model_config.stc_factor == 1:

@@ -29,9 +29,6 @@ class QuantizedLora(Lora):
                 "them quantized; use adapters.llm.method=lora (float8 compute of the frozen 16-bit base) or precision=bf16"
             )
 
-    def unknown_option(self, where: str, key: str) -> str | None:
-        return None
-
     def peft_options(self, component: Any) -> dict[str, Any]:
         return {**super().peft_options(component), "use_dora": self.option(component, "dora")}
 

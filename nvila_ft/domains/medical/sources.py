@@ -219,7 +219,7 @@ class MedicalVQA:
             return self._vqa_rad(entry, origin, root)
         if self.layout == "slake":
             return self._slake(entry, origin, root)
-        return self._imagequestion_answer(entry, origin, root)
+        return self._image_question_answer(entry, origin, root)
 
     def _vqa_rad(self, entry: dict[str, Any], origin: str, root: str) -> Record | None:
         phrase = _optional_text(entry, "phrase_type")
@@ -240,7 +240,7 @@ class MedicalVQA:
                 "base_type": _optional_text(entry, "base_type"), "image_id": _optional_text(entry, "img_id")}
         return self._build(entry, origin, root, "img_name", kind, meta, "qid")
 
-    def _imagequestion_answer(self, entry: dict[str, Any], origin: str, root: str) -> Record:
+    def _image_question_answer(self, entry: dict[str, Any], origin: str, root: str) -> Record:
         """The Hugging Face JSON(L) layout: {image, question, answer[, id|qid]}; yes/no answers are closed."""
         kind = _yes_no_type(_text(entry, "answer", kind="no_answer"))
         return self._build(entry, origin, root, "image", kind, {}, "qid" if "qid" in entry else "id")

@@ -84,12 +84,6 @@ def make_robot_video_dataset(
     return build_dataset(out_dir, "robot_video", params, questions, ANSWERS, record, save)
 
 
-
-
-EPISODES_FILE = "episodes.json"
-MOVES = {(1, 0): "move right", (-1, 0): "move left", (0, 1): "move up", (0, -1): "move down", (0, 0): "grasp"}
-
-
 def make_robot_episodes_dataset(
     out_dir: str | os.PathLike,
     num_episodes: int = 300,
