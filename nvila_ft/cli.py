@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -141,6 +142,17 @@ def register_config_groups() -> None:
                 store.store(group=group, name=file.name[: -len(suffix)], node=node)
 
 
+@functools.cache
+def target_defaults(target: str) -> dict[str, Any]:
+    """The defaults of the dataclass `target` names, computed once for all the options of its group: a policy's
+    also list every method's options (`AdapterPolicy.defaults`), other targets' are their fields."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    built = get_object(target)
+    return built.defaults() if hasattr(built, "defaults") else OmegaConf.to_container(OmegaConf.structured(built))
+
+
 def with_target_defaults(node: Any) -> Any:
     """`node` over every field of the dataclass its `_target_` builds, at its default: the file names only what
     differs, `model.max_tiles=4` or `adapters.llm.target_modules=[...]` needs no `+` and shows in `--cfg job`, and a
@@ -150,11 +162,9 @@ def with_target_defaults(node: Any) -> Any:
     from omegaconf import OmegaConf
 
     target = node.get("_target_") if len(node) else None
-    if target is None or not dataclasses.is_dataclass(built := get_object(target)):
+    if target is None or not dataclasses.is_dataclass(get_object(target)):
         return node
-    # a policy also lists every method's options (AdapterPolicy.defaults); other targets, their dataclass fields
-    defaults = built.defaults() if hasattr(built, "defaults") else OmegaConf.to_container(OmegaConf.structured(built))
-    merged = OmegaConf.merge({"_target_": target, **defaults}, node)
+    merged = OmegaConf.merge({"_target_": target, **target_defaults(target)}, node)
     for key in node:
         if OmegaConf.is_missing(node, key):
             merged[key] = "???"  # a merge keeps the default under a missing value

@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvila_ft.data.conversation import ConversationError
 from nvila_ft.data.records import Record
 
 KINDS = (
@@ -112,6 +111,8 @@ def classify(error: BaseException) -> str:
     means a malformed conversation, then the messages are matched against what media.py/processor.py say;
     anything else (including a bug) is "other".
     """
+    from nvila_ft.data.conversation import ConversationError  # deferred: it imports the tokenizer (transformers)
+
     chain = _chain(error)
     for err in chain:
         kind = getattr(err, "kind", None)

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 from nvila_ft.model.config import EncoderSpec, NVILAConfig
-from nvila_ft.model.tokenizer import MEDIA_TOKENS, encode
 
 
 # ---------------------------------------------------------------------------------------------- grids
@@ -127,6 +126,8 @@ class MediaLayout:
 
     @classmethod
     def from_tokenizer(cls, config: NVILAConfig, tokenizer) -> "MediaLayout":
+        from nvila_ft.model.tokenizer import MEDIA_TOKENS, encode  # deferred: transformers, not needed for counting
+
         boundary = {
             kind: {part: encode(tokenizer, text) if text else [] for part, text in (
                 ("start", spec.start_tokens), ("end", spec.end_tokens), ("sep", spec.sep_tokens))}

@@ -10,8 +10,6 @@ from pathlib import Path
 from nvila_ft.atomic import atomic_directory, atomic_write_json
 from nvila_ft.model.checkpoint import read_config, resolve_checkpoint
 from nvila_ft.model.config import CheckpointError, NVILAConfig
-from nvila_ft.model.presets import PRESETS, preset_config, save_preset_checkpoint
-from nvila_ft.model.pretrained import pretrained_checkpoint
 from nvila_ft.model.settings import ModelSettings, with_settings
 
 
@@ -34,6 +32,8 @@ class ModelSource(ModelSettings):
         if self.path is not None:
             config = read_config(resolve_checkpoint(self.path))
         else:
+            from nvila_ft.model.presets import preset_config  # deferred: presets import the model (transformers)
+
             config = preset_config(self.preset)
         return with_settings(config, **self.settings())
 
@@ -41,6 +41,9 @@ class ModelSource(ModelSettings):
         if self.path is None and self.preset is None:
             raise CheckpointError("set model.path (a checkpoint directory) or model.preset")
         if self.path is None:
+            from nvila_ft.model.presets import PRESETS
+            from nvila_ft.model.pretrained import pretrained_checkpoint
+
             if self.preset not in PRESETS:
                 raise CheckpointError(f"model.preset = {self.preset!r} is not a preset ({', '.join(PRESETS)})")
             if self.pretrained:
@@ -81,6 +84,9 @@ class ModelSource(ModelSettings):
             (staging / "config.json").write_text(json.dumps(self.config().to_dict(), indent=2) + "\n")  # fsynced on exit
 
     def _write_preset(self, target: Path) -> None:
+        from nvila_ft.model.presets import save_preset_checkpoint
+        from nvila_ft.model.pretrained import pretrained_checkpoint
+
         if self.pretrained:
             with atomic_directory(target) as staging:
                 shutil.copytree(pretrained_checkpoint(self.preset), staging, dirs_exist_ok=True)
